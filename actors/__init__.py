@@ -1,0 +1,1 @@
+"""Ray actors (rollout, evaluator, verifier pool) wrapping the t2dist core."""

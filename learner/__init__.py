@@ -1,0 +1,1 @@
+"""The DeepSpeed learner wrapping the t2dist core."""

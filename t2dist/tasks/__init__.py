@@ -1,0 +1,6 @@
+"""Tasks: deterministic splits, prompt formats and verifiers.  Importing this package registers all built-in tasks."""
+from t2dist.tasks.base import SPLITS, TASKS, Example, Task, Verdict, get_task, register_task
+
+from t2dist.tasks import synthetic  # noqa: F401,E402  (registers the synthetic suite)
+
+__all__ = ["SPLITS", "TASKS", "Example", "Task", "Verdict", "get_task", "register_task"]
