@@ -1,0 +1,215 @@
+"""The ``t2dist`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "toy-base": "build and pretrain the toy base model into a Hugging Face directory",
+    "train-local": "single-process SVF-RL of one expert (the reference the distributed trainer matches)",
+    "eval": "greedy accuracy (with a 95%% interval) of the base model or an expert on a task split",
+    "expert": "inspect an expert directory (`expert show PATH`)",
+    "tasks": "list the registered tasks with their skills and split sizes",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. rl.lr=0.005")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t2dist",
+        description="Transformer² self-adaptive LLMs: SVF experts trained with distributed RL.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("toy-base", help=COMMANDS["toy-base"], description=COMMANDS["toy-base"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the build's default)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train-local", help=COMMANDS["train-local"], description=COMMANDS["train-local"])
+    p.add_argument("--model", help="model directory (model.path); 'toy' = the embedded toy base")
+    p.add_argument("--task", help="task name (task.name)")
+    p.add_argument("--steps", type=int, help="RL steps (rl.steps)")
+    p.add_argument("--out", required=True, help="where to write the expert directory")
+    p.add_argument("--json", help="write base/final test accuracy and timings to this JSON file")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after test evaluation")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"])
+    p.add_argument("--model", help="model directory (model.path)")
+    p.add_argument("--expert", help="expert directory; omitted: the base model")
+    p.add_argument("--task", required=True)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--json", help="write the result to this JSON file")
+    _add_config_args(p)
+
+    p = sub.add_parser("expert", help=COMMANDS["expert"], description=COMMANDS["expert"])
+    esub = p.add_subparsers(dest="expert_command", metavar="ACTION", required=True)
+    show = esub.add_parser("show", help="print the card and z statistics of an expert")
+    show.add_argument("path")
+
+    sub.add_parser("tasks", help=COMMANDS["tasks"], description=COMMANDS["tasks"])
+    return parser
+
+
+def _config(args, extra: dict[str, object]):
+    from t2dist.config import load_config
+
+    overrides = list(args.overrides)
+    overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return load_config(args.config, overrides)
+
+
+def cmd_toy_base(args) -> int:
+    from t2dist.toy.build import build_toy_base
+
+    kwargs = {"seed": args.seed}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    out = build_toy_base(args.out, **kwargs)
+    print(f"toy base written to {out}")
+    return 0
+
+
+def _eval_json(res) -> dict:
+    return {k: v for k, v in res.to_dict().items() if k != "records"}
+
+
+def cmd_train_local(args) -> int:
+    import time
+
+    from t2dist.evaluation import evaluate
+    from t2dist.experts import make_card, save_expert
+    from t2dist.rl.local import train_local
+    from t2dist.runtime import load_svf
+    from t2dist.tasks import get_task
+
+    cfg = _config(args, {"model.path": args.model, "task.name": args.task, "rl.steps": args.steps})
+    task = get_task(cfg.task.name)
+    if task.unseen:
+        print(f"warning: task {task.name!r} is an unseen variant meant for adaptation, not training", file=sys.stderr)
+    out = Path(args.out)
+    svf, tokenizer = load_svf(cfg, verbose=True)
+    t0 = time.perf_counter()
+    result: dict = {"task": task.name, "model": cfg.model.path, "steps": cfg.rl.steps}
+    if not args.no_eval:
+        base = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
+        result["base"] = _eval_json(base)
+        print(f"base {cfg.eval.split} accuracy: {base.accuracy:.3f} {base.interval_str()}")
+    run = train_local(cfg, svf, tokenizer, task)
+    result["train_seconds"] = run.seconds
+    if not args.no_eval:
+        svf.merge_(run.z)
+        final = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
+        svf.unmerge_()
+        result["final"] = _eval_json(final)
+        result["gain"] = final.accuracy - base.accuracy
+        print(f"expert {cfg.eval.split} accuracy: {final.accuracy:.3f} {final.interval_str()} "
+              f"(gain {result['gain']:+.3f}) after {run.seconds:.1f}s of training")
+    result["total_seconds"] = time.perf_counter() - t0
+    metrics = {k: result[k] for k in ("gain", "train_seconds") if k in result}
+    if "final" in result:
+        metrics.update({f"{cfg.eval.split}_accuracy": result["final"]["accuracy"],
+                        f"base_{cfg.eval.split}_accuracy": result["base"]["accuracy"]})
+    from t2dist.config import dump_config
+
+    card = make_card(svf, name=out.name, task=task.name, metrics=metrics, config=dump_config(cfg),
+                     base_model=cfg.model.path, history=run.history[-1:] and run.history)
+    save_expert(out, run.z, card)
+    result["expert"] = str(out)
+    print(f"expert written to {out}")
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from t2dist.evaluation import evaluate
+    from t2dist.experts import load_expert
+    from t2dist.runtime import load_svf
+    from t2dist.tasks import get_task
+
+    cfg = _config(args, {"model.path": args.model})
+    task = get_task(args.task)
+    if args.expert:
+        from t2dist.experts import read_expert
+
+        read_expert(args.expert)  # fail on a missing/malformed expert before loading the model
+    svf, tokenizer = load_svf(cfg)
+    if args.expert:
+        expert = load_expert(args.expert, svf)
+        svf.merge_(expert.z)
+    res = evaluate(svf.model, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size)
+    out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert, **_eval_json(res)}
+    print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {res.interval_str()} (n={res.n})")
+    if args.json:
+        _write_json(args.json, out)
+    return 0
+
+
+def cmd_expert(args) -> int:
+    from t2dist.experts import read_expert, z_statistics
+
+    expert = read_expert(args.path)
+    card = dict(expert.card)
+    card.pop("history", None)
+    config = card.pop("config", {})
+    print(json.dumps(card, indent=2))
+    print(f"config: {len(json.dumps(config))} bytes (see card.json)")
+    stats = z_statistics(expert.z, expert.parametrization)
+    print("z statistics (scale f(z); 1 = neutral):")
+    for k, v in stats.items():
+        print(f"  {k:>16}: {v:.4f}" if isinstance(v, float) else f"  {k:>16}: {v}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from t2dist.tasks import TASKS, get_task
+
+    print(f"{'task':<16}{'skill':<12}{'unseen':<8}{'train':>7}{'val':>6}{'test':>6}")
+    for name in sorted(TASKS):
+        t = get_task(name)
+        sizes = [len(t.examples(s)) for s in ("train", "validation", "test")]
+        print(f"{name:<16}{t.skill:<12}{str(t.unseen):<8}{sizes[0]:>7}{sizes[1]:>6}{sizes[2]:>6}")
+    return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(p)
+    print(f"wrote {p}")
+
+
+HANDLERS = {"toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
+            "expert": cmd_expert, "tasks": cmd_tasks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from t2dist.errors import USER_ERRORS
+
+    try:
+        return HANDLERS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"t2dist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

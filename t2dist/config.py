@@ -1,0 +1,173 @@
+"""The one typed run configuration, loaded from YAML with ``key.sub=value`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key (for
+example ``rl.lr_rate: extra inputs are not permitted``) before any model is loaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("toy", description="HF model directory or hub name; 'toy' = the embedded toy base")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
+
+
+class SVFConfig(Section):
+    targets: str = Field("mlp", description="preset (mlp, attention, all-linear) or a regex over module names")
+    rank: int | None = Field(None, ge=1, description="keep the top-k singular triplets; null = full rank")
+    parametrization: Literal["linear", "sigmoid"] = "linear"
+    max_mult: float = Field(2.0, gt=1.0)
+    rescale: bool = False
+    init: float = Field(1.0, gt=0.0, description="initial scale f(z) of every singular value (1 = neutral)")
+    cache_dir: str | None = Field(".cache/t2dist/factors", description="factor cache; null disables it")
+
+
+class TaskConfig(Section):
+    name: str = "math"
+    max_new_tokens: int | None = Field(None, ge=1, description="null: the task's own default")
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from t2dist.tasks import TASKS
+
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return v
+
+
+class RLConfig(Section):
+    steps: int = Field(80, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    lr: float = Field(1e-2, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient against the neutral model")
+    kl_estimator: str = "k3"
+    advantage: str = "group_mean"
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    clip_grad: float | None = Field(1.0, gt=0.0)
+    seed: int = 0
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _known_kl(cls, v: str) -> str:
+        from t2dist.rl.losses import KL_ESTIMATORS
+
+        if v not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {v!r}; known: {', '.join(KL_ESTIMATORS)}")
+        return v
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_adv(cls, v: str) -> str:
+        from t2dist.rl.losses import ADVANTAGES
+
+        if v not in ADVANTAGES:
+            raise ValueError(f"unknown advantage estimator {v!r}; known: {', '.join(ADVANTAGES)}")
+        return v
+
+
+class SandboxConfig(Section):
+    memory_mb: int = Field(512, ge=16)
+    cpu_seconds: int = Field(5, ge=1)
+    wall_seconds: float = Field(10.0, gt=0)
+    max_processes: int = Field(32, ge=1)
+    workers: int | None = Field(None, ge=1)
+    allow_rlimits_only: bool = Field(False, description="run code without bubblewrap (weaker isolation)")
+
+
+class EvalConfig(Section):
+    split: Literal["train", "validation", "test"] = "test"
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class Config(Section):
+    name: str = "run"
+    run_dir: str | None = None
+    model: ModelConfig = ModelConfig()
+    svf: SVFConfig = SVFConfig()
+    task: TaskConfig = TaskConfig()
+    rl: RLConfig = RLConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        source = str(p)
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,10 @@
+"""The errors that mean "your input is wrong" (the CLI prints them in one line, no traceback)."""
+from t2dist.config import ConfigError
+from t2dist.experts import ExpertError
+from t2dist.models import ModelLoadError
+from t2dist.svf.factors import FactorCacheError
+from t2dist.svf.targets import TargetSpecError
+from t2dist.tasks.base import UnknownTaskError
+
+USER_ERRORS = (ConfigError, ExpertError, ModelLoadError, FactorCacheError, TargetSpecError, UnknownTaskError,
+               FileNotFoundError)

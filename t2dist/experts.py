@@ -1,0 +1,180 @@
+"""Experts on disk: ``z.safetensors`` + ``card.json``.
+
+The card says what the ``z`` vectors mean (parametrization, targets, rank) and which
+base model they belong to (its fingerprint); loading refuses any mismatch.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import t2dist
+from t2dist.svf.model import SVFModel
+from t2dist.svf.parametrization import Parametrization
+
+Z_FILE = "z.safetensors"
+CARD_FILE = "card.json"
+REQUIRED_CARD_FIELDS = (
+    "name", "task", "parametrization", "targets", "rank", "base_fingerprint",
+    "metrics", "config", "code_version", "created",
+)
+
+
+class ExpertError(ValueError):
+    """An expert that is malformed or belongs to another base model / target list."""
+
+
+@dataclass
+class Expert:
+    z: dict[str, torch.Tensor]
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", "")
+
+    @property
+    def parametrization(self) -> Parametrization:
+        return Parametrization(**self.card["parametrization"])
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    version = t2dist.__version__
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        if sha:
+            version += f"+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def make_card(svf: SVFModel, *, name: str, task: str, metrics: Mapping | None = None,
+              config: Mapping | None = None, base_model: str = "", **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "task": task,
+        "parametrization": svf.parametrization.to_dict(),
+        "targets": list(svf.targets),
+        "target_spec": svf.target_spec,
+        "rank": svf.rank,
+        "base_fingerprint": svf.fingerprint,
+        "base_model": base_model,
+        "num_z": svf.num_z,
+        "metrics": dict(metrics or {}),
+        "config": dict(config or {}),
+        "code_version": code_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def save_expert(path: str | os.PathLike, z: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> Path:
+    """Write an expert directory atomically: a temporary sibling, then a rename.
+
+    An existing expert at ``path`` is replaced only once the new one is complete.
+    """
+    missing = [k for k in REQUIRED_CARD_FIELDS if k not in card]
+    if missing:
+        raise ExpertError(f"expert card is missing fields: {', '.join(missing)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in z.items()}, str(tmp / Z_FILE))
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_expert(path: str | os.PathLike) -> Expert:
+    """Read an expert directory without checking it against a model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExpertError(f"expert {path} does not exist (expected a directory with {Z_FILE} and {CARD_FILE})")
+    for f in (Z_FILE, CARD_FILE):
+        if not (path / f).is_file():
+            raise ExpertError(f"expert {path} has no {f}")
+    try:
+        card = json.loads((path / CARD_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ExpertError(f"{path / CARD_FILE} is not valid JSON: {exc}") from None
+    missing = [k for k in REQUIRED_CARD_FIELDS if k not in card]
+    if missing:
+        raise ExpertError(f"{path / CARD_FILE} is missing fields: {', '.join(missing)}")
+    try:
+        z = load_file(str(path / Z_FILE))
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise ExpertError(f"{path / Z_FILE} cannot be read: {exc}") from None
+    return Expert(z=z, card=card)
+
+
+def check_compatible(expert: Expert, svf: SVFModel, source: str = "expert") -> None:
+    """Refuse an expert made for another base model, target list, rank or parametrization."""
+    card = expert.card
+    if card["base_fingerprint"] != svf.fingerprint:
+        raise ExpertError(
+            f"{source} was trained on base model {card.get('base_model') or '?'} "
+            f"(fingerprint {card['base_fingerprint']}), but this model's fingerprint is {svf.fingerprint}"
+        )
+    if list(card["targets"]) != list(svf.targets):
+        raise ExpertError(
+            f"{source} targets {len(card['targets'])} matrices (spec {card.get('target_spec', '?')!r}, "
+            f"first {card['targets'][:1]}), but this model has {len(svf.targets)} targets "
+            f"(spec {svf.target_spec!r}, first {svf.targets[:1]})"
+        )
+    if card["rank"] != svf.rank:
+        raise ExpertError(f"{source} has rank {card['rank']}, but the model's factors have rank {svf.rank}")
+    if Parametrization(**card["parametrization"]) != svf.parametrization:
+        raise ExpertError(
+            f"{source} uses parametrization {card['parametrization']}, the model {svf.parametrization.to_dict()}"
+        )
+    try:
+        svf.check_z(expert.z)
+    except (KeyError, ValueError) as exc:
+        raise ExpertError(f"{source}: {exc}") from None
+
+
+def load_expert(path: str | os.PathLike, svf: SVFModel) -> Expert:
+    """Read an expert and check that it belongs to ``svf``; its ``z`` is moved to the model's device."""
+    expert = read_expert(path)
+    check_compatible(expert, svf, source=f"expert {path}")
+    device = svf.factors[svf.targets[0]].S.device
+    expert.z = {k: v.to(device) for k, v in expert.z.items()}
+    return expert
+
+
+def z_statistics(z: Mapping[str, torch.Tensor], parametrization: Parametrization) -> dict[str, float]:
+    """Summary of the scales f(z) an expert applies (1.0 everywhere = neutral)."""
+    scales = torch.cat([parametrization.scale(v.float()).flatten() for v in z.values()])
+    return {
+        "matrices": len(z),
+        "values": scales.numel(),
+        "scale_mean": float(scales.mean()),
+        "scale_std": float(scales.std()) if scales.numel() > 1 else 0.0,
+        "scale_min": float(scales.min()),
+        "scale_max": float(scales.max()),
+        "mean_abs_change": float((scales - 1).abs().mean()),
+    }

@@ -1,0 +1,77 @@
+"""Single-process reference RL (``t2dist train-local``): the oracle the distributed pipeline matches.
+
+One step: merge ``W'(z)`` into the model, sample ``samples_per_prompt`` completions of
+``prompts_per_step`` training prompts, score them with the task's verifier, compute
+advantages, and take one Adam step on ``z`` of the KL-regularised policy-gradient loss.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from t2dist.config import Config
+from t2dist.rl.data import PromptStream
+from t2dist.rl.rollout import rollout
+from t2dist.rl.step import rl_loss
+from t2dist.svf.model import SVFModel, ZParams
+from t2dist.tasks.base import Task
+
+
+@dataclass
+class LocalRun:
+    z: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of one step (the same in local and distributed runs)."""
+    return seed * 1_000_003 + step
+
+
+def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: bool = True, callback=None) -> LocalRun:
+    rl = cfg.rl
+    torch.manual_seed(rl.seed)
+    stream = PromptStream(task.examples("train"), rl.seed)
+    zp = ZParams(svf.init_z(cfg.svf.init))
+    opt = torch.optim.Adam(zp.parameters(), lr=rl.lr)
+    pad_id = tokenizer.pad_token_id
+    history = []
+    t_start = time.perf_counter()
+    bar = tqdm(range(rl.steps), desc=f"train-local {task.name}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        examples = stream.next_batch(rl.prompts_per_step)
+        svf.merge_(zp.detached(), version=step)
+        batch = rollout(
+            svf.model, tokenizer, task, examples,
+            samples_per_prompt=rl.samples_per_prompt, temperature=rl.temperature, top_p=rl.top_p,
+            max_new_tokens=cfg.task.max_new_tokens, seed=step_seed(rl.seed, step),
+        )
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))
+        opt.step()
+        t2 = time.perf_counter()
+        rec = {
+            "step": step + 1,
+            "reward": float(batch.rewards.mean()),
+            "accuracy": float(batch.correct.float().mean()),
+            "loss": float(loss),
+            "grad_norm": float(grad_norm),
+            "response_length": float(batch.lengths.float().mean()),
+            "rollout_s": t1 - t0,
+            "learn_s": t2 - t1,
+            **stats,
+        }
+        history.append(rec)
+        bar.set_postfix(reward=f"{rec['reward']:+.2f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec.get('kl', 0):.4f}")
+        if callback is not None:
+            callback(step + 1, zp.detached(), rec)
+    svf.unmerge_()
+    return LocalRun(z=zp.detached(), history=history, seconds=time.perf_counter() - t_start)

@@ -1,0 +1,51 @@
+"""The loss of one RL update on a rollout batch: shared by ``train-local`` and the learner."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from t2dist.config import RLConfig
+from t2dist.rl.logprobs import completion_logprobs
+from t2dist.rl.losses import compute_advantages, policy_loss
+from t2dist.rl.rollout import RolloutBatch
+from t2dist.svf.model import SVFModel
+
+
+def rl_loss(
+    svf: SVFModel,
+    z: Mapping[str, torch.Tensor],
+    batch: RolloutBatch,
+    cfg: RLConfig,
+    *,
+    pad_id: int,
+    advantages: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    with_kl: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy-gradient loss of ``z`` on ``batch`` with the KL to the neutral model.
+
+    The reference log-probs come from the same model at neutral ``z`` (no second copy).
+    ``advantages`` may be passed in when the batch is a shard of a larger one whose
+    groups were already normalised; ``normalizer`` is the global token/sequence count.
+    """
+    if advantages is None:
+        advantages = compute_advantages(batch.rewards, cfg.advantage)
+    adv = advantages.reshape(-1)
+    device = svf.factors[svf.targets[0]].S.device
+    logp, mask, entropy = completion_logprobs(
+        lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True
+    )
+    ref_logp = None
+    if with_kl or cfg.beta > 0:
+        with torch.no_grad():
+            neutral = svf.neutral_z()
+            ref_logp, _ = completion_logprobs(lambda **kw: svf(neutral, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
+    loss, stats = policy_loss(
+        logp, mask, adv.to(device), ref_logp=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+        agg=cfg.loss_agg, normalizer=normalizer,
+    )
+    from t2dist.rl.losses import aggregate
+
+    stats["entropy"] = aggregate(entropy.detach(), mask.to(entropy.dtype), cfg.loss_agg, normalizer)
+    return loss, {k: float(v) for k, v in stats.items()}
