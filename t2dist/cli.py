@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
+    "train": "distributed SVF-RL: Ray rollout actors, a DeepSpeed learner, evaluator, checkpoints, TensorBoard",
     "toy-base": "build and pretrain the toy base model into a Hugging Face directory",
     "train-local": "single-process SVF-RL of one expert (the reference the distributed trainer matches)",
     "eval": "greedy accuracy (with a 95%% interval) of the base model or an expert on a task split",
@@ -28,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no per-step lines")
+    _add_config_args(p)
 
     p = sub.add_parser("toy-base", help=COMMANDS["toy-base"], description=COMMANDS["toy-base"])
     p.add_argument("--out", required=True, help="output directory")
@@ -69,6 +75,26 @@ def _config(args, extra: dict[str, object]):
     return load_config(args.config, overrides)
 
 
+def cmd_train(args) -> int:
+    from t2dist.config import load_config
+    from t2dist.train import train
+
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            from t2dist.config import ConfigError
+
+            raise ConfigError(f"--resume {args.resume}: {saved} does not exist (not a t2dist run directory)")
+        from t2dist.config import Config, apply_overrides
+
+        data = apply_overrides(json.loads(saved.read_text()), list(args.overrides))
+        cfg = Config.model_validate(data)
+    else:
+        cfg = load_config(args.config, list(args.overrides))
+    train(cfg, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
 def cmd_toy_base(args) -> int:
     from t2dist.toy.build import build_toy_base
 
@@ -81,7 +107,11 @@ def cmd_toy_base(args) -> int:
 
 
 def _eval_json(res) -> dict:
-    return {k: v for k, v in res.to_dict().items() if k != "records"}
+    return res.as_dict()
+
+
+def _interval(res) -> str:
+    return f"[95% CI {res.ci_low:.3f}-{res.ci_high:.3f}]"
 
 
 def cmd_train_local(args) -> int:
@@ -104,7 +134,7 @@ def cmd_train_local(args) -> int:
     if not args.no_eval:
         base = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
         result["base"] = _eval_json(base)
-        print(f"base {cfg.eval.split} accuracy: {base.accuracy:.3f} {base.interval_str()}")
+        print(f"base {cfg.eval.split} accuracy: {base.accuracy:.3f} {_interval(base)}")
     run = train_local(cfg, svf, tokenizer, task)
     result["train_seconds"] = run.seconds
     if not args.no_eval:
@@ -113,7 +143,7 @@ def cmd_train_local(args) -> int:
         svf.unmerge_()
         result["final"] = _eval_json(final)
         result["gain"] = final.accuracy - base.accuracy
-        print(f"expert {cfg.eval.split} accuracy: {final.accuracy:.3f} {final.interval_str()} "
+        print(f"expert {cfg.eval.split} accuracy: {final.accuracy:.3f} {_interval(final)} "
               f"(gain {result['gain']:+.3f}) after {run.seconds:.1f}s of training")
     result["total_seconds"] = time.perf_counter() - t0
     metrics = {k: result[k] for k in ("gain", "train_seconds") if k in result}
@@ -150,7 +180,7 @@ def cmd_eval(args) -> int:
         svf.merge_(expert.z)
     res = evaluate(svf.model, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size)
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert, **_eval_json(res)}
-    print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {res.interval_str()} (n={res.n})")
+    print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {_interval(res)} (n={res.n})")
     if args.json:
         _write_json(args.json, out)
     return 0
@@ -192,7 +222,7 @@ def _write_json(path: str, data: dict) -> None:
     print(f"wrote {p}")
 
 
-HANDLERS = {"toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
+HANDLERS = {"train": cmd_train, "toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
             "expert": cmd_expert, "tasks": cmd_tasks}
 
 

@@ -89,6 +89,40 @@ class SandboxConfig(Section):
     allow_rlimits_only: bool = Field(False, description="run code without bubblewrap (weaker isolation)")
 
 
+class RolloutConfig(Section):
+    actors: int = Field(2, ge=1, description="number of rollout actors")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    threads_per_actor: int = Field(1, ge=1, description="torch threads inside each actor")
+    batch_size: int = Field(128, ge=1, description="sequences per generate call")
+
+
+class LearnerConfig(Section):
+    ranks: int = Field(2, ge=1, description="data-parallel learner ranks (one torch.distributed group)")
+    cpus_per_rank: float = Field(1.0, ge=0)
+    gpus_per_rank: float = Field(0.0, ge=0)
+    threads_per_rank: int = Field(1, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1, description="micro-batches per rank per update")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class TrainConfig(Section):
+    eval_every: int = Field(10, ge=1, description="evaluate z on the validation split every k steps")
+    eval_limit: int | None = Field(None, ge=1, description="validation examples per evaluation (null: all)")
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    evaluator_cpus: float = Field(1.0, ge=0)
+    evaluator_gpus: float = Field(0.0, ge=0)
+    max_actor_restarts: int = Field(3, ge=0)
+
+
+class RayConfig(Section):
+    address: str = Field("auto", description="'auto': join a running cluster or start a local one; 'local'; or host:port")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (null: what the run needs)")
+
+
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
     limit: int | None = Field(None, ge=1)
@@ -104,6 +138,10 @@ class Config(Section):
     rl: RLConfig = RLConfig()
     sandbox: SandboxConfig = SandboxConfig()
     eval: EvalConfig = EvalConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
 
 
 class ConfigError(ValueError):

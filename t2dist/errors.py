@@ -6,5 +6,9 @@ from t2dist.svf.factors import FactorCacheError
 from t2dist.svf.targets import TargetSpecError
 from t2dist.tasks.base import UnknownTaskError
 
-USER_ERRORS = (ConfigError, ExpertError, ModelLoadError, FactorCacheError, TargetSpecError, UnknownTaskError,
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a learner rank died, the cluster is too small, ...)."""
+
+USER_ERRORS = (TrainingError, ConfigError, ExpertError, ModelLoadError, FactorCacheError, TargetSpecError, UnknownTaskError,
                FileNotFoundError)

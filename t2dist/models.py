@@ -62,6 +62,9 @@ def resolve_device(device: str) -> torch.device:
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
     """``(model, tokenizer)`` in eval mode, with every parameter frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor on every load is noise
 
     where = resolve_model_path(path)
     dev = resolve_device(device)

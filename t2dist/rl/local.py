@@ -62,7 +62,7 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             "step": step + 1,
             "reward": float(batch.rewards.mean()),
             "accuracy": float(batch.correct.float().mean()),
-            "loss": float(loss),
+            "loss": loss.item(),
             "grad_norm": float(grad_norm),
             "response_length": float(batch.lengths.float().mean()),
             "rollout_s": t1 - t0,

@@ -1,0 +1,266 @@
+"""One data-parallel rank of the DeepSpeed learner.
+
+A plain class: the driver turns it into a Ray actor with
+``ray.remote(num_cpus=..., num_gpus=...)(LearnerWorker)`` (this module never imports Ray).
+
+Every rank holds the frozen base model and its SVF factors; the only trainable
+parameters (what DeepSpeed and the optimizer see) are the ``z`` vectors, wrapped in a
+:class:`~t2dist.svf.model.ZParams` whose ``forward`` is the RL loss of a shard.
+
+Exactness with the single-process oracle (:func:`t2dist.rl.local.train_local`): the
+driver computes advantages on the whole batch and the *global* normalizer (total
+completion tokens for ``token_mean``, total sequences for ``seq_mean``), so the shard
+losses of all ranks *sum* to the single-process loss. DeepSpeed *averages* gradients
+over the data-parallel group, so each rank back-propagates ``world_size × loss``: the
+averaged gradient is then the sum, i.e. the single-process gradient. Gradient
+accumulation splits a shard into ``learner.grad_accum`` micro-batches of whole prompt
+groups, each back-propagated with ``scale_wrt_gas=False`` (the global normalizer already
+accounts for every token), and DeepSpeed steps the optimizer on the last one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import torch
+
+from t2dist.config import Config
+from t2dist.rl.rollout import RolloutBatch
+from t2dist.rl.step import rl_loss
+from t2dist.svf.model import ZParams
+
+STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
+CLIENT_KEY = "t2dist"  # our client_state sits under this key, apart from DeepSpeed's own entries
+
+
+class ZLoss(ZParams):
+    """The z vectors as the DeepSpeed module; ``forward`` is the RL loss of a (shard of a) batch.
+
+    The SVF model is a plain attribute (not a submodule), so its frozen weights and factors
+    are invisible to DeepSpeed: no gradients, no optimizer state, no ZeRO partitioning.
+    Going through the engine's forward keeps ZeRO-3's parameter gathering hooks working.
+    """
+
+    def __init__(self, z, svf, rl_cfg, pad_id: int):
+        super().__init__(z)
+        self.svf = svf
+        self.rl_cfg = rl_cfg
+        self.pad_id = pad_id
+
+    def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float):
+        return rl_loss(self.svf, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
+                       advantages=advantages, normalizer=normalizer)
+
+
+def _micro_batches(batch: RolloutBatch, advantages: torch.Tensor, n: int) -> list[tuple[RolloutBatch, torch.Tensor]]:
+    """``n`` micro-batches of whole prompt groups (as even as possible; all non-empty)."""
+    P = batch.num_prompts
+    if n == 1:
+        return [(batch, advantages)]
+    if P < n:
+        raise ValueError(f"a learner shard of {P} prompt groups cannot make learner.grad_accum={n} micro-batches; "
+                         "lower learner.grad_accum or raise rl.prompts_per_step")
+    bounds = [round(i * P / n) for i in range(n + 1)]
+    return [(batch.select(range(a, b)), advantages[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+class LearnerWorker:
+    """One rank: ``deepspeed.init_distributed`` + a DeepSpeed engine over the z vectors."""
+
+    def __init__(self, cfg: Config | Mapping[str, Any], rank: int, world_size: int, master_addr: str, master_port: int,
+                 local_rank: int = 0):
+        t0 = time.perf_counter()
+        self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(dict(cfg))
+        self.rank, self.world_size = int(rank), int(world_size)
+        lc = self.cfg.learner
+        self.on_gpu = torch.cuda.is_available() and lc.gpus_per_rank > 0 and lc.backend != "gloo"
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
+        torch.set_num_threads(lc.threads_per_rank)
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local_rank),
+                          LOCAL_SIZE=str(self.world_size), MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
+        import deepspeed
+
+        self._deepspeed = deepspeed
+        backend = lc.backend if lc.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
+        if not self.on_gpu and os.environ.get("T2DIST_DS_SHM_COMM", "0") != "1":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use
+            # (about a minute). It only serves inference all-reduce; training uses gloo.
+            try:
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            except Exception:  # an older/newer DeepSpeed without this table: just compile
+                pass
+        if self.on_gpu:
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        self.backend = backend
+
+        # the frozen base + factors on this rank's device
+        mcfg = self.cfg.model.model_copy(update={"device": f"cuda:{local_rank}" if self.on_gpu else "cpu"})
+        cfg_here = self.cfg.model_copy(update={"model": mcfg})
+        from t2dist.runtime import load_svf
+
+        self.svf, self.tokenizer = load_svf(cfg_here)
+        self.pad_id = self.tokenizer.pad_token_id
+
+        from learner.ds_config import make_ds_config
+
+        self.ds_config = make_ds_config(self.cfg, on_gpu=self.on_gpu)
+        self.zero_stage = lc.zero_stage
+        self.grad_accum = lc.grad_accum
+        self.module = ZLoss(self.svf.init_z(self.cfg.svf.init), self.svf, self.cfg.rl, self.pad_id)
+        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=self.ds_config
+        )
+        self._z = self._gather_z()
+        self.init_seconds = time.perf_counter() - t0
+
+    # -- info ---------------------------------------------------------------------------
+    def ready(self) -> dict:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.engine.device),
+            "backend": self.backend,
+            "num_z": self.svf.num_z,
+            "num_targets": len(self.svf.targets),
+            "zero_stage": self.zero_stage,
+            "deepspeed": self._deepspeed.__version__,
+            "init_seconds": self.init_seconds,
+        }
+
+    # -- z ------------------------------------------------------------------------------
+    def _params(self):
+        return list(self.engine.module.params)
+
+    def _gather_z(self) -> dict[str, torch.Tensor]:
+        """The full z from the engine (a collective under ZeRO-3: every rank calls it)."""
+        params = self._params()
+        names = self.engine.module.names
+        if self.zero_stage == 3:
+            with self._deepspeed.zero.GatheredParameters(params):
+                return {n: p.detach().float().cpu().clone() for n, p in zip(names, params)}
+        return {n: p.detach().float().cpu().clone() for n, p in zip(names, params)}
+
+    def get_z(self) -> dict[str, torch.Tensor]:
+        """The current z (float32, CPU, detached); identical on every rank.
+
+        Served from a copy refreshed by every collective call (``train_step``, ``set_z``,
+        ``load_checkpoint``), so it is safe to call on one rank only, even under ZeRO-3.
+        """
+        return {n: t.clone() for n, t in self._z.items()}
+
+    def set_z(self, z: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite z; a collective: call on every rank with the same z. The optimizer state is kept."""
+        self.svf.check_z(z)
+        params = self._params()
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            # modifier_rank=0: rank 0's values are scattered back into every rank's partition on exit
+            with self._deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                self.engine.module.load(z)
+            for n, p in zip(self.engine.module.names, params):
+                safe_set_full_fp32_param(p, z[n].detach().float().to(self.engine.device))  # the fp32 masters
+        else:
+            self.engine.module.load(z)
+            # optimizers that keep fp32 master copies (ZeRO 1/2, bf16/fp16) must see the new values
+            refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+            if callable(refresh):
+                refresh()
+        self._z = self._gather_z()
+
+    # -- training -----------------------------------------------------------------------
+    def _grad_norm_stage0(self) -> float:
+        grads = [p.grad.detach().float() for p in self._params() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def _global_sums(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world_size > 1:
+            if self.backend == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t)
+        return [float(v) for v in t.cpu()]
+
+    def train_step(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float) -> dict:
+        """One optimizer update from this rank's shard.
+
+        ``advantages`` ``(P_shard, N)`` were computed on the whole batch and ``normalizer`` is
+        the global token/sequence count. Returns metrics equal on every rank: ``loss``,
+        ``pg_loss``, ``kl``, ``entropy`` summed over ranks (= the single-process values of the
+        whole batch), ``grad_norm`` (before clipping), ``seconds``, ``step``.
+        """
+        t0 = time.perf_counter()
+        micro = _micro_batches(batch, advantages, self.grad_accum)
+        sums = dict.fromkeys(STAT_KEYS, 0.0)
+        grad_norm = None
+        for i, (mb, madv) in enumerate(micro):
+            loss, stats = self.engine(mb, madv, float(normalizer))
+            # ``loss * world_size`` is a new tensor: engine.backward registers it as the loss of
+            # this graph, which also switches off the 1/grad_accum scaling hook the engine's
+            # forward put on ``loss`` (the global normalizer already counts every micro-batch).
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            if i == len(micro) - 1 and self.zero_stage == 0:
+                grad_norm = self._grad_norm_stage0()  # after the boundary all-reduce, before clipping
+            self.engine.step()
+            sums["loss"] += float(loss.detach())
+            for k in ("pg_loss", "kl", "entropy"):
+                sums[k] += stats.get(k, 0.0)
+        if grad_norm is None:
+            g = self.engine.get_global_grad_norm()
+            grad_norm = float(g) if g is not None else math.nan
+        self._z = self._gather_z()
+        totals = self._global_sums([sums[k] for k in STAT_KEYS])
+        out = dict(zip(STAT_KEYS, totals))
+        out.update(grad_norm=grad_norm, seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
+                   tokens=int(batch.num_tokens))
+        return out
+
+    def grads_for(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float) -> dict[str, torch.Tensor]:
+        """The all-reduced gradient of the whole (global) batch w.r.t. z, without stepping (ZeRO stage 0)."""
+        if self.zero_stage != 0:
+            raise NotImplementedError("grads_for reads the all-reduced gradients from the parameters: ZeRO stage 0 only")
+        micro = _micro_batches(batch, advantages, self.grad_accum)
+        eng = self.engine
+        try:
+            for i, (mb, madv) in enumerate(micro):
+                eng.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                loss, _ = eng(mb, madv, float(normalizer))
+                eng.backward(loss * self.world_size, scale_wrt_gas=False)
+            out = {n: p.grad.detach().float().cpu().clone() for n, p in zip(eng.module.names, self._params())}
+        finally:
+            eng._is_gradient_accumulation_boundary = None  # back to the engine's own micro-step counting
+            eng.zero_grad()
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None) -> str:
+        """DeepSpeed checkpoint (z + optimizer state + ``client_state``); a collective: call on every rank."""
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={CLIENT_KEY: dict(client_state or {})})
+        return os.path.join(str(save_dir), str(tag if tag is not None else f"global_step{self.engine.global_steps}"))
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None) -> dict:
+        """Restore z and the optimizer state; returns the saved ``client_state``."""
+        path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {load_dir} (tag {tag!r})")
+        self._z = self._gather_z()
+        return dict((client_state or {}).get(CLIENT_KEY, {}))
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()

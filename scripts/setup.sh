@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for t2dist: bubblewrap (the code sandbox), a virtualenv in .venv,
+# the CPU build of torch when there is no GPU, and the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -d .venv ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1; then
+  python -m pip install -q "torch>=2.4"          # CUDA build
+else
+  python -m pip install -q torch==2.13.0          # the CPU build (plain `torch` pulls a multi-GB CUDA build)
+fi
+python -m pip install -q -e ".[dev]"
+echo "t2dist is set up: . .venv/bin/activate && t2dist --help"

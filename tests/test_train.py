@@ -1,0 +1,181 @@
+"""The distributed pipeline end to end on a real local Ray cluster with real DeepSpeed learners."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from t2dist.checkpoint import latest_checkpoint, load_checkpoint
+from t2dist.config import ConfigError, load_config
+from t2dist.errors import TrainingError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+SMALL = ["rl.prompts_per_step=8", "rl.samples_per_prompt=4", "eval.limit=40", "train.eval_limit=40",
+         "rl.lr=0.02"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def kill_when_checkpointed(run_dir, prefix, no_restart=True, timeout=180):
+    """In a thread: once ``run_dir`` has a checkpoint, kill the named actor starting with ``prefix``."""
+    killed = []
+
+    def run():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if latest_checkpoint(run_dir) is not None:
+                for actor in ray.util.list_named_actors(all_namespaces=True):
+                    if actor["name"].startswith(prefix):
+                        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=no_restart)
+                        killed.append(actor["name"])
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return killed
+
+
+def small_cfg(tmp_path, *more):
+    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"svf.cache_dir={tmp_path / 'factors'}", *SMALL, *more])
+
+
+def test_one_rank_matches_train_local(cluster, tmp_path):
+    """Same seed, data, one actor and one learner rank: z equals the single-process oracle."""
+    from t2dist.rl.local import train_local
+    from t2dist.runtime import load_svf
+    from t2dist.tasks import get_task
+    from t2dist.train import train
+
+    cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "train.checkpoint_every=3")
+    train(cfg, progress=False)
+    z_dist, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 3
+    torch.set_num_threads(1)
+    svf, tok = load_svf(cfg)
+    local = train_local(cfg, svf, tok, get_task("math"), progress=False)
+    moved = max(float((local.z[n] - 1).abs().max()) for n in local.z)
+    assert moved > 1e-3  # training really changed z
+    for n in local.z:
+        assert torch.allclose(z_dist[n], local.z[n].float(), atol=1e-5), n
+
+
+def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
+    """2 actors + 2 ranks; a rollout actor is killed mid-run, restarted, and its work redone."""
+    from t2dist.train import train
+
+    cfg = small_cfg(tmp_path, "rl.steps=8", "train.eval_every=4", "train.checkpoint_every=4")
+    killed = kill_when_checkpointed(tmp_path / "run", "t2dist-rollout-1-", no_restart=False)
+    summary = train(cfg, progress=False)
+    assert killed, "the test never killed an actor"
+    assert summary["actor_restarts"] >= 1
+    assert summary["steps"] == 8
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("base_accuracy", "final_accuracy", "steps", "wall_seconds", "expert"):
+        assert key in on_disk
+    assert 0.0 <= on_disk["final_accuracy"] <= 1.0
+    assert (Path(on_disk["expert"]) / "z.safetensors").is_file()
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert [h["step"] for h in state["history"]] == list(range(1, 9))  # no step lost
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/reward_mean", "train/reward_std", "train/accuracy", "train/kl", "train/loss",
+                "train/entropy", "train/grad_norm", "train/response_length", "time/rollout_s", "time/learner_s",
+                "time/tokens_per_s", "sync/bytes_per_step", "eval/val_accuracy", "z/scale_mean"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("train/reward_mean")] == list(range(1, 9))
+    assert "z/scales" in acc.Tags()["histograms"]
+    sync = acc.Scalars("sync/bytes_per_step")[0].value
+    n_z = 12 * 128  # 4 layers x 3 MLP matrices, full rank = min(128, 384)
+    assert sync == 2 * n_z * 4  # two actors, float32 z: kilobytes, not the model
+
+
+def test_learner_death_stops_with_resumable_checkpoint(cluster, tmp_path):
+    from t2dist.train import train
+
+    cfg = small_cfg(tmp_path, "rl.steps=40", "train.checkpoint_every=2", "train.eval_every=100")
+    kill_when_checkpointed(tmp_path / "run", "t2dist-learner-1-")
+    with pytest.raises(TrainingError) as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    assert "learner rank died" in msg and "--resume" in msg
+    assert latest_checkpoint(tmp_path / "run") is not None
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("learner.ranks=3", "learner.ranks=3 must divide rl.prompts_per_step=8"),
+    ("model.path=/no/such/model", "/no/such/model"),
+    ("rollout.actors=500", "rollout.actors=500"),
+])
+def test_bad_input_fails_before_any_actor(tmp_path, override, needle, monkeypatch):
+    import t2dist.train as driver
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was contacted before the config was checked")
+
+    monkeypatch.setattr(driver, "connect_ray", no_ray)
+    cfg = small_cfg(tmp_path, override)
+    with pytest.raises(Exception) as err:
+        driver.train(cfg, progress=False)
+    assert needle in str(err.value)
+
+
+def test_more_resources_than_the_cluster_has(cluster, tmp_path):
+    from t2dist.train import check_resources
+
+    cfg = small_cfg(tmp_path, "rollout.cpus_per_actor=8")
+    with pytest.raises(TrainingError, match="needs 19 CPUs"):
+        check_resources(cfg)
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
+    return subprocess.Popen([sys.executable, "-m", "t2dist.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_z(tmp_path):
+    """A CLI run killed (SIGKILL) after step 6 of 12 and resumed ends with the z of an uninterrupted run."""
+    common = ["--config", str(DEMO), "rl.steps=12", "train.checkpoint_every=6", "train.eval_every=6",
+              f"svf.cache_dir={tmp_path / 'factors'}", "ray.address=local", *SMALL]
+    full = _cli(["train", *common, f"run_dir={tmp_path / 'full'}", "--quiet"])
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+    z_full, _ = load_checkpoint(latest_checkpoint(tmp_path / "full"))
+
+    run = tmp_path / "killed"
+    proc = _cli(["train", *common, f"run_dir={run}"])
+    deadline = time.time() + 600
+    while time.time() < deadline and latest_checkpoint(run) is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and ckpt.name == "step-000006"
+    assert not (run / "summary.json").exists()
+    resumed = _cli(["train", "--resume", str(run), "--quiet"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    z_resumed, state = load_checkpoint(latest_checkpoint(run))
+    assert state["step"] == 12
+    for n in z_full:
+        assert torch.allclose(z_full[n], z_resumed[n], atol=1e-6), n
