@@ -243,7 +243,9 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None, progress: boo
     (run_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
     mode = connect_ray(cfg)
     check_resources(cfg)
-    print(f"[t2dist] run dir {run_dir}; Ray {mode}, cluster {ray.cluster_resources()}", flush=True)
+    where = {"cluster": "joined a running Ray cluster", "local": "started a local Ray cluster",
+             "existing": "using the Ray cluster of this process"}[mode]
+    print(f"[t2dist] run dir {run_dir}; {where} {ray.cluster_resources()}", flush=True)
 
     driver = Driver(cfg, run_dir, progress)
     tracker = Tracker(run_dir)
