@@ -162,18 +162,30 @@ def cmd_train_local(args) -> int:
     return 0
 
 
+def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
+    """The SVF setup an expert was trained with (targets, rank, parametrization), unless the user overrides it."""
+    param = card["parametrization"]
+    values = {"svf.targets": card.get("target_spec") or None, "svf.rank": card["rank"] if card["rank"] else "null",
+              "svf.parametrization": param["kind"], "svf.max_mult": param["max_mult"],
+              "svf.rescale": str(param["rescale"]).lower()}
+    given = {o.split("=", 1)[0] for o in user_overrides}
+    return {k: v for k, v in values.items() if k not in given}
+
+
 def cmd_eval(args) -> int:
     from t2dist.evaluation import evaluate
     from t2dist.experts import load_expert
     from t2dist.runtime import load_svf
     from t2dist.tasks import get_task
 
-    cfg = _config(args, {"model.path": args.model})
-    task = get_task(args.task)
+    extra = {"model.path": args.model}
     if args.expert:
         from t2dist.experts import read_expert
 
-        read_expert(args.expert)  # fail on a missing/malformed expert before loading the model
+        card = read_expert(args.expert).card  # fail on a missing/malformed expert before loading the model
+        extra.update(svf_overrides_from_card(card, args.overrides))
+    cfg = _config(args, extra)
+    task = get_task(args.task)
     svf, tokenizer = load_svf(cfg)
     if args.expert:
         expert = load_expert(args.expert, svf)

@@ -1,0 +1,84 @@
+"""Held-out evaluation of a model on a task: greedy accuracy with a Wilson interval."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from t2dist.generation import generate
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for ``k`` successes out of ``n`` (``(0, 1)`` when n is 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class EvalResult:
+    task: str
+    split: str
+    n: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def as_dict(self, with_records: bool = False) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("task", "split", "n", "correct", "accuracy", "ci_low", "ci_high")}
+        if with_records:
+            d["records"] = self.records
+        return d
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    records: bool = False,
+) -> EvalResult:
+    """Greedy-decode ``task``'s ``split`` (first ``limit`` examples) and score with its verifier."""
+    if isinstance(task, str):
+        from t2dist.tasks import get_task
+
+        task = get_task(task)
+    examples = task.examples(split)
+    if limit is not None:
+        examples = examples[:limit]
+    prompts = [task.format_prompt(e) for e in examples]
+    comps = generate(
+        model,
+        tokenizer,
+        prompts,
+        temperature=0.0,
+        max_new_tokens=task.max_new_tokens,
+        stop=task.stop,
+        batch_size=batch_size,
+    )
+    verdicts = task.verify_batch([c.text for c in comps], examples)
+    k = sum(1 for v in verdicts if v.correct)
+    n = len(examples)
+    lo, hi = wilson_interval(k, n)
+    recs = []
+    if records:
+        recs = [
+            {
+                "prompt": p,
+                "completion": c.text,
+                "answer": e.answer,
+                "parsed": v.parsed,
+                "correct": v.correct,
+                "trap": bool(e.meta.get("trap", False)),
+            }
+            for p, c, e, v in zip(prompts, comps, examples, verdicts)
+        ]
+    return EvalResult(task.name, split, n, k, (k / n) if n else 0.0, lo, hi, recs)
