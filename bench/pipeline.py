@@ -77,7 +77,7 @@ def run_training(cfg):
     return state["history"], summary, wall
 
 
-def print_training(history, summary, wall, sync_s, split):
+def print_training(history, summary, wall):
     steps = len(history)
     step_s = med([h["step_s"] for h in history])
     roll = med([h["rollout_s"] for h in history])
@@ -92,16 +92,13 @@ def print_training(history, summary, wall, sync_s, split):
     print("| part | median s | share of step |")
     print("|---|---:|---:|")
     print(f"| whole step (`step_s`) | {step_s:.3f} | 100% |")
-    print(f"| rollout (`rollout_s`: z put + set_expert + generate + score + Ray) | {roll:.3f} | {roll / step_s:.0%} |")
-    if split:
-        g, s = split
-        print(f"| ├ generate (share of actor rollout time, measured in section 2: {g / (g + s):.0%}) "
-              f"| ~{roll * g / (g + s):.3f} | ~{roll * g / (g + s) / step_s:.0%} |")
-        print(f"| ├ score (verifier, same source: {s / (g + s):.1%}) | ~{roll * s / (g + s):.4f} "
-              f"| ~{roll * s / (g + s) / step_s:.1%} |")
-    if sync_s is not None:
-        print(f"| ├ z sync (put + `set_expert` round trip incl. merge, measured in section 2) | {sync_s:.4f} "
-              f"| {sync_s / step_s:.1%} |")
+    sync_med = med([h["sync_s"] for h in history])
+    gen = med([h["generate_s"] for h in history])
+    score = med([h["scoring_s"] for h in history])
+    print(f"| z sync (`sync_s`: put + every actor's `set_expert`, W' recomposed) | {sync_med:.4f} | {sync_med / step_s:.1%} |")
+    print(f"| rollout (`rollout_s`: generate + score + Ray) | {roll:.3f} | {roll / step_s:.0%} |")
+    print(f"| ├ generate (`generate_s`, slowest actor) | {gen:.3f} | {gen / step_s:.0%} |")
+    print(f"| ├ score (`scoring_s`, verifier, slowest actor) | {score:.4f} | {score / step_s:.1%} |")
     print(f"| learner (`learner_s`: ship shards + DeepSpeed step + `get_z`) | {learner:.3f} | {learner / step_s:.0%} |")
     print(f"| ├ inside the rank (`learn_s`, max over ranks) | {learn_rank:.3f} | {learn_rank / step_s:.0%} |")
     print(f"| ├ Ray + get_z around it (`learner_s - learn_s`) | {learner - learn_rank:.3f} "
@@ -352,7 +349,7 @@ def main(argv=None):
     task = get_task(cfg.task.name)
     b = bench_rollout(cfg, svf, tok, task, args)
     if history:
-        print_training(history, summary, wall, med(b["sync_s"]), (med(b["gen2"]), med(b["score2"])))
+        print_training(history, summary, wall)
     print_rollout(b, args)
     print_bytes(svf, history)
     load = os.getloadavg()

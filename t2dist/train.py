@@ -141,8 +141,19 @@ class Driver:
     # rollout with fault handling --------------------------------------------------------------
     def _rollout_on(self, i: int, z_ref, version: int, chunk, seed: int):
         actor = self.actors[i]
-        actor.set_expert.remote(z_ref, version)
+        actor.set_expert.remote(z_ref, version)  # a no-op when this version is merged already
         return actor.rollout.remote(chunk, seed)
+
+    def sync(self, z_ref, version: int) -> float:
+        """Send z to every actor and wait until each has recomposed W'; returns the seconds."""
+        t0 = time.perf_counter()
+        refs = [a.set_expert.remote(z_ref, version) for a in self.actors]
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # a dead actor is restarted and re-synced by rollout()
+        return time.perf_counter() - t0
 
     def rollout(self, z_ref, version: int, examples, step: int) -> RolloutBatch:
         n = len(self.actors)
@@ -302,6 +313,7 @@ def _loop(cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, ckpt, wa
         t0 = time.perf_counter()
         examples = stream.next_batch(rl.prompts_per_step)
         z_ref = ray.put(z)
+        sync_s = driver.sync(z_ref, step)
         batch = driver.rollout(z_ref, step, examples, step)
         t1 = time.perf_counter()
         advantages = compute_advantages(batch.rewards, rl.advantage)
@@ -320,7 +332,10 @@ def _loop(cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, ckpt, wa
             "reward_std": float(batch.rewards.std()),
             "accuracy": float(batch.correct.float().mean()),
             "response_length": float(batch.lengths.float().mean()),
-            "rollout_s": t1 - t0,
+            "sync_s": sync_s,
+            "rollout_s": t1 - t0 - sync_s,
+            "generate_s": batch.seconds.get("generate", 0.0),
+            "scoring_s": batch.seconds.get("score", 0.0),
             "learner_s": t2 - t1,
             "sync_bytes": z_nbytes(z) * len(driver.actors),
             "tokens_per_s": batch.num_tokens / max(t1 - t0, 1e-9),
@@ -333,6 +348,7 @@ def _loop(cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, ckpt, wa
             "train/accuracy": rec["accuracy"], "train/kl": rec.get("kl", 0.0), "train/loss": rec.get("loss", 0.0),
             "train/entropy": rec.get("entropy", 0.0), "train/grad_norm": rec.get("grad_norm", 0.0),
             "train/response_length": rec["response_length"], "time/rollout_s": rec["rollout_s"],
+            "time/sync_s": rec["sync_s"], "time/generate_s": rec["generate_s"], "time/scoring_s": rec["scoring_s"],
             "time/learner_s": rec["learner_s"], "time/step_s": rec["step_s"], "time/tokens_per_s": rec["tokens_per_s"],
             "sync/bytes_per_step": rec["sync_bytes"],
         })

@@ -68,7 +68,7 @@ def test_kl_term_and_global_normalizer():
     mask = torch.ones(2, 2)
     adv = torch.zeros(2)
     loss, stats = policy_loss(logp, mask, adv, ref_logp=ref, beta=0.5, kl_estimator="k1")
-    assert float(loss) == pytest.approx(0.5 * float((logp - ref).mean()))
+    assert loss.item() == pytest.approx(0.5 * (logp - ref).mean().item())
     assert stats["kl"] == pytest.approx(float((logp - ref).mean()))
     # two halves with the global normaliser sum to the whole
     whole = aggregate(logp, mask, "token_mean")

@@ -99,7 +99,7 @@ def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/reward_mean", "train/reward_std", "train/accuracy", "train/kl", "train/loss",
                 "train/entropy", "train/grad_norm", "train/response_length", "time/rollout_s", "time/learner_s",
-                "time/tokens_per_s", "sync/bytes_per_step", "eval/val_accuracy", "z/scale_mean"):
+                "time/tokens_per_s", "time/sync_s", "time/scoring_s", "sync/bytes_per_step", "eval/val_accuracy", "z/scale_mean"):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/reward_mean")] == list(range(1, 9))
     assert "z/scales" in acc.Tags()["histograms"]

@@ -54,12 +54,15 @@ class RolloutBatch:
 
     @staticmethod
     def concat(batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+        """One batch from parts made in parallel; ``seconds`` keeps the slowest part's times."""
+        keys = {k for b in batches for k in b.seconds}
         return RolloutBatch(
             [p for b in batches for p in b.prompt_ids],
             [c for b in batches for c in b.completion_ids],
             torch.cat([b.rewards for b in batches]),
             torch.cat([b.correct for b in batches]),
             [t for b in batches for t in b.texts],
+            {k: max(b.seconds.get(k, 0.0) for b in batches) for k in keys},
         )
 
 
