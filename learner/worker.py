@@ -28,7 +28,7 @@ import torch
 
 from t2dist.config import Config
 from t2dist.rl.rollout import RolloutBatch
-from t2dist.rl.step import rl_loss
+from t2dist.rl.step import behaviour_logprobs, rl_loss
 from t2dist.svf.model import ZParams
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
@@ -49,9 +49,9 @@ class ZLoss(ZParams):
         self.rl_cfg = rl_cfg
         self.pad_id = pad_id
 
-    def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float):
+    def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float, old_logp=None):
         return rl_loss(self.svf, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
-                       advantages=advantages, normalizer=normalizer)
+                       advantages=advantages, normalizer=normalizer, old_logp=old_logp)
 
 
 def _micro_batches(batch: RolloutBatch, advantages: torch.Tensor, n: int) -> list[tuple[RolloutBatch, torch.Tensor]]:
@@ -200,10 +200,27 @@ class LearnerWorker:
         """
         t0 = time.perf_counter()
         micro = _micro_batches(batch, advantages, self.grad_accum)
+        epochs = self.engine.module.rl_cfg.update_epochs
+        old = [None] * len(micro)
+        if epochs > 1:  # PPO: log-probs of the behaviour policy (z before this batch's updates)
+            with torch.no_grad():
+                old = [behaviour_logprobs(self.engine.module.svf, self.engine.module.as_dict(), mb, pad_id=self.engine.module.pad_id)
+                       for mb, _ in micro]
+        for _ in range(epochs):
+            out = self._update(micro, old, normalizer)
+        self._z = self._gather_z()
+        totals = self._global_sums([out["sums"][k] for k in STAT_KEYS])
+        result = dict(zip(STAT_KEYS, totals))
+        result.update(grad_norm=out["grad_norm"], seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
+                      tokens=int(batch.num_tokens))
+        return result
+
+    def _update(self, micro, old, normalizer: float) -> dict:
+        """One optimizer step over the micro-batches of this rank's shard."""
         sums = dict.fromkeys(STAT_KEYS, 0.0)
         grad_norm = None
-        for i, (mb, madv) in enumerate(micro):
-            loss, stats = self.engine(mb, madv, float(normalizer))
+        for i, ((mb, madv), old_logp) in enumerate(zip(micro, old)):
+            loss, stats = self.engine(mb, madv, float(normalizer), old_logp)
             # ``loss * world_size`` is a new tensor: engine.backward registers it as the loss of
             # this graph, which also switches off the 1/grad_accum scaling hook the engine's
             # forward put on ``loss`` (the global normalizer already counts every micro-batch).
@@ -217,12 +234,7 @@ class LearnerWorker:
         if grad_norm is None:
             g = self.engine.get_global_grad_norm()
             grad_norm = float(g) if g is not None else math.nan
-        self._z = self._gather_z()
-        totals = self._global_sums([sums[k] for k in STAT_KEYS])
-        out = dict(zip(STAT_KEYS, totals))
-        out.update(grad_norm=grad_norm, seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
-                   tokens=int(batch.num_tokens))
-        return out
+        return {"sums": sums, "grad_norm": grad_norm}
 
     def grads_for(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float) -> dict[str, torch.Tensor]:
         """The all-reduced gradient of the whole (global) batch w.r.t. z, without stepping (ZeRO stage 0)."""

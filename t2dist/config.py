@@ -59,6 +59,8 @@ class RLConfig(Section):
     advantage: str = "group_mean"
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     clip_grad: float | None = Field(1.0, gt=0.0)
+    update_epochs: int = Field(1, ge=1, description="optimizer updates per rollout batch (>1: PPO-style ratio clipping)")
+    clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip, used when rl.update_epochs > 1")
     seed: int = 0
 
     @field_validator("kl_estimator")

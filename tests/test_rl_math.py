@@ -69,7 +69,7 @@ def test_kl_term_and_global_normalizer():
     adv = torch.zeros(2)
     loss, stats = policy_loss(logp, mask, adv, ref_logp=ref, beta=0.5, kl_estimator="k1")
     assert loss.item() == pytest.approx(0.5 * (logp - ref).mean().item())
-    assert stats["kl"] == pytest.approx(float((logp - ref).mean()))
+    assert stats["kl"] == pytest.approx((logp - ref).mean().item())
     # two halves with the global normaliser sum to the whole
     whole = aggregate(logp, mask, "token_mean")
     halves = aggregate(logp[:1], mask[:1], "token_mean", normalizer=4) + aggregate(logp[1:], mask[1:], "token_mean", normalizer=4)

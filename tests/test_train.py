@@ -53,14 +53,17 @@ def small_cfg(tmp_path, *more):
     return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"svf.cache_dir={tmp_path / 'factors'}", *SMALL, *more])
 
 
-def test_one_rank_matches_train_local(cluster, tmp_path):
-    """Same seed, data, one actor and one learner rank: z equals the single-process oracle."""
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_one_rank_matches_train_local(cluster, tmp_path, epochs):
+    """Same seed, data, one actor and one learner rank: z equals the single-process oracle
+    (also with two PPO-clipped updates per batch)."""
     from t2dist.rl.local import train_local
     from t2dist.runtime import load_svf
     from t2dist.tasks import get_task
     from t2dist.train import train
 
-    cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "train.checkpoint_every=3")
+    cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "train.checkpoint_every=3",
+                    f"rl.update_epochs={epochs}")
     train(cfg, progress=False)
     z_dist, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 3

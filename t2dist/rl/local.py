@@ -15,7 +15,7 @@ from tqdm import tqdm
 from t2dist.config import Config
 from t2dist.rl.data import PromptStream
 from t2dist.rl.rollout import rollout
-from t2dist.rl.step import rl_loss
+from t2dist.rl.step import behaviour_logprobs, rl_loss
 from t2dist.svf.model import SVFModel, ZParams
 from t2dist.tasks.base import Task
 
@@ -52,11 +52,13 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             max_new_tokens=cfg.task.max_new_tokens, seed=step_seed(rl.seed, step),
         )
         t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))
-        opt.step()
+        old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id) if rl.update_epochs > 1 else None
+        for _ in range(rl.update_epochs):
+            opt.zero_grad(set_to_none=True)
+            loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id, old_logp=old_logp)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))
+            opt.step()
         t2 = time.perf_counter()
         rec = {
             "step": step + 1,

@@ -7,7 +7,7 @@ import torch
 
 from t2dist.config import RLConfig
 from t2dist.rl.logprobs import completion_logprobs
-from t2dist.rl.losses import compute_advantages, policy_loss
+from t2dist.rl.losses import aggregate, compute_advantages, policy_loss
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.svf.model import SVFModel
 
@@ -22,12 +22,15 @@ def rl_loss(
     advantages: torch.Tensor | None = None,
     normalizer: float | None = None,
     with_kl: bool = True,
+    old_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss of ``z`` on ``batch`` with the KL to the neutral model.
 
     The reference log-probs come from the same model at neutral ``z`` (no second copy).
     ``advantages`` may be passed in when the batch is a shard of a larger one whose
     groups were already normalised; ``normalizer`` is the global token/sequence count.
+    ``old_logp`` (from :func:`behaviour_logprobs`) turns on PPO's clipped ratio with
+    ``cfg.clip_eps``, for the second and later updates on one batch.
     """
     if advantages is None:
         advantages = compute_advantages(batch.rewards, cfg.advantage)
@@ -43,9 +46,16 @@ def rl_loss(
             ref_logp, _ = completion_logprobs(lambda **kw: svf(neutral, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
     loss, stats = policy_loss(
         logp, mask, adv.to(device), ref_logp=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-        agg=cfg.loss_agg, normalizer=normalizer,
+        agg=cfg.loss_agg, normalizer=normalizer, old_logp=old_logp,
+        clip_eps=cfg.clip_eps if old_logp is not None else None,
     )
-    from t2dist.rl.losses import aggregate
-
     stats["entropy"] = aggregate(entropy.detach(), mask.to(entropy.dtype), cfg.loss_agg, normalizer)
     return loss, {k: float(v) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def behaviour_logprobs(svf: SVFModel, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int) -> torch.Tensor:
+    """Per-token log-probs of the batch under ``z`` before any update (PPO's ``old_logp``)."""
+    device = svf.factors[svf.targets[0]].S.device
+    logp, _ = completion_logprobs(lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
+    return logp
