@@ -73,7 +73,7 @@ def test_kl_term_and_global_normalizer():
     # two halves with the global normaliser sum to the whole
     whole = aggregate(logp, mask, "token_mean")
     halves = aggregate(logp[:1], mask[:1], "token_mean", normalizer=4) + aggregate(logp[1:], mask[1:], "token_mean", normalizer=4)
-    assert float(whole) == pytest.approx(float(halves))
+    assert whole.item() == pytest.approx(halves.item())
 
 
 def test_ppo_clipping_stops_the_gradient_outside_the_trust_region():
