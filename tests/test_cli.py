@@ -37,7 +37,6 @@ def test_train_local_gains_15_points(task, tmp_path):
     result = json.loads(res.read_text())
     assert result["base"]["n"] == 400 and result["final"]["n"] == 400
     assert result["gain"] >= 0.15, result
-    assert result["train_seconds"] < 600  # sanity only; the measured time goes in the resolve note
     # the saved expert reproduces its accuracy through `t2dist eval`
     ev = tmp_path / "eval.json"
     t2dist("eval", "--expert", out, "--task", task, "--split", "test", "--json", ev,
