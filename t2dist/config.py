@@ -13,6 +13,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+def _one_of(value: str, known, what: str, label: str = "known") -> str:
+    """``value`` if it names a registry entry, else an error listing the known names."""
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; {label}: {', '.join(known)}")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -42,9 +49,7 @@ class TaskConfig(Section):
     def _known_task(cls, v: str) -> str:
         from t2dist.tasks import TASKS
 
-        if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(sorted(TASKS))}")
-        return v
+        return _one_of(v, sorted(TASKS), "task", "known tasks")
 
 
 class RLConfig(Section):
@@ -68,18 +73,14 @@ class RLConfig(Section):
     def _known_kl(cls, v: str) -> str:
         from t2dist.rl.losses import KL_ESTIMATORS
 
-        if v not in KL_ESTIMATORS:
-            raise ValueError(f"unknown KL estimator {v!r}; known: {', '.join(KL_ESTIMATORS)}")
-        return v
+        return _one_of(v, KL_ESTIMATORS, "KL estimator")
 
     @field_validator("advantage")
     @classmethod
     def _known_adv(cls, v: str) -> str:
         from t2dist.rl.losses import ADVANTAGES
 
-        if v not in ADVANTAGES:
-            raise ValueError(f"unknown advantage estimator {v!r}; known: {', '.join(ADVANTAGES)}")
-        return v
+        return _one_of(v, ADVANTAGES, "advantage estimator")
 
 
 class SandboxConfig(Section):

@@ -139,10 +139,6 @@ class Driver:
         self.restarts = 0
 
     # rollout with fault handling --------------------------------------------------------------
-    def _rollout_on(self, i: int, z_ref, version: int, chunk, seed: int):
-        actor = self.actors[i]
-        actor.set_expert.remote(z_ref, version)  # a no-op when this version is merged already
-        return actor.rollout.remote(chunk, seed)
 
     def sync(self, z_ref, version: int) -> float:
         """Send z to every actor and wait until each has recomposed W'; returns the seconds."""
@@ -160,7 +156,7 @@ class Driver:
         bounds = [round(k * len(examples) / n) for k in range(n + 1)]
         chunks = [examples[bounds[i]:bounds[i + 1]] for i in range(n)]
         seeds = [step_seed(self.cfg.rl.seed, step) + i * ACTOR_SEED_STRIDE for i in range(n)]
-        refs = [self._rollout_on(i, z_ref, version, chunks[i], seeds[i]) for i in range(n)]
+        refs = [self.actors[i].rollout.remote(chunks[i], seeds[i]) for i in range(n)]  # z already synced
         results = []
         for i, ref in enumerate(refs):
             for attempt in range(self.cfg.train.max_actor_restarts + 1):
@@ -174,7 +170,8 @@ class Driver:
                     print(f"[t2dist] rollout actor {i} died ({type(exc).__name__}); restarting it and redoing its work",
                           flush=True)
                     self._wait_alive(i)
-                    ref = self._rollout_on(i, z_ref, version, chunks[i], seeds[i])
+                    self.actors[i].set_expert.remote(z_ref, version)  # the restarted actor holds base weights
+                    ref = self.actors[i].rollout.remote(chunks[i], seeds[i])
         return RolloutBatch.concat(results)
 
     def _wait_alive(self, i: int, timeout: float = 300.0) -> None:
