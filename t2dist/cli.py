@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"])
     p.add_argument("--model", help="model directory (model.path)")
-    p.add_argument("--expert", help="expert directory; omitted: the base model")
+    p.add_argument("--expert", help="expert directory or NAME[@VERSION|:ALIAS] in --registry; omitted: the base model")
+    p.add_argument("--registry", metavar="URL", help="registry holding --expert (default $T2DIST_REGISTRY or ./registry)")
     p.add_argument("--task", required=True)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
 
     sub.add_parser("tasks", help=COMMANDS["tasks"], description=COMMANDS["tasks"])
+    from t2dist import cli_registry
+
+    cli_registry.add_parsers(sub)
     return parser
 
 
@@ -174,24 +178,26 @@ def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
 
 def cmd_eval(args) -> int:
     from t2dist.evaluation import evaluate
-    from t2dist.experts import load_expert
+    from t2dist.experts import check_compatible
     from t2dist.runtime import load_svf
     from t2dist.tasks import get_task
 
     extra = {"model.path": args.model}
+    expert = None
     if args.expert:
-        from t2dist.experts import read_expert
+        from t2dist.registry import read_expert_ref
 
-        card = read_expert(args.expert).card  # fail on a missing/malformed expert before loading the model
-        extra.update(svf_overrides_from_card(card, args.overrides))
+        expert = read_expert_ref(args.expert, args.registry)  # fail on a bad expert before loading the model
+        extra.update(svf_overrides_from_card(expert.card, args.overrides))
     cfg = _config(args, extra)
     task = get_task(args.task)
     svf, tokenizer = load_svf(cfg)
-    if args.expert:
-        expert = load_expert(args.expert, svf)
-        svf.merge_(expert.z)
+    if expert is not None:
+        check_compatible(expert, svf, source=f"expert {args.expert}")
+        svf.merge_({k: v.to(next(svf.model.parameters()).device) for k, v in expert.z.items()})
     res = evaluate(svf.model, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size)
-    out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert, **_eval_json(res)}
+    out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,
+           "expert_version": expert.card.get("version") if expert else None, **_eval_json(res)}
     print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {_interval(res)} (n={res.n})")
     if args.json:
         _write_json(args.json, out)
@@ -234,7 +240,11 @@ def _write_json(path: str, data: dict) -> None:
     print(f"wrote {p}")
 
 
-HANDLERS = {"train": cmd_train, "toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
+from t2dist.cli_registry import COMMANDS as _REGISTRY_COMMANDS  # noqa: E402
+from t2dist.cli_registry import HANDLERS as _REGISTRY_HANDLERS  # noqa: E402
+
+COMMANDS.update(_REGISTRY_COMMANDS)
+HANDLERS = {**_REGISTRY_HANDLERS, "train": cmd_train, "toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
             "expert": cmd_expert, "tasks": cmd_tasks}
 
 

@@ -126,6 +126,16 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (null: what the run needs)")
 
 
+class RegistryConfig(Section):
+    """Where ``t2dist train`` publishes its best expert (every node must see the same URL)."""
+
+    url: str | None = Field(None, description="local directory or fsspec URL (s3://bucket/prefix); null: do not publish")
+    name: str | None = Field(None, description="expert name in the registry (null: the task name)")
+    alias: str | None = Field("champion", description="alias moved to the new version when it beats the current one "
+                                                      "on the same validation set (null: never)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
+
+
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
     limit: int | None = Field(None, ge=1)
@@ -145,6 +155,7 @@ class Config(Section):
     learner: LearnerConfig = LearnerConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    registry: RegistryConfig = RegistryConfig()
 
 
 class ConfigError(ValueError):

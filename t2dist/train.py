@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 import torch
 
+from actors.evaluator import EvaluatorWorker
 from actors.rollout import RolloutWorker, z_nbytes
 from learner.group import global_normalizer, split_batch
 from learner.worker import LearnerWorker
@@ -60,6 +61,30 @@ def preflight(cfg: Config) -> None:
     for split in ("train", "validation", "test"):
         if not task.examples(split):
             raise ConfigError(f"task {task.name!r} has an empty {split} split")
+    if cfg.registry.url or cfg.registry.name:
+        check_registry(cfg)
+
+
+def registry_url(cfg: Config) -> str | None:
+    """The registry URL with a local path made absolute (actors may run in another directory)."""
+    url = cfg.registry.url
+    if url and "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    return url
+
+
+def check_registry(cfg: Config) -> None:
+    """The registry must be writable and the expert name valid before any actor starts."""
+    from t2dist.registry import Registry, RegistryError, check_name
+
+    try:
+        check_name(cfg.registry.name or cfg.task.name, "registry.name")
+        if cfg.registry.alias:
+            check_name(cfg.registry.alias, "registry.alias")
+        if cfg.registry.url:
+            Registry(registry_url(cfg), cfg.registry.storage_options, create=True)
+    except RegistryError as exc:
+        raise ConfigError(f"registry.url={cfg.registry.url!r}: {exc}") from None
 
 
 def resources_needed(cfg: Config) -> dict[str, float]:
@@ -121,7 +146,7 @@ class Driver:
             name=f"t2dist-rollout-{i}-{self.tag}", num_cpus=cfg.rollout.cpus_per_actor,
             num_gpus=cfg.rollout.gpus_per_actor, max_restarts=cfg.train.max_actor_restarts, max_task_retries=0,
         ).remote(cfg_dict, i) for i in range(cfg.rollout.actors)]
-        self.evaluator = ray.remote(RolloutWorker).options(
+        self.evaluator = ray.remote(EvaluatorWorker).options(
             num_cpus=cfg.train.evaluator_cpus, num_gpus=cfg.train.evaluator_gpus, max_restarts=1,
         ).remote(cfg_dict, -1)
         from learner.group import free_port
@@ -381,12 +406,22 @@ def _loop(cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, ckpt, wa
     expert_dir = run_dir / "expert"
     metrics = {"test_accuracy": final["accuracy"], "test_ci": [final["ci_low"], final["ci_high"]],
                "base_test_accuracy": base["accuracy"], "best_val_accuracy": state["best"]["accuracy"],
-               "best_step": state["best"]["step"]}
+               "best_step": state["best"]["step"], "test_n": final["n"],
+               "val_split": "validation", "val_limit": cfg.train.eval_limit}
     curve = {"steps": steps, "evals": state["evals"],
              "reward_first": state["history"][0]["reward"] if state["history"] else None,
              "reward_last": state["history"][-1]["reward"] if state["history"] else None}
     card = ray.get(driver.evaluator.card.remote(cfg.name, metrics, dump_config(cfg), {"training_curve": curve}))
     save_expert(expert_dir, best_z, card)
+    published = None
+    if cfg.registry.url:
+        published = ray.get(driver.evaluator.publish.remote(
+            best_z, card, url=registry_url(cfg), storage_options=cfg.registry.storage_options,
+            name=cfg.registry.name or task.name, alias=cfg.registry.alias,
+            val_accuracy=state["best"]["accuracy"], val_limit=cfg.train.eval_limit))
+        print(f"[t2dist] published {published['ref']} to {published['registry']}"
+              + (f"; {published['alias']}: {'moved' if published['promoted'] else 'kept'} ({published.get('reason', '')})"
+                 if published["alias"] else ""), flush=True)
     wall = state["wall_seconds"] + (time.perf_counter() - t_run)
     summary = {
         "name": cfg.name, "task": task.name, "model": cfg.model.path, "steps": steps,
@@ -396,6 +431,7 @@ def _loop(cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, ckpt, wa
         "best_val_accuracy": state["best"]["accuracy"], "best_step": state["best"]["step"],
         "n_test": final["n"], "wall_seconds": time.perf_counter() - wall0, "train_seconds": wall,
         "actor_restarts": driver.restarts, "expert": str(expert_dir), "run_dir": str(run_dir),
+        "published": published,
     }
     tracker.scalars(steps, {"eval/test_accuracy": final["accuracy"], "eval/base_test_accuracy": base["accuracy"]})
     tmp = run_dir / ".summary.json.tmp"

@@ -80,7 +80,8 @@ def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
     """2 actors + 2 ranks; a rollout actor is killed mid-run, restarted, and its work redone."""
     from t2dist.train import train
 
-    cfg = small_cfg(tmp_path, "rl.steps=8", "train.eval_every=4", "train.checkpoint_every=4")
+    cfg = small_cfg(tmp_path, "rl.steps=8", "train.eval_every=4", "train.checkpoint_every=4",
+                    f"registry.url={tmp_path / 'registry'}")
     killed = kill_when_checkpointed(tmp_path / "run", "t2dist-rollout-1-", no_restart=False)
     summary = train(cfg, progress=False)
     assert killed, "the test never killed an actor"
@@ -92,6 +93,23 @@ def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
         assert key in on_disk
     assert 0.0 <= on_disk["final_accuracy"] <= 1.0
     assert (Path(on_disk["expert"]) / "z.safetensors").is_file()
+
+    # the evaluator published the best z with its metrics, config, fingerprint and curve; first champion
+    from safetensors.torch import load_file
+
+    from t2dist.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    assert on_disk["published"]["ref"] == "math@1" and on_disk["published"]["promoted"]
+    assert reg.aliases("math") == {"champion": 1}
+    expert = reg.load("math:champion")
+    card = expert.card
+    assert card["metrics"]["test_accuracy"] == on_disk["final_accuracy"]
+    assert card["metrics"]["best_val_accuracy"] == on_disk["best_val_accuracy"]
+    assert card["config"]["rl"]["steps"] == 8 and card["base_fingerprint"]
+    assert [e["step"] for e in card["training_curve"]["evals"]] == [4, 8]
+    local = load_file(str(Path(on_disk["expert"]) / "z.safetensors"))
+    assert all(torch.equal(local[k], expert.z[k]) for k in local)
     state = json.loads((latest_checkpoint(run) / "state.json").read_text())
     assert [h["step"] for h in state["history"]] == list(range(1, 9))  # no step lost
 
@@ -127,6 +145,8 @@ def test_learner_death_stops_with_resumable_checkpoint(cluster, tmp_path):
     ("learner.ranks=3", "learner.ranks=3 must divide rl.prompts_per_step=8"),
     ("model.path=/no/such/model", "/no/such/model"),
     ("rollout.actors=500", "rollout.actors=500"),
+    (f"registry.url={__file__}/registry", "cannot be written"),
+    ("registry.name=bad/name", "registry.name"),
 ])
 def test_bad_input_fails_before_any_actor(tmp_path, override, needle, monkeypatch):
     import t2dist.train as driver

@@ -1,0 +1,58 @@
+"""The evaluator actor: greedy held-out accuracy of any z, and publishing to the registry.
+
+It is a rollout worker (same base model, factors and task) that is never asked to sample.
+During training the driver sends it z every ``train.eval_every`` steps and collects the
+validation accuracy in the background (``ray.wait``), so the training loop never blocks on
+it.  At the end it publishes the best z with its metrics, run config, base fingerprint and
+training-curve summary, and moves the alias (``champion``) only when the new expert beats
+the current champion *on the same validation set*: the champion is re-scored here, with
+this run's split and limit, rather than trusting a number measured by another run.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from actors.rollout import RolloutWorker
+from t2dist.experts import ExpertError, check_compatible
+from t2dist.registry import Registry, RegistryError
+
+
+class EvaluatorWorker(RolloutWorker):
+    def publish(self, z: Mapping[str, torch.Tensor], card: Mapping[str, Any], *, url: str,
+                storage_options: Mapping[str, Any] | None = None, name: str | None = None,
+                alias: str | None = "champion", val_accuracy: float, val_limit: int | None) -> dict:
+        """Publish ``z`` as a new version; maybe move ``alias``.  Returns what happened."""
+        reg = Registry(url, storage_options, create=True)
+        name = name or card["name"]
+        ref = reg.publish(z, card, name=name)
+        version = int(ref.rsplit("@", 1)[1])
+        out: dict[str, Any] = {"ref": ref, "registry": url, "alias": alias, "promoted": False}
+        if not alias:
+            return out
+        current = reg.aliases(name).get(alias)
+        if current is None:
+            reg.set_alias(name, alias, version, reason=f"first {alias} (val {val_accuracy:.4f})")
+            out.update(promoted=True, reason=f"no {alias} yet")
+            return out
+        champion = reg.load(f"{name}@{current}")
+        try:
+            check_compatible(champion, self.svf, source=f"{name}@{current}")
+        except ExpertError as exc:
+            out["reason"] = f"{alias} {name}@{current} not comparable ({exc}); alias left in place"
+            return out
+        res = self.evaluate(champion.z, "validation", val_limit, version=("champion", name, current))
+        out["champion"] = {"ref": f"{name}@{current}", "val_accuracy": res["accuracy"], "n": res["n"]}
+        if val_accuracy > res["accuracy"]:
+            reg.set_alias(name, alias, version,
+                          reason=f"val {val_accuracy:.4f} > {res['accuracy']:.4f} of {name}@{current}")
+            out.update(promoted=True, reason=f"beats {name}@{current} on validation "
+                                             f"({val_accuracy:.4f} > {res['accuracy']:.4f}, n={res['n']})")
+        else:
+            out["reason"] = (f"does not beat {name}@{current} on validation "
+                             f"({val_accuracy:.4f} <= {res['accuracy']:.4f}, n={res['n']})")
+        return out
+
+
+__all__ = ["EvaluatorWorker", "RegistryError"]

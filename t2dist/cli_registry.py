@@ -1,0 +1,133 @@
+"""``t2dist registry …`` and ``t2dist export``: the commands around published experts."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+REGISTRY_HELP = "registry URL: a directory or fsspec URL such as s3://bucket/prefix (default $T2DIST_REGISTRY or ./registry)"
+COMMANDS = {
+    "registry": "publish, list, show, promote, verify and delete experts in a registry (local or s3://…)",
+    "export": "write a merged Hugging Face checkpoint (W' baked in) of one expert",
+}
+
+
+def add_registry_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("registry", help=COMMANDS["registry"], description=COMMANDS["registry"])
+    rsub = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    a = rsub.add_parser("publish", help="publish an expert directory trained elsewhere as a new version")
+    a.add_argument("path", help="expert directory (z.safetensors + card.json)")
+    a.add_argument("--name", help="expert name (default: the card's name)")
+    a.add_argument("--alias", help="also point this alias (e.g. champion) at the new version")
+    add_registry_arg(a)
+    a = rsub.add_parser("ls", help="list experts and versions")
+    a.add_argument("name", nargs="?")
+    add_registry_arg(a)
+    a = rsub.add_parser("show", help="print the card of NAME[@VERSION|:ALIAS]")
+    a.add_argument("ref")
+    add_registry_arg(a)
+    a = rsub.add_parser("promote", help="point an alias (default champion) at NAME@VERSION")
+    a.add_argument("ref")
+    a.add_argument("--alias", default="champion")
+    add_registry_arg(a)
+    a = rsub.add_parser("verify", help="check the sha256 of every version's z file (or one)")
+    a.add_argument("ref", nargs="?")
+    add_registry_arg(a)
+    a = rsub.add_parser("rm", help="delete one version (refused while an alias points at it, unless --force)")
+    a.add_argument("ref")
+    a.add_argument("--force", action="store_true", help="also remove aliases pointing at it")
+    add_registry_arg(a)
+
+    p = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
+    p.add_argument("--expert", required=True, help="expert directory or NAME[@VERSION|:ALIAS] in --registry")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--model", help="base model (model.path); default: the one named in the expert's card")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    add_registry_arg(p)
+    p.add_argument("--config", help="YAML run config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+
+def _registry(args, create: bool = False):
+    from t2dist.registry import Registry, default_registry_url
+
+    return Registry(args.registry or default_registry_url(), create=create)
+
+
+def cmd_registry(args) -> int:
+    action = args.registry_command
+    if action == "publish":
+        reg = _registry(args, create=True)
+        ref = reg.publish_dir(args.path, name=args.name)
+        print(f"published {ref} to {reg.url}")
+        if args.alias:
+            name, version = ref.split("@")
+            reg.set_alias(name, args.alias, int(version), reason="t2dist registry publish --alias")
+            print(f"{name}:{args.alias} -> @{version}")
+        return 0
+    reg = _registry(args)
+    if action == "ls":
+        rows = reg.list(args.name)
+        if not rows:
+            print(f"no experts in {reg.url}")
+            return 0
+        print(f"{'expert':<28}{'task':<12}{'kind':<6}{'test acc':>9}  {'aliases':<16}created")
+        for r in rows:
+            acc = r["metrics"].get("test_accuracy")
+            acc_s = f"{acc:.3f}" if isinstance(acc, (int, float)) else "-"
+            print(f"{r['name'] + '@' + str(r['version']):<28}{str(r['task']):<12}{r['kind']:<6}{acc_s:>9}  "
+                  f"{','.join(r['aliases']) or '-':<16}{r['created']}")
+        return 0
+    if action == "show":
+        card = dict(reg.card(args.ref))
+        history = card.pop("history", None)
+        print(json.dumps(card, indent=2))
+        if history:
+            print(f"history: {len(history)} steps (in card.json)")
+        return 0
+    if action == "promote":
+        name, version = reg.resolve(args.ref)
+        reg.set_alias(name, args.alias, version, reason="t2dist registry promote")
+        print(f"{name}:{args.alias} -> @{version}")
+        return 0
+    if action == "verify":
+        results = reg.verify(args.ref)
+        for r in results:
+            print(f"{'ok ' if r['ok'] else 'BAD'} {r['ref']}: {r['detail']}")
+        bad = sum(not r["ok"] for r in results)
+        print(f"{len(results) - bad}/{len(results)} versions verified")
+        return 1 if bad else 0
+    if action == "rm":
+        print(f"deleted {reg.delete(args.ref, force=args.force)}")
+        return 0
+    raise AssertionError(action)
+
+
+def cmd_export(args) -> int:
+    from t2dist.cli import _config, svf_overrides_from_card
+    from t2dist.experts import check_compatible
+    from t2dist.export import check_export_target, export_merged
+    from t2dist.registry import read_expert_ref
+    from t2dist.runtime import load_svf
+
+    check_export_target(args.out)
+    expert = read_expert_ref(args.expert, args.registry)  # fails on a bad reference before loading a model
+    extra = {"model.path": args.model or expert.card.get("base_model") or None}
+    extra.update(svf_overrides_from_card(expert.card, args.overrides))
+    cfg = _config(args, extra)
+    svf, tokenizer = load_svf(cfg)
+    check_compatible(expert, svf, source=f"expert {args.expert}")
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_merged(svf, tokenizer, expert.z, expert.card, args.out, dtype=dtype)
+    print(f"exported {args.expert} (base {cfg.model.path}) to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r})", file=sys.stdout)
+    return 0
+
+
+HANDLERS = {"registry": cmd_registry, "export": cmd_export}

@@ -1,0 +1,338 @@
+"""The expert registry on a local directory and on a real S3-compatible server (moto on loopback),
+the evaluator's champion rule, the registry CLI and the merged Hugging Face export."""
+import json
+import multiprocessing as mp
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2dist.cli import main
+from t2dist.experts import ExpertError, check_compatible, make_card, save_expert
+from t2dist.registry import ExpertRef, Registry, RegistryError, load_expert_ref, read_expert_ref
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def svf():
+    from t2dist.config import load_config
+    from t2dist.runtime import load_svf
+
+    model, _tok = load_svf(load_config(None, ["svf.cache_dir=null"]))
+    return model
+
+
+def fake_card(name="math", fingerprint="f" * 16, **extra):
+    """A card with every required field (for registry tests that need no model)."""
+    return {"name": name, "task": "math", "parametrization": {"kind": "linear", "max_mult": 2.0, "rescale": False},
+            "targets": ["a"], "rank": None, "base_fingerprint": fingerprint, "metrics": {"test_accuracy": 0.5},
+            "config": {}, "code_version": "test", "created": "2026-11-28T00:00:00+00:00", **extra}
+
+
+def z_of(value: float, n: int = 8) -> dict[str, torch.Tensor]:
+    return {"a": torch.full((n,), float(value))}
+
+
+# -- local registry ------------------------------------------------------------------------------
+def test_publish_resolve_alias_delete(tmp_path):
+    reg = Registry(tmp_path / "reg", create=True)
+    assert reg.publish(z_of(1.0), fake_card()) == "math@1"
+    assert reg.publish(z_of(2.0), fake_card()) == "math@2"
+    assert reg.publish(z_of(3.0), fake_card(name="code")) == "code@1"
+    assert reg.names() == ["code", "math"]
+    assert reg.versions("math") == [1, 2]
+    assert reg.resolve("math") == ("math", 2)  # bare name: the latest version
+    assert torch.equal(reg.load("math@1").z["a"], z_of(1.0)["a"])
+    reg.set_alias("math", "champion", 1)
+    assert reg.resolve("math:champion") == ("math", 1)
+    assert reg.load("math:champion").card["version"] == 1
+    rows = reg.list("math")
+    assert [(r["version"], r["aliases"]) for r in rows] == [(1, ["champion"]), (2, [])]
+
+    with pytest.raises(RegistryError, match="aliased as champion"):
+        reg.delete("math@1")
+    assert reg.delete("math@2") == "math@2"
+    assert reg.versions("math") == [1]
+    assert reg.publish(z_of(4.0), fake_card()) == "math@3"  # a deleted number is never reused
+    assert reg.delete("math@1", force=True) == "math@1"
+    assert reg.aliases("math") == {}
+
+
+def test_versions_are_immutable_and_publish_is_atomic(tmp_path):
+    reg = Registry(tmp_path / "reg", create=True)
+    reg.publish(z_of(1.0), fake_card())
+    before = (tmp_path / "reg/experts/math/1/card.json").read_bytes()
+    reg.publish(z_of(5.0), fake_card())
+    assert (tmp_path / "reg/experts/math/1/card.json").read_bytes() == before
+    # a claimed version whose card was never written (publisher died) is invisible
+    (tmp_path / "reg/experts/math/3").mkdir()
+    (tmp_path / "reg/experts/math/3/.claim").write_text("{}")
+    (tmp_path / "reg/experts/math/3/z.safetensors").write_bytes(b"partial")
+    assert reg.versions("math") == [1, 2]
+    assert reg.resolve("math") == ("math", 2)
+    assert reg.publish(z_of(6.0), fake_card()) == "math@4"
+
+
+def _publish_many(url: str, worker: int, count: int) -> list[str]:
+    reg = Registry(url, create=True)
+    return [reg.publish(z_of(worker * 1000 + i), fake_card(publisher=[worker, i])) for i in range(count)]
+
+
+def _check_concurrent(reg: Registry, refs: list[str], workers: int, count: int) -> None:
+    assert len(refs) == len(set(refs)) == workers * count  # nobody got the same version
+    assert reg.versions("math") == list(range(1, workers * count + 1))
+    seen = set()
+    for v in reg.versions("math"):
+        expert = reg.load(f"math@{v}")  # sha256-verified
+        worker, i = expert.card["publisher"]
+        assert torch.equal(expert.z["a"], z_of(worker * 1000 + i)["a"])  # the card and z of one publish
+        seen.add((worker, i))
+    assert seen == {(w, i) for w in range(workers) for i in range(count)}
+    assert all(r["ok"] for r in reg.verify())
+
+
+def test_eight_concurrent_publishers_lose_nothing(tmp_path):
+    url = str(tmp_path / "reg")
+    ctx = mp.get_context("fork")
+    with ctx.Pool(8) as pool:
+        results = pool.starmap(_publish_many, [(url, w, 10) for w in range(8)])
+    _check_concurrent(Registry(url), [r for rs in results for r in rs], 8, 10)
+
+
+def test_tampered_or_truncated_z_is_refused(tmp_path):
+    reg = Registry(tmp_path / "reg", create=True)
+    reg.publish(z_of(1.0), fake_card())
+    reg.publish(z_of(2.0), fake_card())
+    z1 = tmp_path / "reg/experts/math/1/z.safetensors"
+    data = bytearray(z1.read_bytes())
+    data[-1] ^= 0x01  # same size, one bit flipped
+    z1.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="sha256"):
+        reg.load("math@1")
+    z2 = tmp_path / "reg/experts/math/2/z.safetensors"
+    z2.write_bytes(z2.read_bytes()[:-7])
+    with pytest.raises(RegistryError, match="truncated"):
+        reg.load("math@2")
+    assert [r["ok"] for r in reg.verify()] == [False, False]
+
+
+def test_expert_for_another_base_is_refused(tmp_path, svf):
+    reg = Registry(tmp_path / "reg", create=True)
+    good = make_card(svf, name="math", task="math")
+    reg.publish(svf.neutral_z(), good)
+    reg.publish(svf.neutral_z(), {**good, "base_fingerprint": "0123456789abcdef"})
+    assert load_expert_ref("math@1", svf, registry=reg).card["version"] == 1
+    with pytest.raises(ExpertError, match="0123456789abcdef"):
+        load_expert_ref("math@2", svf, registry=reg)
+
+
+@pytest.mark.parametrize("ref,needle", [
+    ("nosuch", "unknown expert 'nosuch'"),
+    ("math@9", "no version 9"),
+    ("math:gold", "no alias 'gold'"),
+    ("math@x", "positive integer"),
+    ("bad/name", "bad expert reference"),
+])
+def test_bad_references(tmp_path, ref, needle):
+    reg = Registry(tmp_path / "reg", create=True)
+    reg.publish(z_of(1.0), fake_card())
+    with pytest.raises(RegistryError, match=needle):
+        reg.load(ref)
+
+
+def test_bad_registry_and_card_change_nothing(tmp_path):
+    with pytest.raises(RegistryError, match="does not exist"):
+        Registry(tmp_path / "missing")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RegistryError, match="cannot be written"):
+        Registry(blocker / "reg", create=True)
+    reg = Registry(tmp_path / "reg", create=True)
+    reg.publish(z_of(1.0), fake_card())
+    snapshot = sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*"))
+    card = fake_card()
+    del card["base_fingerprint"]
+    with pytest.raises(RegistryError, match="missing fields: base_fingerprint"):
+        reg.publish(z_of(2.0), card)
+    with pytest.raises(RegistryError, match="bad alias"):
+        reg.set_alias("math", "no/slash", 1)
+    with pytest.raises(RegistryError, match="versions \\[1\\]"):
+        reg.set_alias("math", "champion", 7)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*")) == snapshot
+
+
+def test_ref_parsing():
+    assert ExpertRef.parse("math") == ExpertRef("math")
+    assert ExpertRef.parse("math@12") == ExpertRef("math", 12)
+    assert ExpertRef.parse("cls-expert.v2:champion") == ExpertRef("cls-expert.v2", None, "champion")
+    assert str(ExpertRef.parse("a@3")) == "a@3"
+
+
+# -- S3 (moto server on loopback, real HTTP through s3fs) --------------------------------------------
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    import boto3
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="experts")
+    yield endpoint
+    server.stop()
+
+
+def s3_options(endpoint: str) -> dict:
+    return {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+
+def _publish_many_s3(endpoint: str, worker: int, count: int) -> list[str]:
+    reg = Registry("s3://experts/concurrent", s3_options(endpoint), create=True)
+    return [reg.publish(z_of(worker * 1000 + i), fake_card(publisher=[worker, i])) for i in range(count)]
+
+
+def test_s3_registry(s3_endpoint, tmp_path):
+    opts = s3_options(s3_endpoint)
+    with pytest.raises(RegistryError, match="does not exist"):
+        Registry("s3://experts/empty-prefix", opts)
+    with pytest.raises(RegistryError, match="cannot be written"):
+        Registry("s3://no-such-bucket/reg", opts, create=True)
+    reg = Registry("s3://experts/team", opts, create=True)
+    assert reg.publish(z_of(1.0), fake_card()) == "math@1"
+    assert reg.publish(z_of(2.0), fake_card()) == "math@2"
+    reg.set_alias("math", "champion", 2)
+    again = Registry("s3://experts/team", opts)  # another client sees the same registry
+    assert again.resolve("math:champion") == ("math", 2)
+    assert torch.equal(again.load("math:champion").z["a"], z_of(2.0)["a"])
+    assert [r["version"] for r in again.list()] == [1, 2]
+    # tamper with the object directly
+    again.fs.pipe_file("experts/team/experts/math/1/z.safetensors", b"not the published bytes")
+    with pytest.raises(RegistryError, match="truncated|sha256"):
+        again.load("math@1")
+    assert reg.delete("math@1") == "math@1"
+    assert again.versions("math") == [2]
+
+
+def test_s3_concurrent_publishers_use_conditional_puts(s3_endpoint):
+    ctx = mp.get_context("spawn")  # fresh processes: no event loop inherited from the parent
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_publish_many_s3, [(s3_endpoint, w, 5) for w in range(4)])
+    reg = Registry("s3://experts/concurrent", s3_options(s3_endpoint))
+    _check_concurrent(reg, [r for rs in results for r in rs], 4, 5)
+
+
+# -- evaluator: the champion rule ---------------------------------------------------------------
+def test_champion_moves_only_when_beaten_on_the_same_validation_set(tmp_path):
+    from actors.evaluator import EvaluatorWorker
+    from t2dist.config import load_config
+
+    cfg = load_config(None, ["svf.cache_dir=null", "eval.batch_size=64"])
+    ev = EvaluatorWorker(cfg, index=-1, threads=1)
+    url = str(tmp_path / "reg")
+    neutral = ev.svf.neutral_z()
+    base_val = ev.evaluate(neutral, "validation", 60)["accuracy"]
+    card = ev.card("math", {}, {})
+    first = ev.publish(neutral, card, url=url, name="math", val_accuracy=base_val, val_limit=60)
+    assert first["ref"] == "math@1" and first["promoted"]
+    worse = ev.publish(neutral, card, url=url, name="math", val_accuracy=base_val - 0.05, val_limit=60)
+    assert worse["ref"] == "math@2" and not worse["promoted"]
+    assert worse["champion"]["val_accuracy"] == pytest.approx(base_val)  # re-scored on this validation set
+    assert worse["champion"]["n"] == 60
+    better = ev.publish(neutral, card, url=url, name="math", val_accuracy=base_val + 0.05, val_limit=60)
+    assert better["promoted"]
+    assert Registry(url).aliases("math") == {"champion": 3}
+
+
+# -- CLI and export --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_expert(tmp_path_factory, svf):
+    """A non-neutral expert of the toy base (random scales; enough to change greedy outputs)."""
+    gen = torch.Generator().manual_seed(0)
+    z = {k: 1.0 + 0.35 * torch.randn(v.shape, generator=gen) for k, v in svf.neutral_z().items()}
+    path = tmp_path_factory.mktemp("expert") / "math-expert"
+    save_expert(path, z, make_card(svf, name="math", task="math", base_model="toy", metrics={"test_accuracy": 0.9}))
+    return path
+
+
+def test_registry_cli(tmp_path, trained_expert, capsys):
+    url = str(tmp_path / "reg")
+    assert main(["registry", "publish", str(trained_expert), "--registry", url, "--alias", "champion"]) == 0
+    assert main(["registry", "publish", str(trained_expert), "--registry", url, "--name", "math-b"]) == 0
+    assert main(["registry", "ls", "--registry", url]) == 0
+    out = capsys.readouterr().out
+    assert "math@1" in out and "champion" in out and "math-b@1" in out and "0.900" in out
+    assert main(["registry", "show", "math:champion", "--registry", url]) == 0
+    assert json.loads(capsys.readouterr().out)["z_sha256"]
+    assert main(["registry", "promote", "math-b@1", "--alias", "stable", "--registry", url]) == 0
+    assert Registry(url).aliases("math-b") == {"stable": 1}
+    assert main(["registry", "verify", "--registry", url]) == 0
+    assert "2/2 versions verified" in capsys.readouterr().out
+    z = Path(url) / "experts/math-b/1/z.safetensors"
+    z.write_bytes(z.read_bytes()[:-4])
+    assert main(["registry", "verify", "--registry", url]) == 1
+    assert "BAD math-b@1" in capsys.readouterr().out
+    assert main(["registry", "rm", "math-b@1", "--registry", url]) == 2  # aliased
+    assert "aliased as stable" in capsys.readouterr().err
+    assert main(["registry", "rm", "math-b@1", "--force", "--registry", url]) == 0
+    assert main(["registry", "ls", "nosuch", "--registry", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_by_registry_reference_matches_the_directory(tmp_path, trained_expert):
+    url = str(tmp_path / "reg")
+    Registry(url, create=True).publish_dir(trained_expert)
+    Registry(url).set_alias("math", "champion", 1)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--task", "math", "--split", "test", "--limit", "60", "svf.cache_dir=null"]
+    assert main(["eval", "--expert", "math:champion", "--registry", url, "--json", str(a), *common]) == 0
+    assert main(["eval", "--expert", str(trained_expert), "--json", str(b), *common]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["accuracy"] == rb["accuracy"] and ra["n"] == 60
+    assert ra["expert_version"] == 1 and ra["ci_low"] <= ra["accuracy"] <= ra["ci_high"]
+    assert main(["eval", "--expert", "math:gold", "--registry", url, *common]) == 2
+
+
+def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, trained_expert):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from t2dist.experts import read_expert
+    from t2dist.generation import generate
+    from t2dist.tasks import get_task
+
+    url = str(tmp_path / "reg")
+    Registry(url, create=True).publish_dir(trained_expert)
+    out = tmp_path / "merged"
+    assert main(["export", "--expert", "math@1", "--registry", url, "--out", str(out), "svf.cache_dir=null"]) == 0
+    assert main(["export", "--expert", "math@1", "--registry", url, "--out", str(out), "svf.cache_dir=null"]) == 2
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert json.loads((out / "t2dist_expert.json").read_text())["version"] == 1
+
+    expert = read_expert(trained_expert)
+    check_compatible(expert, svf)
+    task = get_task("math")
+    prompts = [task.format_prompt(e) for e in task.examples("test")[:48]]
+    ids = tok(prompts[:4], return_tensors="pt", padding=True)
+    svf.merge_(expert.z)
+    try:
+        adapted_out = generate(svf.model, tok, prompts, max_new_tokens=12, temperature=0.0)
+        with torch.no_grad():
+            ref_logits = svf.model(**ids).logits
+    finally:
+        svf.unmerge_()
+    merged_out = generate(merged, tok, prompts, max_new_tokens=12, temperature=0.0)
+    base_out = generate(svf.model, tok, prompts, max_new_tokens=12, temperature=0.0)
+    with torch.no_grad():
+        got_logits = merged(**ids).logits
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert [c.text for c in merged_out] == [c.text for c in adapted_out]
+    assert [c.text for c in merged_out] != [c.text for c in base_out]  # the expert really changes outputs
+
+
