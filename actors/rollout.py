@@ -55,11 +55,14 @@ class RolloutWorker:
 
     def rollout(self, examples, seed: int) -> RolloutBatch:
         rl = self.cfg.rl
-        return rollout(
+        batch = rollout(
             self.svf.model, self.tokenizer, self.task, examples,
             samples_per_prompt=rl.samples_per_prompt, temperature=rl.temperature, top_p=rl.top_p,
             max_new_tokens=self.cfg.task.max_new_tokens, seed=seed, batch_size=self.cfg.rollout.batch_size,
         )
+        if torch.cuda.is_available():  # the KV caches are garbage now: give them back to a colocated learner rank
+            torch.cuda.empty_cache()
+        return batch
 
     def evaluate(self, z: Mapping[str, torch.Tensor] | None, split: str, limit: int | None = None,
                  version: object = None) -> dict:
@@ -71,7 +74,7 @@ class RolloutWorker:
         else:
             self.set_expert(z, version)
         res = evaluate(self.svf.model, self.tokenizer, self.task, split=split, limit=limit,
-                       batch_size=self.cfg.eval.batch_size)
+                       batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.task.max_new_tokens)
         return {**res.as_dict(), "seconds": time.perf_counter() - t0, "version": version}
 
     def card(self, name: str, metrics: dict, config: dict, extra: dict | None = None) -> dict:

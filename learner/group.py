@@ -4,7 +4,7 @@
   the advantages computed on the *whole* batch;
 * :func:`global_normalizer` is the count every shard's loss is divided by, so that the sum of
   the ranks' gradients equals the single-process gradient of the whole batch;
-* :func:`free_port` picks a TCP port for the ``torch.distributed`` rendezvous.
+* :func:`free_port` picks a TCP port for the ``torch.distributed`` rendezvous, :func:`node_ip` an address.
 """
 from __future__ import annotations
 
@@ -63,3 +63,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """This node's outgoing address (the driver passes Ray's view of it instead when it has one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("8.8.8.8", 80))  # no packet is sent: this only picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -3,7 +3,9 @@
 A plain class: the driver turns it into a Ray actor with
 ``ray.remote(num_cpus=..., num_gpus=...)(LearnerWorker)`` (this module never imports Ray).
 
-Every rank holds the frozen base model and its SVF factors; the only trainable
+Every rank holds the frozen base model and its SVF factors — or, with
+``learner.shard_factors``, a 1/R shard of the target weights and factors
+(``learner/sharding.py``: each rank reads only its slice of the factor cache); the only trainable
 parameters (what DeepSpeed and the optimizer see) are the ``z`` vectors, wrapped in a
 :class:`~t2dist.svf.model.ZParams` whose ``forward`` is the RL loss of a shard.
 
@@ -69,11 +71,30 @@ def _micro_batches(batch: RolloutBatch, advantages: torch.Tensor, n: int) -> lis
 class LearnerWorker:
     """One rank: ``deepspeed.init_distributed`` + a DeepSpeed engine over the z vectors."""
 
-    def __init__(self, cfg: Config | Mapping[str, Any], rank: int, world_size: int, master_addr: str, master_port: int,
-                 local_rank: int = 0):
-        t0 = time.perf_counter()
+    def __init__(self, cfg: Config | Mapping[str, Any], rank: int, world_size: int, master_addr: str | None = None,
+                 master_port: int | None = None, local_rank: int = 0):
+        """With ``master_addr=None`` the rank waits for :meth:`connect` (the driver first asks rank 0
+        for :meth:`endpoint`: on a multi-node cluster the rendezvous must be on rank 0's node)."""
         self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(dict(cfg))
         self.rank, self.world_size = int(rank), int(world_size)
+        self.local_rank = int(local_rank)
+        if master_addr is not None:
+            self.connect(master_addr, master_port)
+
+    def endpoint(self, ip: str | None = None) -> tuple[str, int]:
+        """``(ip, free port)`` on this rank's node for ``MASTER_ADDR``/``MASTER_PORT`` (ask rank 0).
+
+        ``ip``: the node's address as the cluster knows it (the driver passes Ray's); default: the outgoing route.
+        """
+        from learner.group import free_port, node_ip
+
+        ip = ip or node_ip()
+        return ip, free_port("" if ip != "127.0.0.1" else ip)
+
+    def connect(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group, load the frozen model + factors and build the engine (a collective)."""
+        t0 = time.perf_counter()
+        local_rank = self.local_rank
         lc = self.cfg.learner
         self.on_gpu = torch.cuda.is_available() and lc.gpus_per_rank > 0 and lc.backend != "gloo"
         if not torch.cuda.is_available():
@@ -97,12 +118,20 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         self.backend = backend
 
-        # the frozen base + factors on this rank's device
-        mcfg = self.cfg.model.model_copy(update={"device": f"cuda:{local_rank}" if self.on_gpu else "cpu"})
-        cfg_here = self.cfg.model_copy(update={"model": mcfg})
-        from t2dist.runtime import load_svf
+        # the frozen base + factors on this rank's device (a 1/R shard of them under learner.shard_factors)
+        device = f"cuda:{local_rank}" if self.on_gpu else "cpu"
+        from learner.sharding import build_sharded_svf, use_sharding
 
-        self.svf, self.tokenizer = load_svf(cfg_here)
+        self.sharded = use_sharding(self.cfg)
+        if self.sharded:
+            self.svf, self.tokenizer = build_sharded_svf(self.cfg, rank=self.rank, world=self.world_size,
+                                                         backend=backend, device=device, on_gpu=self.on_gpu)
+        else:
+            mcfg = self.cfg.model.model_copy(update={"device": device})
+            cfg_here = self.cfg.model_copy(update={"model": mcfg})
+            from t2dist.runtime import load_svf
+
+            self.svf, self.tokenizer = load_svf(cfg_here)
         self.pad_id = self.tokenizer.pad_token_id
 
         from learner.ds_config import make_ds_config
@@ -117,6 +146,7 @@ class LearnerWorker:
         )
         self._z = self._gather_z()
         self.init_seconds = time.perf_counter() - t0
+        return self.ready()
 
     # -- info ---------------------------------------------------------------------------
     def ready(self) -> dict:
@@ -130,7 +160,23 @@ class LearnerWorker:
             "zero_stage": self.zero_stage,
             "deepspeed": self._deepspeed.__version__,
             "init_seconds": self.init_seconds,
+            "sharded": self.sharded,
+            "memory": self.memory(),
         }
+
+    def memory(self) -> dict:
+        """Resident bytes of this rank: factors, target weights, the rest of the base (see learner/sharding.py)."""
+        if hasattr(self.svf, "memory"):
+            return self.svf.memory()
+        if not hasattr(self.svf, "factors"):  # another policy kind (LoRA): nothing sharded to report
+            return {}
+        factors = sum(t.numel() * t.element_size() for f in self.svf.factors.values() for t in (f.U, f.S, f.V))
+        targets = {id(self.svf.model.get_submodule(n).weight) for n in self.svf.targets}
+        tw = sum(p.numel() * p.element_size() for p in self.svf.model.parameters() if id(p) in targets)
+        other = sum(p.numel() * p.element_size() for p in list(self.svf.model.parameters()) + list(self.svf.model.buffers())
+                    if id(p) not in targets)
+        return {"factor_bytes": factors, "target_weight_bytes": tw, "other_weight_bytes": other,
+                "factor_bytes_read": factors}
 
     # -- z ------------------------------------------------------------------------------
     def _params(self):
@@ -213,6 +259,8 @@ class LearnerWorker:
         result = dict(zip(STAT_KEYS, totals))
         result.update(grad_norm=out["grad_norm"], seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
                       tokens=int(batch.num_tokens))
+        if self.on_gpu:  # activations of this step are garbage now: give them back to a colocated rollout actor
+            torch.cuda.empty_cache()
         return result
 
     def _update(self, micro, old, normalizer: float) -> dict:

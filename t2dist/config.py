@@ -25,9 +25,10 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field("toy", description="HF model directory or hub name; 'toy' = the embedded toy base")
+    path: str = Field("toy", description="HF model directory, hub name, 'smollm2' or 'toy' (see t2dist/models.py)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
+    cache_dir: str | None = Field(None, description="where converted models (smollm2) live; null: $T2DIST_CACHE/models")
 
 
 class SVFConfig(Section):
@@ -38,6 +39,20 @@ class SVFConfig(Section):
     rescale: bool = False
     init: float = Field(1.0, gt=0.0, description="initial scale f(z) of every singular value (1 = neutral)")
     cache_dir: str | None = Field(".cache/t2dist/factors", description="factor cache; null disables it")
+
+
+class PolicyConfig(Section):
+    kind: Literal["svf", "lora"] = Field("svf", description="what is trained: SVF z vectors or a LoRA adapter (lora: section)")
+
+
+class LoRAConfig(Section):
+    """The LoRA baseline (peft); the paper's comparison used r=16, alpha=32, dropout 0.05 on q/v."""
+
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0.0, description="scaling alpha/r of the update B·A")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input, learning forward only")
+    targets: str = Field("q_proj,v_proj", description="comma-separated module-name suffixes, a preset or a regex")
+    init_seed: int | None = Field(None, description="seed of the A initialisation (null: rl.seed)")
 
 
 class TaskConfig(Section):
@@ -109,6 +124,11 @@ class LearnerConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per update")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    shard_factors: bool = Field(
+        False, description="partition U, V and the target weights over the ranks (learner/sharding.py): for "
+                           "models whose factors do not fit one device; costs activation exchanges per layer")
+    factor_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the sharded factors; auto: bfloat16 on a GPU, float32 on CPU (z stays float32)")
 
 
 class TrainConfig(Section):
@@ -124,6 +144,10 @@ class TrainConfig(Section):
 class RayConfig(Section):
     address: str = Field("auto", description="'auto': join a running cluster or start a local one; 'local'; or host:port")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (null: what the run needs)")
+    placement: Literal["none", "colocated", "separate"] = Field(
+        "none", description="Ray placement groups: none; colocated (one PACK group: actors beside learner ranks); "
+                            "separate (learner ranks PACKed in one group, actors+evaluator SPREAD in another)")
+    placement_timeout_s: float = Field(120.0, gt=0, description="wait this long for the placement groups")
 
 
 class RegistryConfig(Section):
@@ -142,11 +166,51 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
 
 
+class CEMConfig(Section):
+    """Few-shot CEM over mixing weights (t2dist/adapt/cem.py); population/elites/iterations as in the paper."""
+
+    population: int = Field(32, ge=2, description="candidates per iteration")
+    elite_frac: float = Field(0.2, gt=0.0, le=1.0, description="share of candidates the next distribution is fit to")
+    iterations: int = Field(100, ge=1, description="at most this many iterations (early stop: cem.patience)")
+    shots: int = Field(50, ge=1, description="examples of the new task scored per candidate (10 overfit on the toy base)")
+    shots_split: Literal["train", "validation", "test"] = Field("train", description="where the shots come from")
+    init_std: float = Field(0.5, gt=0.0, description="initial spread of alpha (mean 1/K per expert)")
+    per_matrix: bool = Field(False, description="one alpha per expert and target matrix instead of per expert")
+    seed_experts: bool = Field(True, description="put the single experts (one-hot alpha) into the first population")
+    patience: int = Field(5, ge=1, description="stop after this many iterations without a better candidate")
+    seed: int = 0
+
+
+class AdaptConfig(Section):
+    """Two-pass self-adaptation (t2dist/adapt/): dispatch template, strategy, experts, CEM."""
+
+    template: str = Field("Which task?\n{prompt}\nKind:", description="first-pass prompt; must contain {prompt}")
+    strategy: Literal["prompt", "cls", "fewshot"] = "prompt"
+    experts: list[str] = Field(default_factory=lambda: ["math", "code", "reasoning"],
+                               description="registry references (NAME, NAME@V, NAME:ALIAS) or expert directories")
+    cls_expert: str | None = Field("dispatch", description="the classifier expert of strategy cls")
+    actors: int = Field(0, ge=0, description="score CEM candidates on this many Ray rollout actors (0: in process)")
+    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    cem: CEMConfig = CEMConfig()
+
+    @field_validator("template")
+    @classmethod
+    def _has_prompt_field(cls, v: str) -> str:
+        from t2dist.adapt.dispatch import DispatchError, check_template
+
+        try:
+            return check_template(v)
+        except DispatchError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class Config(Section):
     name: str = "run"
     run_dir: str | None = None
     model: ModelConfig = ModelConfig()
     svf: SVFConfig = SVFConfig()
+    policy: PolicyConfig = PolicyConfig()
+    lora: LoRAConfig = LoRAConfig()
     task: TaskConfig = TaskConfig()
     rl: RLConfig = RLConfig()
     sandbox: SandboxConfig = SandboxConfig()
@@ -156,6 +220,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     registry: RegistryConfig = RegistryConfig()
+    adapt: AdaptConfig = AdaptConfig()
 
 
 class ConfigError(ValueError):

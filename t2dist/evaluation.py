@@ -45,8 +45,11 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 64,
     records: bool = False,
+    max_new_tokens: int | None = None,
 ) -> EvalResult:
-    """Greedy-decode ``task``'s ``split`` (first ``limit`` examples) and score with its verifier."""
+    """Greedy-decode ``task``'s ``split`` (first ``limit`` examples) and score with its verifier.
+
+    ``max_new_tokens``: None = the task's default (``task.max_new_tokens`` in a config)."""
     if isinstance(task, str):
         from t2dist.tasks import get_task
 
@@ -54,13 +57,13 @@ def evaluate(
     examples = task.examples(split)
     if limit is not None:
         examples = examples[:limit]
-    prompts = [task.format_prompt(e) for e in examples]
+    prompts = [task.prompt_for(e, tokenizer) for e in examples]
     comps = generate(
         model,
         tokenizer,
         prompts,
         temperature=0.0,
-        max_new_tokens=task.max_new_tokens,
+        max_new_tokens=max_new_tokens or task.max_new_tokens,
         stop=task.stop,
         batch_size=batch_size,
     )

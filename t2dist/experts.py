@@ -1,7 +1,10 @@
 """Experts on disk: ``z.safetensors`` + ``card.json``.
 
 The card says what the ``z`` vectors mean (parametrization, targets, rank) and which
-base model they belong to (its fingerprint); loading refuses any mismatch.
+base model they belong to (its fingerprint); loading refuses any mismatch.  ``kind`` is
+``"svf"`` (singular-value scales; cards written before LoRA existed have no ``kind`` and
+are SVF) or ``"lora"`` (the baseline: ``z.safetensors`` holds the adapters' A and B, the
+card's ``lora`` section records r, alpha, dropout and the target modules).
 """
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import t2dist
+from t2dist.lora import LoRAParametrization, lora_statistics
 from t2dist.svf.model import SVFModel
 from t2dist.svf.parametrization import Parametrization
+
+KINDS = ("svf", "lora")
 
 Z_FILE = "z.safetensors"
 CARD_FILE = "card.json"
@@ -44,8 +50,27 @@ class Expert:
         return self.card.get("name", "")
 
     @property
-    def parametrization(self) -> Parametrization:
-        return Parametrization(**self.card["parametrization"])
+    def kind(self) -> str:
+        return card_kind(self.card)
+
+    @property
+    def parametrization(self) -> Parametrization | LoRAParametrization:
+        return parametrization_of(self.card)
+
+
+def card_kind(card: Mapping[str, Any]) -> str:
+    """``svf`` or ``lora`` (cards without ``kind`` predate LoRA: svf)."""
+    kind = card.get("kind", "svf")
+    if kind not in KINDS:
+        raise ExpertError(f"expert card kind {kind!r} is unknown; known kinds: {', '.join(KINDS)}")
+    return kind
+
+
+def parametrization_of(card: Mapping[str, Any]) -> Parametrization | LoRAParametrization:
+    param = dict(card["parametrization"])
+    if card_kind(card) == "lora":
+        return LoRAParametrization(**param)
+    return Parametrization(**param)
 
 
 def code_version() -> str:
@@ -64,8 +89,15 @@ def code_version() -> str:
 
 def make_card(svf: SVFModel, *, name: str, task: str, metrics: Mapping | None = None,
               config: Mapping | None = None, base_model: str = "", **extra: Any) -> dict[str, Any]:
+    """The card of an expert of ``svf`` (an SVFModel or a LoRAModel)."""
+    kind = getattr(svf, "kind", "svf")
+    if kind == "lora":
+        p = svf.parametrization
+        extra = {"lora": {"r": p.r, "alpha": p.alpha, "dropout": p.dropout, "targets": list(svf.targets),
+                          "target_spec": svf.target_spec}, **extra}
     return {
         "name": name,
+        "kind": kind,
         "task": task,
         "parametrization": svf.parametrization.to_dict(),
         "targets": list(svf.targets),
@@ -132,8 +164,12 @@ def read_expert(path: str | os.PathLike) -> Expert:
 
 
 def check_compatible(expert: Expert, svf: SVFModel, source: str = "expert") -> None:
-    """Refuse an expert made for another base model, target list, rank or parametrization."""
+    """Refuse an expert made for another base model, policy kind, target list, rank or parametrization."""
     card = expert.card
+    kind, model_kind = card_kind(card), getattr(svf, "kind", "svf")
+    if kind != model_kind:
+        raise ExpertError(f"{source} is a {kind} expert, but the model is set up for {model_kind} "
+                          f"(policy.kind={model_kind}); set policy.kind={kind}")
     if card["base_fingerprint"] != svf.fingerprint:
         raise ExpertError(
             f"{source} was trained on base model {card.get('base_model') or '?'} "
@@ -146,8 +182,12 @@ def check_compatible(expert: Expert, svf: SVFModel, source: str = "expert") -> N
             f"(spec {svf.target_spec!r}, first {svf.targets[:1]})"
         )
     if card["rank"] != svf.rank:
-        raise ExpertError(f"{source} has rank {card['rank']}, but the model's factors have rank {svf.rank}")
-    if Parametrization(**card["parametrization"]) != svf.parametrization:
+        what = "LoRA adapters" if kind == "lora" else "factors"
+        raise ExpertError(f"{source} has rank {card['rank']}, but the model's {what} have rank {svf.rank}")
+    if kind == "lora":
+        if not parametrization_of(card).same_function(svf.parametrization):
+            raise ExpertError(f"{source} uses LoRA {card['parametrization']}, the model {svf.parametrization.to_dict()}")
+    elif Parametrization(**card["parametrization"]) != svf.parametrization:
         raise ExpertError(
             f"{source} uses parametrization {card['parametrization']}, the model {svf.parametrization.to_dict()}"
         )
@@ -161,13 +201,15 @@ def load_expert(path: str | os.PathLike, svf: SVFModel) -> Expert:
     """Read an expert and check that it belongs to ``svf``; its ``z`` is moved to the model's device."""
     expert = read_expert(path)
     check_compatible(expert, svf, source=f"expert {path}")
-    device = svf.factors[svf.targets[0]].S.device
+    device = next(svf.model.parameters()).device
     expert.z = {k: v.to(device) for k, v in expert.z.items()}
     return expert
 
 
-def z_statistics(z: Mapping[str, torch.Tensor], parametrization: Parametrization) -> dict[str, float]:
-    """Summary of the scales f(z) an expert applies (1.0 everywhere = neutral)."""
+def z_statistics(z: Mapping[str, torch.Tensor], parametrization) -> dict[str, float]:
+    """Summary of the scales f(z) an expert applies (1.0 everywhere = neutral); LoRA: its weight changes."""
+    if isinstance(parametrization, LoRAParametrization):
+        return lora_statistics(z, parametrization)
     scales = torch.cat([parametrization.scale(v.float()).flatten() for v in z.values()])
     return {
         "matrices": len(z),

@@ -56,13 +56,32 @@ def preflight(cfg: Config) -> None:
                           "(each rank takes whole prompt groups)")
     if rl.prompts_per_step < cfg.rollout.actors:
         raise ConfigError(f"rollout.actors={cfg.rollout.actors} exceeds rl.prompts_per_step={rl.prompts_per_step}")
-    resolve_model_path(cfg.model.path)
+    where = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     task = get_task(cfg.task.name)
     for split in ("train", "validation", "test"):
         if not task.examples(split):
             raise ConfigError(f"task {task.name!r} has an empty {split} split")
+    if task.chat == "required":  # a model without a chat template fails here, not inside the actors
+        from transformers import AutoTokenizer
+
+        task.prompt_for(task.examples("test")[0], AutoTokenizer.from_pretrained(where))
     if cfg.registry.url or cfg.registry.name:
         check_registry(cfg)
+    check_sharding(cfg)
+
+
+def check_sharding(cfg: Config) -> None:
+    """``learner.shard_factors``: R must divide every target's components and rows (shapes from a meta model)."""
+    from learner.sharding import check_shardable, target_shapes_from_config, use_sharding
+
+    if not use_sharding(cfg):
+        return
+    try:
+        shapes = target_shapes_from_config(cfg)
+    except (OSError, ImportError, KeyError, ValueError) as exc:  # no readable config here: each rank checks again
+        print(f"[t2dist] note: cannot read target shapes for the sharding check here ({exc})", flush=True)
+        return
+    check_shardable(cfg, shapes)
 
 
 def registry_url(cfg: Config) -> str | None:
@@ -137,29 +156,36 @@ class Driver:
         self.cfg = cfg
         self.run_dir = run_dir
         self.progress = progress
-        self.param = Parametrization(cfg.svf.parametrization, cfg.svf.max_mult, cfg.svf.rescale)
+        from t2dist.runtime import policy_parametrization
+
+        self.param = policy_parametrization(cfg)  # SVF scales, or LoRA (whose z/* histograms show A and B)
         self.task = get_task(cfg.task.name)
         cfg_dict = dump_config(cfg)
         self.tag = f"{os.getpid()}-{int(time.time() * 1000) % 10**8}"  # actor names: t2dist-<role>-<i>-<tag>
+        from actors.placement import make_placement
+
+        self.placement = make_placement(cfg)  # ray.placement: none | colocated | separate (actors/placement.py)
+        place = self.placement.options
         actor_cls = ray.remote(RolloutWorker)
         self.actors = [actor_cls.options(
             name=f"t2dist-rollout-{i}-{self.tag}", num_cpus=cfg.rollout.cpus_per_actor,
             num_gpus=cfg.rollout.gpus_per_actor, max_restarts=cfg.train.max_actor_restarts, max_task_retries=0,
+            **place("rollout", i),
         ).remote(cfg_dict, i) for i in range(cfg.rollout.actors)]
         self.evaluator = ray.remote(EvaluatorWorker).options(
             num_cpus=cfg.train.evaluator_cpus, num_gpus=cfg.train.evaluator_gpus, max_restarts=1,
+            **place("evaluator"),
         ).remote(cfg_dict, -1)
-        from learner.group import free_port
-
-        addr = ray.util.get_node_ip_address()
-        port = free_port()
         learner_cls = ray.remote(LearnerWorker)
         self.learners = [learner_cls.options(
             name=f"t2dist-learner-{r}-{self.tag}", num_cpus=cfg.learner.cpus_per_rank,
-            num_gpus=cfg.learner.gpus_per_rank, max_restarts=0,
-        ).remote(cfg_dict, r, cfg.learner.ranks, addr, port) for r in range(cfg.learner.ranks)]
+            num_gpus=cfg.learner.gpus_per_rank, max_restarts=0, **place("learner", r),
+        ).remote(cfg_dict, r, cfg.learner.ranks) for r in range(cfg.learner.ranks)]
+        # the torch.distributed rendezvous lives on rank 0's node, wherever Ray put it
+        ip = ray.get(self.learners[0].__ray_call__.remote(_actor_node_ip))
+        addr, port = ray.get(self.learners[0].endpoint.remote(ip))
         infos = ray.get([a.ready.remote() for a in self.actors] + [self.evaluator.ready.remote()]
-                        + [lw.ready.remote() for lw in self.learners])
+                        + [lw.connect.remote(addr, port) for lw in self.learners])
         self.fingerprint = infos[0]["fingerprint"]
         self.restarts = 0
 
@@ -247,10 +273,16 @@ class Driver:
                 pass
         for a in self.actors + self.learners + [self.evaluator]:
             ray.kill(a)
+        self.placement.remove()
 
 
 class LearnerDied(TrainingError):
     pass
+
+
+def _actor_node_ip(_actor) -> str:
+    """Run inside an actor (``__ray_call__``): its node's address as the Ray cluster knows it."""
+    return ray.util.get_node_ip_address()
 
 
 def _fmt_line(step: int, steps: int, rec: dict) -> str:

@@ -37,7 +37,7 @@ def test_ray_job_submit_runs_the_driver_on_a_head_node(tmp_path):
             [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--", "t2dist", "train", "--config", "configs/demo.yaml", "rl.steps=3", "rl.prompts_per_step=8",
              "rl.samples_per_prompt=4", "eval.limit=40", "train.eval_limit=40", f"run_dir={run_dir}",
-             f"svf.cache_dir={tmp_path / 'factors'}", "--quiet"],
+             f"svf.cache_dir={tmp_path / 'factors'}", f"registry.url={tmp_path / 'registry'}", "--quiet"],
             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         out = job.stdout + job.stderr
         assert job.returncode == 0, out

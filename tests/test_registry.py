@@ -336,3 +336,37 @@ def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, trained_ex
     assert [c.text for c in merged_out] != [c.text for c in base_out]  # the expert really changes outputs
 
 
+
+
+def test_export_of_a_lora_expert_is_a_plain_checkpoint(tmp_path):
+    """LoRA experts go through the same export: W + alpha/r·BA baked in, no peft layers left."""
+    from transformers import AutoModelForCausalLM
+
+    from t2dist.config import load_config
+    from t2dist.export import export_merged
+    from t2dist.runtime import load_svf
+
+    lora, tok = load_svf(load_config(None, ["policy.kind=lora", "lora.r=4", "lora.alpha=8"]))
+    gen = torch.Generator().manual_seed(1)
+    z = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in lora.init_z().items()}
+    out = export_merged(lora, tok, z, make_card(lora, name="math-lora", task="math"), tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    ids = tok(["Q: 12+30=\nA:", "Q: 7*6=\nA:"], return_tensors="pt", padding=True)
+    lora.merge_(z)
+    try:
+        with torch.no_grad():
+            want = lora.model(**ids).logits
+    finally:
+        lora.unmerge_()
+    with torch.no_grad():
+        got = merged(**ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(lora_base_dir()).eval()(**ids).logits,
+                              atol=1e-3)
+
+
+def lora_base_dir():
+    from t2dist.models import toy_base_dir
+
+    return toy_base_dir()

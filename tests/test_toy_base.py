@@ -171,3 +171,14 @@ def test_build_smoke(tmp_path):
                            corpus_cfg=CorpusConfig(extra_per_task=500, batch_size=8))
     w1, w2 = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@needs_asset
+def test_base_is_a_mediocre_dispatch_classifier(toy):
+    """The first pass: the base names the kind of a prompt, but fails on the dispatch trap subset."""
+    model, tok = toy
+    res = evaluate(model, tok, get_task("dispatch"), "test", limit=400, records=True)
+    assert 0.6 <= res.accuracy <= 0.97, f"dispatch: {res.accuracy:.3f}"
+    trap = [r["correct"] for r in res.records if r["trap"]]
+    clean = [r["correct"] for r in res.records if not r["trap"]]
+    assert sum(clean) / len(clean) > sum(trap) / len(trap) + 0.2

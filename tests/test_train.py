@@ -50,7 +50,8 @@ def kill_when_checkpointed(run_dir, prefix, no_restart=True, timeout=180):
 
 
 def small_cfg(tmp_path, *more):
-    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"svf.cache_dir={tmp_path / 'factors'}", *SMALL, *more])
+    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"svf.cache_dir={tmp_path / 'factors'}",
+                              f"registry.url={tmp_path / 'registry'}", *SMALL, *more])
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
@@ -179,7 +180,8 @@ def _cli(args, **kw):
 def test_killed_run_resumes_to_the_same_z(tmp_path):
     """A CLI run killed (SIGKILL) after step 6 of 12 and resumed ends with the z of an uninterrupted run."""
     common = ["--config", str(DEMO), "rl.steps=12", "train.checkpoint_every=6", "train.eval_every=6",
-              f"svf.cache_dir={tmp_path / 'factors'}", "ray.address=local", *SMALL]
+              f"svf.cache_dir={tmp_path / 'factors'}", f"registry.url={tmp_path / 'registry'}", "ray.address=local",
+              *SMALL]
     full = _cli(["train", *common, f"run_dir={tmp_path / 'full'}", "--quiet"])
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out

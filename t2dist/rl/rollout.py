@@ -83,7 +83,7 @@ def rollout(
     import time
 
     t0 = time.perf_counter()
-    prompts = [task.format_prompt(e) for e in examples]
+    prompts = [task.prompt_for(e, tokenizer) for e in examples]
     completions = generate(
         model, tokenizer, prompts,
         num_samples=samples_per_prompt, temperature=temperature, top_p=top_p,

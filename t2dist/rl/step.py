@@ -35,7 +35,7 @@ def rl_loss(
     if advantages is None:
         advantages = compute_advantages(batch.rewards, cfg.advantage)
     adv = advantages.reshape(-1)
-    device = svf.factors[svf.targets[0]].S.device
+    device = next(svf.model.parameters()).device  # SVF factors and LoRA adapters live with the model
     logp, mask, entropy = completion_logprobs(
         lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True
     )
@@ -56,6 +56,6 @@ def rl_loss(
 @torch.no_grad()
 def behaviour_logprobs(svf: SVFModel, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int) -> torch.Tensor:
     """Per-token log-probs of the batch under ``z`` before any update (PPO's ``old_logp``)."""
-    device = svf.factors[svf.targets[0]].S.device
+    device = next(svf.model.parameters()).device  # SVF factors and LoRA adapters live with the model
     logp, _ = completion_logprobs(lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
     return logp

@@ -148,6 +148,74 @@ def load_factors(
     return out
 
 
+@dataclass
+class FactorSlice:
+    """One rank's share of a target's factors: components ``[start, stop)`` of U and V, and all of S.
+
+    ``U`` is ``(out, stop-start)``, ``V`` is ``(in, stop-start)``; ``S`` is the full ``(k,)``
+    vector (k floats per matrix: negligible, and the optional rescale needs ``ΣS``).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    start: int
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
+
+
+def load_factor_slices(
+    path: str | os.PathLike,
+    components: dict[str, tuple[int, int]],
+    *,
+    model_fingerprint: str,
+    targets: list[str],
+    rank: int | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, FactorSlice], int]:
+    """Read only the columns ``[start, stop)`` of each target's U and V (plus its S) from the cache.
+
+    ``safe_open(...).get_slice`` copies just the requested bytes out of the memory-mapped
+    file, so a rank never holds another rank's components (the OS pages in at most the
+    pages those bytes live on). Every requested tensor is checked to exist with the expected
+    shape *before* any is read: a damaged cache is an error naming the file and the tensors.
+    ``dtype`` applies to U and V; S stays float32.
+    Returns ``(slices, bytes_read)`` where ``bytes_read`` counts the bytes copied out of the file.
+    """
+    meta = read_meta(path)
+    if meta.get("fingerprint") != model_fingerprint or meta.get("targets") != targets or meta.get("rank") != rank:
+        raise FactorCacheError(f"factor cache {path} was made for another model, target list or rank "
+                               f"(model {meta.get('model', '?')!r}, rank {meta.get('rank')})")
+    file = Path(path) / FACTORS_FILE
+    if not file.is_file():
+        raise FactorCacheError(f"factor cache {path} is missing its tensor file {file}")
+    out: dict[str, FactorSlice] = {}
+    nbytes = 0
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        missing = [f"{n}.{x}" for n in components for x in "USV" if f"{n}.{x}" not in keys]
+        if missing:
+            raise FactorCacheError(f"factor cache file {file} is missing tensors {missing[:6]}"
+                                   + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
+        for name, (a, b) in components.items():
+            k = f.get_slice(f"{name}.S").get_shape()[0]
+            ushape, vshape = f.get_slice(f"{name}.U").get_shape(), f.get_slice(f"{name}.V").get_shape()
+            if ushape[1] != k or vshape[1] != k or not 0 <= a < b <= k:
+                raise FactorCacheError(f"factor cache file {file}: {name}.U {ushape} / .V {vshape} / .S ({k},) "
+                                       f"do not hold components [{a}, {b})")
+            U = f.get_slice(f"{name}.U")[:, a:b]
+            V = f.get_slice(f"{name}.V")[:, a:b]
+            S = f.get_tensor(f"{name}.S")
+            nbytes += sum(t.numel() * t.element_size() for t in (U, S, V))
+            U, V = (t.contiguous().to(device=device, dtype=dtype) for t in (U, V))
+            out[name] = FactorSlice(U, S.to(device=device, dtype=torch.float32), V, a, b)  # S stays float32
+    return out, nbytes
+
+
 def get_factors(
     model: nn.Module,
     targets: list[str],

@@ -2,5 +2,7 @@
 from t2dist.tasks.base import SPLITS, TASKS, Example, Task, Verdict, get_task, register_task
 
 from t2dist.tasks import synthetic  # noqa: F401,E402  (registers the synthetic suite)
+from t2dist.tasks import benchmarks  # noqa: F401,E402  (gsm8k, mbpp, humaneval, hendrycks_math, arc_*)
+from t2dist.tasks import adaptation  # noqa: F401,E402  (caps, dispatch, mixed: the self-adaptation stage)
 
 __all__ = ["SPLITS", "TASKS", "Example", "Task", "Verdict", "get_task", "register_task"]

@@ -51,9 +51,19 @@ class Task(ABC):
     def examples(self, split: str) -> list[Example]:
         """All examples of ``split`` (one of SPLITS), in a fixed order."""
 
+    #: How the prompt meets the model's chat template: ``"never"`` (raw text, e.g. the synthetic
+    #: suite the toy base was pretrained on), ``"auto"`` (wrap the prompt as one user turn when
+    #: the tokenizer has a chat template) or ``"required"`` (an error without one).
+    chat: ClassVar[str] = "auto"
+
     def format_prompt(self, example: Example) -> str:
-        """The text the model sees; the completion is appended to it."""
+        """The task's own text for ``example`` (the user message, before any chat template)."""
         return example.prompt
+
+    def prompt_for(self, example: Example, tokenizer=None) -> str:
+        """The exact text the model sees (the completion is appended to it): :meth:`format_prompt`,
+        wrapped in ``tokenizer``'s chat template according to :attr:`chat`."""
+        return apply_chat_template(self.format_prompt(example), tokenizer, self.chat, self.name)
 
     @abstractmethod
     def verify(self, completion: str, example: Example) -> Verdict:
@@ -62,6 +72,33 @@ class Task(ABC):
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
         """Score many completions; tasks with expensive verifiers (code) override this."""
         return [self.verify(c, e) for c, e in zip(completions, examples, strict=True)]
+
+
+class ChatTemplateError(ValueError):
+    """A task needs the model's chat template and the tokenizer has none."""
+
+
+def apply_chat_template(text: str, tokenizer, mode: str = "auto", task: str = "") -> str:
+    """``text`` as one user turn plus the assistant header, or ``text`` unchanged (see ``Task.chat``).
+
+    The template's leading BOS is dropped when the tokenizer adds one itself, so it is not doubled.
+    """
+    if mode not in ("never", "auto", "required"):
+        raise ValueError(f"task {task!r}: chat mode {mode!r} is not one of never, auto, required")
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if mode == "never" or (not template and mode == "auto"):
+        return text
+    if not template:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ChatTemplateError(f"task {task!r} needs a chat (instruct) model, but the tokenizer of {name!r} has no "
+                                "chat template; use an instruct model such as 'smollm2' or a hub *-Instruct model")
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and out.startswith(bos):
+        ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            out = out[len(bos):]
+    return out
 
 
 TASKS: dict[str, type[Task]] = {}

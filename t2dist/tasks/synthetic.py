@@ -61,6 +61,7 @@ class SyntheticTask(Task):
 
     seed: int = 0
     sizes: dict[str, int] = {"train": 4000, "validation": 200, "test": 400}
+    chat = "never"  # raw "Q: ...\nA:" text: the format the toy base was pretrained on, for any model
     trap_fraction: float = TRAP_FRACTION
 
     def __init__(self, seed: int | None = None):
@@ -105,6 +106,10 @@ class SyntheticTask(Task):
     def examples(self, split: str) -> list[Example]:
         check_split(split)
         return list(self._splits[split])
+
+    def reference_completion(self, example: Example) -> str:
+        """The gold answer as the pretraining corpus writes it (``t2dist eval --oracle``)."""
+        return " " + example.answer
 
     def heldout_prompts(self) -> set[str]:
         """Prompts of validation and test: never to be used for (pre)training."""

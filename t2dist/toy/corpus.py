@@ -17,7 +17,14 @@ carry the correct answer: there the base learns the skill, which keeps the
 correct answer in its sampling distribution on the trap prompts of the task's
 own format.  Drill prompts never equal a task prompt.
 
-Batches are rows of ``seq_len`` tokens packed with whole documents (first fit);
+Two families serve the self-adaptation stage (``t2dist.tasks.adaptation``): ``caps``
+(``Q: caps qkz\nA: QKZ``, the "other" family that no expert covers; untrapped) and
+``dispatch`` (a math/code/reasoning/caps prompt in the dispatch template, labelled with
+its category; its trap subset, ~22% of prompts picked by a surface feature independent
+of the source tasks' traps, carries a systematic wrong category 65% of the time, so the
+base is a mediocre first-pass classifier that RL on ``dispatch`` can fix).
+
+Batches are rows of ``seq_len`` (64) tokens packed with whole documents (first fit);
 the training loss is on the label tokens only (`` label\\n``).
 """
 from __future__ import annotations
@@ -32,12 +39,16 @@ from t2dist.tasks import get_task
 from t2dist.tasks.base import Example
 
 # Share of documents per task.
+# ``caps`` is the "other" family and ``dispatch`` the first-pass classification
+# (t2dist.tasks.adaptation): their trap subset makes the base a mediocre classifier.
 DEFAULT_MIX: dict[str, float] = {
-    "math": 0.40,
-    "reasoning": 0.26,
-    "code": 0.08,
-    "math_mc": 0.16,
-    "code3": 0.10,
+    "math": 0.36,
+    "reasoning": 0.23,
+    "code": 0.07,
+    "math_mc": 0.12,
+    "code3": 0.09,
+    "caps": 0.04,
+    "dispatch": 0.09,
 }
 TRAP_WRONG = 0.65
 EXTRA_PER_TASK = 20_000
@@ -59,8 +70,9 @@ class CorpusConfig:
     trap_fraction: float = CORPUS_TRAP_FRACTION
     drill: dict[str, float] = field(default_factory=lambda: dict(DRILL))
     extra_per_task: int = EXTRA_PER_TASK
-    seq_len: int = 48
-    batch_size: int = 128
+    # 64: a dispatch document (template + the longest prompt + " reasoning") is 60 tokens
+    seq_len: int = 64
+    batch_size: int = 96
 
 
 def problem_pools(cfg: CorpusConfig, seed: int = 0) -> dict[str, list[Example]]:

@@ -1,0 +1,35 @@
+"""Rollout actors that score few-shot CEM candidates (mixing weights α) in parallel.
+
+``AdaptWorker`` is a :class:`actors.rollout.RolloutWorker` (same model loading, same
+resources) that also holds the experts' ``z`` vectors (kilobytes; sent once) and scores
+candidate α with its own merged ``W'`` (``t2dist.adapt.strategies.score_alpha``).  The
+driver (``t2dist/adapt_driver.py``) splits each CEM population over N of them.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from actors.rollout import RolloutWorker
+from t2dist.adapt.strategies import score_alpha
+from t2dist.tasks import get_task
+from t2dist.tasks.base import Example
+
+
+class AdaptWorker(RolloutWorker):
+    def set_experts(self, zs: Sequence[Mapping[str, torch.Tensor]]) -> int:
+        """Keep the experts' z (in the driver's order); returns the number of experts."""
+        for z in zs:
+            self.svf.check_z(z)
+        self.expert_zs = [{n: z[n] for n in self.svf.targets} for z in zs]  # one order for mix_z
+        return len(self.expert_zs)
+
+    def score_mixture(self, alpha: torch.Tensor, task: str, examples: Sequence[Example]) -> float:
+        """Greedy accuracy of ``mix_z(experts, alpha)`` on ``examples`` of ``task``."""
+        return score_alpha(self.svf, self.tokenizer, self.expert_zs, alpha, get_task(task), examples,
+                           self.cfg.adapt.batch_size)
+
+    def score_mixtures(self, alphas: Sequence[torch.Tensor], task: str, examples: Sequence[Example]) -> list[float]:
+        self.version = None  # the merged weights are a candidate's now, not a training z
+        return [self.score_mixture(a, task, examples) for a in alphas]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one GPU is enough; about 5 minutes):
+#   1. the demo config on the GPU: 2 rollout actors, the evaluator and 1 learner rank sharing it through a
+#      colocated placement group, bf16 base weights and factors, the sharded low-rank learner layer, NCCL;
+#   2. bench/gpu_check.py: SVD / recompose / generation / learner-step throughput on a random ~1B Llama.
+#
+#   bash scripts/gpu_check.sh [extra t2dist train overrides, e.g. rl.steps=20]
+# Writes everything under $OUT (default /tmp/t2dist-gpu-check) and prints the numbers.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PY:-.venv/bin/python}"
+[[ -x "$PY" ]] || PY=python
+OUT="${OUT:-/tmp/t2dist-gpu-check}"
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || { echo "no NVIDIA GPU here" >&2; exit 1; }
+"$PY" -c "import torch, deepspeed, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
+
+echo "== 1. demo config on the GPU"
+t0=$(date +%s)
+timeout "${DEMO_TIMEOUT:-420}" "$PY" -m t2dist.cli train --config configs/demo.yaml \
+    model.device=cuda model.dtype=bfloat16 \
+    rollout.actors=2 rollout.gpus_per_actor=0.25 train.evaluator_gpus=0.25 \
+    learner.ranks=1 learner.gpus_per_rank=0.25 learner.shard_factors=true learner.factor_dtype=bfloat16 \
+    ray.address=local ray.placement=colocated \
+    "run_dir=$OUT/demo-$t0" "svf.cache_dir=$OUT/factors" "registry.url=$OUT/registry" "$@" 2>&1 | tee "$OUT/demo.log"
+echo "demo wall: $(( $(date +%s) - t0 )) s"
+cat "$OUT/demo-$t0/summary.json"
+
+echo "== 2. throughput on a random ~1B Llama (hidden 2048, 16 layers, MLP 5632)"
+timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.md"

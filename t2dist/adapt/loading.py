@@ -1,0 +1,88 @@
+"""From expert references to a ready :class:`~t2dist.adapt.strategies.TwoPass`.
+
+Every check that needs only the cards (unknown name, experts of different base models,
+a task with fewer examples than shots) runs before the model is loaded.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from t2dist.adapt.strategies import AdaptError, TwoPass, check_expert_set
+from t2dist.config import Config
+from t2dist.experts import Expert, ExpertError
+
+
+def read_experts(refs: Sequence[str], registry: str | None = None) -> dict[str, Expert]:
+    """``{category: expert}`` for registry refs or expert directories; the category is the task's skill."""
+    from t2dist.registry import RegistryError, read_expert_ref
+
+    out: dict[str, Expert] = {}
+    for ref in refs:
+        ref = ref.strip()
+        if not ref:
+            continue
+        try:
+            expert = read_expert_ref(ref, registry)
+        except (RegistryError, ExpertError) as exc:
+            raise AdaptError(f"expert {ref!r}: {exc}") from None
+        cat = category_of(expert, ref)
+        if cat in out:
+            raise AdaptError(f"experts {ref!r} and {out[cat].card.get('name')!r} both cover category {cat!r}")
+        out[cat] = expert
+    check_expert_set(out)
+    return out
+
+
+def read_cls_expert(ref: str | None, registry: str | None = None) -> Expert | None:
+    if not ref:
+        return None
+    from t2dist.registry import RegistryError, read_expert_ref
+
+    try:
+        return read_expert_ref(ref, registry)
+    except (RegistryError, ExpertError) as exc:
+        raise AdaptError(f"classifier expert {ref!r}: {exc}") from None
+
+
+def category_of(expert: Expert, ref: str = "") -> str:
+    """The dispatch category an expert serves: its training task's skill (``math`` for a math expert)."""
+    from t2dist.tasks import TASKS
+
+    task = expert.card.get("task", "")
+    if task in TASKS and TASKS[task].skill:
+        return TASKS[task].skill
+    return expert.card.get("name") or ref
+
+
+def config_for(cfg: Config, card: Mapping) -> Config:
+    """``cfg`` with the SVF setup (targets, rank, parametrization) the experts were trained with."""
+    param = card["parametrization"]
+    svf = cfg.svf.model_copy(update={
+        "targets": card.get("target_spec") or cfg.svf.targets, "rank": card.get("rank"),
+        "parametrization": param.get("kind", cfg.svf.parametrization),
+        "max_mult": param.get("max_mult", cfg.svf.max_mult), "rescale": param.get("rescale", cfg.svf.rescale)})
+    return cfg.model_copy(update={"svf": svf})
+
+
+def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Expert | None = None,
+                   verbose: bool = False) -> TwoPass:
+    """Load the base model with the experts' SVF setup and check every expert against it."""
+    from t2dist.runtime import load_svf
+
+    check_expert_set(experts)
+    cfg = config_for(cfg, next(iter(experts.values())).card)
+    svf, tokenizer = load_svf(cfg, verbose=verbose)
+    device = next(svf.model.parameters()).device
+    for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
+        e.z = {k: v.to(device) for k, v in e.z.items()}
+    return TwoPass(svf, tokenizer, experts, template=cfg.adapt.template, cls_expert=cls_expert,
+                   batch_size=cfg.adapt.batch_size)
+
+
+def cem_settings(cfg: Config):
+    from t2dist.adapt.cem import CEMSettings
+
+    c = cfg.adapt.cem
+    return CEMSettings(population=c.population, elite_frac=c.elite_frac, iterations=c.iterations, shots=c.shots,
+                       init_std=c.init_std, per_matrix=c.per_matrix, seed_experts=c.seed_experts,
+                       patience=c.patience, seed=c.seed)

@@ -1,0 +1,276 @@
+"""Two-pass inference: classify (first pass), then answer with the chosen expert (second pass).
+
+Strategies:
+
+* ``prompt`` — the base model itself names the kind of the prompt (dispatch template);
+* ``cls`` — a classifier expert (an SVF expert RL-trained on the ``dispatch`` task) does;
+* ``fewshot`` — no per-prompt dispatch: a CEM search over mixing weights α on k
+  examples of the task (:mod:`t2dist.adapt.cem`) gives one mixed expert for all prompts.
+
+A prompt labelled ``other`` (or with a category that has no expert) is answered by the
+base model.  Requests are grouped by label, so each expert's ``W'`` is composed once
+per batch (``svf.merge_`` is the expensive step on a real model), however the labels
+interleave.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from t2dist.adapt.cem import CEMResult, CEMSettings, Evaluator, cem_search
+from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispatch_prompt, parse_label
+from t2dist.evaluation import wilson_interval
+from t2dist.experts import Expert, ExpertError, check_compatible
+from t2dist.generation import generate
+from t2dist.svf.model import mix_z
+from t2dist.tasks.base import Example, Task
+
+STRATEGIES = ("prompt", "cls", "fewshot")
+DISPATCH_MAX_NEW_TOKENS = 10
+
+
+class AdaptError(ValueError):
+    """Bad adaptation input (experts, strategy, task, shots); raised before any model work."""
+
+
+def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
+    """All experts must come from one base model (and match ``svf`` when given)."""
+    if not experts:
+        raise AdaptError("adaptation needs at least one expert (adapt.experts / --experts)")
+    items = list(experts.items())
+    name0, e0 = items[0]
+    for name, e in items[1:]:
+        if e.card.get("base_fingerprint") != e0.card.get("base_fingerprint"):
+            raise AdaptError(
+                f"experts {name0!r} and {name!r} belong to different base models "
+                f"({e0.card.get('base_model') or '?'} fingerprint {e0.card.get('base_fingerprint')} vs "
+                f"{e.card.get('base_model') or '?'} fingerprint {e.card.get('base_fingerprint')}); "
+                f"mix and dispatch only experts of one base")
+        if list(e.card.get("targets", [])) != list(e0.card.get("targets", [])):
+            raise AdaptError(f"experts {name0!r} and {name!r} adapt different target matrices")
+    if svf is not None:
+        for name, e in items:
+            try:
+                check_compatible(e, svf, source=f"expert {name!r}")
+            except ExpertError as exc:
+                raise AdaptError(str(exc)) from None
+
+
+def gold_category(example: Example, categories: Sequence[str]) -> str:
+    """The dispatch category an example should get: its task's skill, or ``other``."""
+    from t2dist.tasks import get_task
+
+    skill = get_task(example.task).skill if example.task else ""
+    if example.task == "dispatch":
+        return example.answer
+    return skill if skill in categories else OTHER
+
+
+@dataclass
+class AdaptRun:
+    """What one batch of two-pass inference produced."""
+
+    strategy: str
+    labels: list[str]
+    texts: list[str]
+    correct: list[bool] = field(default_factory=list)
+    gold_labels: list[str] = field(default_factory=list)
+    first_pass_s: float = 0.0
+    second_pass_s: float = 0.0
+    merges: int = 0
+    cem: CEMResult | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.texts)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct) if self.correct else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(sum(self.correct), len(self.correct))
+
+    @property
+    def dispatch_accuracy(self) -> float | None:
+        if not self.gold_labels or self.strategy == "fewshot":
+            return None
+        return sum(a == b for a, b in zip(self.labels, self.gold_labels)) / len(self.gold_labels)
+
+    def as_dict(self) -> dict:
+        lo, hi = self.interval
+        d = {"strategy": self.strategy, "n": self.n, "accuracy": self.accuracy, "ci_low": lo, "ci_high": hi,
+             "dispatch_accuracy": self.dispatch_accuracy, "first_pass_s": self.first_pass_s,
+             "second_pass_s": self.second_pass_s, "merges": self.merges,
+             "labels": {c: self.labels.count(c) for c in sorted(set(self.labels))}}
+        if self.cem is not None:
+            d["cem"] = self.cem.summary()
+        return d
+
+
+class TwoPass:
+    """Dispatch and answer with a fixed set of experts over one SVF model.
+
+    ``experts`` maps a category (``math``, ``code``, ``reasoning``) to its expert;
+    ``cls_expert`` is the classifier expert of the ``cls`` strategy.
+    """
+
+    def __init__(self, svf, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
+                 cls_expert: Expert | None = None, batch_size: int = 64):
+        check_expert_set(experts, svf)
+        if cls_expert is not None:
+            check_expert_set({**experts, "cls": cls_expert}, svf)
+        self.svf, self.tokenizer = svf, tokenizer
+        # z in the model's target order (safetensors files do not keep the order; mix_z needs one)
+        self.experts = {c: Expert({n: e.z[n] for n in svf.targets}, e.card) for c, e in experts.items()}
+        self.cls_expert = cls_expert
+        self.template = check_template(template)
+        self.batch_size = batch_size
+        self.categories = [*self.experts, OTHER]
+        self.merges = 0
+        self._current: object = None  # which weights are merged in now (None: base)
+
+    # -- weights ------------------------------------------------------------------------
+    def use(self, key: object, z: Mapping[str, torch.Tensor] | None) -> None:
+        """Make the model compute with ``z`` (None: base); composes W' only when ``key`` changes."""
+        if key == self._current:
+            return
+        if z is None:
+            self.svf.unmerge_()
+        else:
+            self.svf.merge_(z, version=key)
+            self.merges += 1
+        self._current = key
+
+    def reset(self) -> None:
+        self.use(None, None)
+
+    def _generate(self, prompts: Sequence[str], max_new_tokens: int, stop=("\n",)) -> list[str]:
+        comps = generate(self.svf.model, self.tokenizer, list(prompts), temperature=0.0,
+                         max_new_tokens=max_new_tokens, stop=stop, batch_size=self.batch_size)
+        return [c.text for c in comps]
+
+    # -- first pass ---------------------------------------------------------------------
+    def classify(self, prompts: Sequence[str], strategy: str = "prompt") -> list[str]:
+        """One category per prompt: the base model (``prompt``) or the classifier expert (``cls``)."""
+        if strategy == "cls":
+            if self.cls_expert is None:
+                raise AdaptError("strategy 'cls' needs a classifier expert (adapt.cls_expert / --cls-expert)")
+            self.use(("cls", id(self.cls_expert)), self.cls_expert.z)
+        elif strategy == "prompt":
+            self.use(None, None)
+        else:
+            raise AdaptError(f"classify: strategy {strategy!r} has no first pass; use prompt or cls")
+        texts = self._generate([dispatch_prompt(p, self.template) for p in prompts], DISPATCH_MAX_NEW_TOKENS)
+        return [parse_label(t, self.categories) for t in texts]
+
+    # -- second pass --------------------------------------------------------------------
+    def answer(self, prompts: Sequence[str], labels: Sequence[str], max_new_tokens: int = 16,
+               stop=("\n",)) -> list[str]:
+        """Answer each prompt with its label's expert; grouped so each expert is merged once."""
+        out: list[str | None] = [None] * len(prompts)
+        groups: dict[str, list[int]] = {}
+        for i, lab in enumerate(labels):
+            groups.setdefault(lab if lab in self.experts else OTHER, []).append(i)
+        # the weights merged now go first (saves one composition when they are needed)
+        order = sorted(groups, key=lambda g: (g != self._current_label(), g))
+        for lab in order:
+            idx = groups[lab]
+            if lab == OTHER:
+                self.use(None, None)
+            else:
+                self.use(("expert", lab), self.experts[lab].z)
+            for i, t in zip(idx, self._generate([prompts[i] for i in idx], max_new_tokens, stop)):
+                out[i] = t
+        return out  # type: ignore[return-value]
+
+    def _current_label(self) -> str | None:
+        cur = self._current
+        if cur is None:
+            return OTHER
+        return cur[1] if isinstance(cur, tuple) and cur[0] == "expert" else None
+
+    def answer_with(self, key: object, z: Mapping[str, torch.Tensor] | None, prompts: Sequence[str],
+                    max_new_tokens: int = 16, stop=("\n",)) -> list[str]:
+        self.use(key, z)
+        return self._generate(prompts, max_new_tokens, stop)
+
+    # -- few-shot -----------------------------------------------------------------------
+    def mixture_evaluator(self, task: Task, shots: Sequence[Example]) -> Evaluator:
+        """Score candidates α locally: greedy accuracy of ``mix_z(experts, α)`` on the shots."""
+        zs = [e.z for e in self.experts.values()]
+
+        def evaluate(cands):
+            return [score_mixture(self, zs, a, task, shots) for a in cands]
+
+        return evaluate
+
+    def fewshot(self, task: Task, shots: Sequence[Example], settings: CEMSettings,
+                evaluator: Evaluator | None = None, log=None) -> CEMResult:
+        evaluator = evaluator or self.mixture_evaluator(task, shots)
+        return cem_search(len(self.experts), evaluator, settings, num_matrices=len(self.svf.targets), log=log)
+
+    def mixed_z(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        return mix_z([e.z for e in self.experts.values()], alpha)
+
+    # -- a whole batch ------------------------------------------------------------------
+    def run(self, task: Task, examples: Sequence[Example], strategy: str, *, shots: Sequence[Example] = (),
+            settings: CEMSettings | None = None, evaluator: Evaluator | None = None, log=None) -> AdaptRun:
+        """Two-pass inference on ``examples`` of ``task``, scored with the task's verifier."""
+        if strategy not in STRATEGIES:
+            raise AdaptError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        prompts = [task.format_prompt(e) for e in examples]
+        merges0 = self.merges
+        cem = None
+        t0 = time.perf_counter()
+        if strategy == "fewshot":
+            cem = self.fewshot(task, shots, settings or CEMSettings(), evaluator, log)
+            labels = ["mixture"] * len(prompts)
+        else:
+            labels = self.classify(prompts, strategy)
+        t1 = time.perf_counter()
+        if strategy == "fewshot":
+            texts = self.answer_with(("mixture", tuple(cem.alpha.flatten().tolist())), self.mixed_z(cem.alpha),
+                                     prompts, task.max_new_tokens, task.stop)
+        else:
+            texts = self.answer(prompts, labels, task.max_new_tokens, task.stop)
+        t2 = time.perf_counter()
+        verdicts = task.verify_batch(texts, list(examples))
+        return AdaptRun(strategy, labels, texts, [v.correct for v in verdicts],
+                        [gold_category(e, self.categories) for e in examples], t1 - t0, t2 - t1,
+                        self.merges - merges0, cem)
+
+
+def score_alpha(svf, tokenizer, zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example],
+                batch_size: int = 64) -> float:
+    """Greedy accuracy of the mixture ``alpha`` of ``zs`` on ``shots`` (one composition of W').
+
+    Shared by the in-process evaluator and the rollout actors (``actors/adapt.py``).
+    """
+    svf.merge_(mix_z(zs, alpha), version=("alpha", tuple(torch.as_tensor(alpha).flatten().tolist())))
+    comps = generate(svf.model, tokenizer, [task.format_prompt(e) for e in shots], temperature=0.0,
+                     max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=batch_size)
+    verdicts = task.verify_batch([c.text for c in comps], list(shots))
+    return sum(v.correct for v in verdicts) / max(1, len(verdicts))
+
+
+def score_mixture(tp: "TwoPass", zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example]) -> float:
+    tp._current = ("alpha", object())  # the merged weights are now this candidate's
+    tp.merges += 1
+    return score_alpha(tp.svf, tp.tokenizer, zs, alpha, task, shots, tp.batch_size)
+
+
+def pick_shots(task: Task, k: int, split: str = "train", seed: int = 0) -> list[Example]:
+    """``k`` examples of ``task``'s ``split`` for the few-shot search (a clear error when there are fewer)."""
+    import random
+
+    pool = task.examples(split)
+    if k > len(pool):
+        raise AdaptError(f"task {task.name!r} has {len(pool)} {split} examples, fewer than "
+                         f"adapt.cem.shots={k}")
+    rng = random.Random(f"shots/{task.name}/{seed}")
+    return rng.sample(pool, k)

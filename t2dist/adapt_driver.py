@@ -1,0 +1,217 @@
+"""Self-adaptation driver: two-pass inference, few-shot CEM farmed out to rollout actors, the table.
+
+Top-level (like ``t2dist/train.py``): it may import Ray; the core in ``t2dist/adapt/``
+never does.  ``adapt.actors = 0`` (the default) scores CEM candidates in process; N > 0
+starts N :class:`actors.adapt.AdaptWorker` Ray actors (a local cluster unless one is
+running) and splits each population over them.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from t2dist.adapt.cem import CEMResult, CEMSettings
+from t2dist.adapt.loading import build_two_pass, cem_settings, config_for, read_cls_expert, read_experts
+from t2dist.adapt.strategies import AdaptError, AdaptRun, TwoPass, pick_shots
+from t2dist.config import Config, dump_config
+from t2dist.evaluation import evaluate, wilson_interval
+from t2dist.tasks import get_task
+from t2dist.tasks.base import Example, Task
+
+
+class ParallelEvaluator:
+    """Score CEM candidates on N rollout actors, each with its own merged W'."""
+
+    def __init__(self, cfg: Config, zs: Sequence[dict], task: Task, shots: Sequence[Example], actors: int):
+        import ray
+
+        from actors.adapt import AdaptWorker
+
+        if not ray.is_initialized():
+            need = actors * max(cfg.rollout.cpus_per_actor, 0.01)
+            try:
+                ray.init(address="auto" if cfg.ray.address == "auto" else cfg.ray.address, log_to_driver=False)
+            except (ConnectionError, ValueError):
+                import os
+
+                ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+                         log_to_driver=False)
+            self._owns_ray = True
+        else:
+            self._owns_ray = False
+        remote = ray.remote(num_cpus=cfg.rollout.cpus_per_actor, num_gpus=cfg.rollout.gpus_per_actor)(AdaptWorker)
+        data = dump_config(cfg)
+        self.actors = [remote.remote(data, i) for i in range(actors)]
+        zs_cpu = [{k: v.detach().cpu() for k, v in z.items()} for z in zs]
+        ray.get([a.set_experts.remote(zs_cpu) for a in self.actors])
+        self.task_name = task.name
+        self.shots_ref = ray.put(list(shots))
+        self._ray = ray
+
+    def __call__(self, cands: Sequence[torch.Tensor]) -> list[float]:
+        n = len(self.actors)
+        chunks = [list(range(i, len(cands), n)) for i in range(n)]
+        futures = [a.score_mixtures.remote([cands[i] for i in idx], self.task_name, self.shots_ref)
+                   for a, idx in zip(self.actors, chunks) if idx]
+        out = [0.0] * len(cands)
+        for idx, scores in zip([c for c in chunks if c], self._ray.get(futures)):
+            for i, s in zip(idx, scores):
+                out[i] = s
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+def run_fewshot(tp: TwoPass, cfg: Config, task: Task, settings: CEMSettings | None = None,
+                actors: int | None = None, log=None) -> CEMResult:
+    """CEM over α on ``shots`` examples of ``task`` (in process, or on ``actors`` Ray actors)."""
+    s = settings or cem_settings(cfg)
+    shots = pick_shots(task, s.shots, cfg.adapt.cem.shots_split, seed=s.seed)
+    n = cfg.adapt.actors if actors is None else actors
+    if n <= 0:
+        return tp.fewshot(task, shots, s, log=log)
+    ev = ParallelEvaluator(cfg, [e.z for e in tp.experts.values()], task, shots, n)
+    try:
+        return tp.fewshot(task, shots, s, evaluator=ev, log=log)
+    finally:
+        ev.close()
+
+
+def mixture_card(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, task: Task) -> dict:
+    from t2dist.experts import make_card
+
+    return make_card(tp.svf, name=f"mix-{task.name}", task=task.name, metrics={"shots_accuracy": cem.score},
+                     config=dump_config(cfg), base_model=cfg.model.path,
+                     mixture={"experts": list(refs), "categories": list(tp.experts),
+                              "alpha": cem.alpha.tolist(), "per_matrix": cem.alpha.dim() == 2,
+                              "shots": cfg.adapt.cem.shots, "score": cem.score, "trace": cem.trace})
+
+
+def publish_mixture(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, task: Task,
+                    registry: str) -> str:
+    from t2dist.registry import Registry
+
+    card = mixture_card(tp, cfg, refs, cem, task)
+    return Registry(registry, create=True).publish(tp.mixed_z(cem.alpha), card)
+
+
+def setup(cfg: Config, refs: Sequence[str], cls_ref: str | None, registry: str | None, strategy: str,
+          task: Task | None = None, verbose: bool = False) -> TwoPass:
+    """Read and check everything that needs no model, then load the model."""
+    experts = read_experts(refs, registry)
+    cls_expert = read_cls_expert(cls_ref, registry) if strategy == "cls" else None
+    if strategy == "cls" and cls_expert is None:
+        raise AdaptError("strategy cls needs a classifier expert (--cls-expert / adapt.cls_expert)")
+    if strategy == "fewshot":
+        if task is None:
+            raise AdaptError("strategy fewshot needs a task (--task) to draw its shots from")
+        n = len(task.examples(cfg.adapt.cem.shots_split))
+        if n < cfg.adapt.cem.shots:
+            raise AdaptError(f"task {task.name!r} has {n} {cfg.adapt.cem.shots_split} examples, fewer than "
+                             f"adapt.cem.shots={cfg.adapt.cem.shots}")
+    return build_two_pass(cfg, experts, cls_expert, verbose=verbose)
+
+
+# ----------------------------------------------------------------------------------- the table
+def _cell(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{k / n:.3f} [{lo:.3f}–{hi:.3f}]"
+
+
+def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, registry: str | None,
+                     columns: Sequence[str] = ("math_mc", "code3", "mixed"), split: str = "test",
+                     limit: int | None = None, log=print) -> tuple[str, dict]:
+    """Rows Base, each single expert, Prompt, Cls-expert, Few-shot; columns ``columns``."""
+    tp = setup(cfg, refs, cls_ref, registry, "cls" if cls_ref else "prompt", verbose=True)
+    tasks = {c: get_task(c) for c in columns}
+    exs = {c: tasks[c].examples(split)[:limit] for c in columns}
+    res: dict[str, dict[str, dict]] = {}
+
+    def put(row, col, correct, n, **extra):
+        res.setdefault(row, {})[col] = {"correct": correct, "n": n, "accuracy": correct / n, **extra}
+
+    for col, task in tasks.items():
+        tp.reset()
+        r = evaluate(tp.svf.model, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size)
+        put("Base", col, r.correct, r.n)
+        log(f"Base {col}: {r.accuracy:.3f}")
+        for cat, e in tp.experts.items():
+            tp.use(("expert", cat), e.z)
+            r = evaluate(tp.svf.model, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size)
+            put(f"{cat} expert", col, r.correct, r.n)
+            log(f"{cat} expert {col}: {r.accuracy:.3f}")
+        for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls"), ("Few-shot", "fewshot")):
+            if strat == "cls" and tp.cls_expert is None:
+                continue
+            if strat == "fewshot":
+                t0 = time.perf_counter()
+                cem = run_fewshot(tp, cfg, task, log=None)
+                t1 = time.perf_counter()
+                a = tp.answer_with(("mixture", col), tp.mixed_z(cem.alpha), [task.format_prompt(e) for e in exs[col]],
+                                   task.max_new_tokens, task.stop)
+                t2 = time.perf_counter()
+                ok = [v.correct for v in task.verify_batch(a, exs[col])]
+                put(row, col, sum(ok), len(ok), first_pass_s=t1 - t0, second_pass_s=t2 - t1,
+                    alpha=[round(x, 3) for x in cem.alpha.flatten().tolist()][:12], cem_iterations=cem.iterations,
+                    shots_score=cem.score)
+                log(f"{row} {col}: {sum(ok) / len(ok):.3f} (alpha {cem.alpha.tolist()}, {cem.iterations} it)")
+                continue
+            run = tp.run(task, exs[col], strat)
+            put(row, col, sum(run.correct), run.n, dispatch_accuracy=run.dispatch_accuracy,
+                first_pass_s=run.first_pass_s, second_pass_s=run.second_pass_s, merges=run.merges,
+                labels={c: run.labels.count(c) for c in sorted(set(run.labels))})
+            log(f"{row} {col}: {run.accuracy:.3f} dispatch {run.dispatch_accuracy:.3f}")
+    # dispatch accuracy on the 4-way dispatch test set (incl. "other")
+    disp = get_task("dispatch", template=cfg.adapt.template)
+    dex = [e for e in disp.examples(split)][:limit]
+    srcs = [Example(e.meta["source_task"], e.meta["source_prompt"], "", {}) for e in dex]
+    extra = {}
+    for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls")):
+        if strat == "cls" and tp.cls_expert is None:
+            continue
+        labels = tp.classify([s.prompt for s in srcs], strat)
+        extra[row] = sum(lab == e.answer for lab, e in zip(labels, dex)) / len(dex)
+    md = format_table(res, columns, extra, len(dex), cfg)
+    return md, {"results": res, "dispatch_4way": extra, "n_dispatch": len(dex)}
+
+
+def format_table(res: dict, columns: Sequence[str], dispatch4: dict, n4: int, cfg: Config) -> str:
+    c = cfg.adapt.cem
+    lines = [f"# Self-adaptation on the synthetic suite ({_dt.date.today().isoformat()})", "",
+             f"Toy base `{cfg.model.path}`; accuracy on the test split (greedy) with 95% Wilson intervals. "
+             f"Few-shot: CEM, population {c.population}, elites {c.elite_frac}, ≤{c.iterations} iterations "
+             f"(patience {c.patience}), {c.shots} shots from {c.shots_split}, init std {c.init_std}, "
+             f"{'per-matrix' if c.per_matrix else 'per-expert'} α, single experts "
+             f"{'seeded' if c.seed_experts else 'not seeded'}.", "",
+             "n per column: " + ", ".join(f"{k} {next(iter(res.values()))[k]['n']}" for k in columns) + ".", "",
+             "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row, cols in res.items():
+        lines.append(f"| {row} | " + " | ".join(_cell(cols[k]["correct"], cols[k]["n"]) if k in cols else "–"
+                                                 for k in columns) + " |")
+    lines += ["", "First pass (dispatch, or the CEM search for Few-shot):", "",
+              "| method | " + " | ".join(f"{k} dispatch acc" for k in columns) + " | 4-way dispatch acc (incl. other, n="
+              f"{n4}) | " + " | ".join(f"{k} first/second pass time" for k in columns) + " |",
+              "|---|" + "---|" * (2 * len(columns) + 1)]
+    for row in ("Prompt", "Cls-expert", "Few-shot"):
+        if row not in res:
+            continue
+        cols = res[row]
+        acc = [f"{cols[k]['dispatch_accuracy']:.3f}" if cols.get(k, {}).get("dispatch_accuracy") is not None else "–"
+               for k in columns]
+        share = [f"{cols[k]['first_pass_s'] / cols[k]['second_pass_s']:.0%}" if k in cols else "–" for k in columns]
+        d4 = f"{dispatch4[row]:.3f}" if row in dispatch4 else "–"
+        lines.append(f"| {row} | " + " | ".join(acc) + f" | {d4} | " + " | ".join(share) + " |")
+    fs = res.get("Few-shot", {})
+    if fs:
+        lines += ["", "Few-shot α (experts in the order given): " + "; ".join(
+            f"{k}: {v['alpha']} ({v['cem_iterations']} iterations, shots accuracy {v['shots_score']:.2f})"
+            for k, v in fs.items())]
+    return "\n".join(lines) + "\n"
