@@ -71,10 +71,22 @@ def _sandbox_uid_procs() -> list[int]:
     return pids
 
 
+_PREEXISTING: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _note_preexisting_children():
+    """Children that existed before the test (a multiprocessing resource tracker left by an
+    earlier test module, say) are not the sandbox's strays."""
+    _PREEXISTING.clear()
+    _PREEXISTING.update(_descendants(os.getpid()))
+    yield
+
+
 def _assert_no_strays(timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        strays = _descendants(os.getpid()) + _sandbox_uid_procs()
+        strays = [p for p in _descendants(os.getpid()) if p not in _PREEXISTING] + _sandbox_uid_procs()
         if not strays or time.monotonic() > deadline:
             break
         time.sleep(0.1)
