@@ -150,6 +150,10 @@ def test_bad_input_is_refused_before_any_work(toy, tmp_path):
         check_expert_set({"math": a, "code": b})
     with pytest.raises(AdaptError, match="at least one expert"):
         check_expert_set({})
+    lora = _random_expert(svf, "math-lora", "math", 2)
+    lora.card["kind"] = "lora"
+    with pytest.raises(AdaptError, match="'math-lora' is a lora expert"):
+        check_expert_set({"math": a, "math-lora": lora})
     from t2dist.adapt.loading import read_experts
     from t2dist.registry import Registry
 

@@ -41,6 +41,10 @@ def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
     if not experts:
         raise AdaptError("adaptation needs at least one expert (adapt.experts / --experts)")
     items = list(experts.items())
+    for name, e in items:
+        if e.card.get("kind", "svf") != "svf":
+            raise AdaptError(f"expert {name!r} is a {e.card.get('kind')} expert; self-adaptation dispatches and "
+                             "mixes SVF experts (z vectors of one base), so use experts trained with policy.kind=svf")
     name0, e0 = items[0]
     for name, e in items[1:]:
         if e.card.get("base_fingerprint") != e0.card.get("base_fingerprint"):
