@@ -142,7 +142,9 @@ class TrainConfig(Section):
 
 
 class RayConfig(Section):
-    address: str = Field("auto", description="'auto': join a running cluster or start a local one; 'local'; or host:port")
+    address: str | None = Field(
+        None, description="null: $RAY_ADDRESS when set (as under `ray job submit`), else start a local cluster; "
+                          "'auto': join a cluster running on this machine or start a local one; 'local'; or host:port")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (null: what the run needs)")
     placement: Literal["none", "colocated", "separate"] = Field(
         "none", description="Ray placement groups: none; colocated (one PACK group: actors beside learner ranks); "
@@ -206,7 +208,10 @@ class AdaptConfig(Section):
 
 class Config(Section):
     name: str = "run"
-    run_dir: str | None = None
+    run_dir: str | None = Field(None, description="run directory (null: runs/<name>-<time>); relative: under output_root")
+    output_root: str | None = Field(None, description="absolute directory that relative output paths (run_dir, "
+                                    "registry.url, svf.cache_dir, model.cache_dir) resolve under; null: $T2DIST_HOME, "
+                                    "else the current directory (refused inside a `ray job submit` working-dir copy)")
     model: ModelConfig = ModelConfig()
     svf: SVFConfig = SVFConfig()
     policy: PolicyConfig = PolicyConfig()

@@ -142,6 +142,50 @@ def test_learner_death_stops_with_resumable_checkpoint(cluster, tmp_path):
     assert latest_checkpoint(tmp_path / "run") is not None
 
 
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def test_crash_right_after_a_checkpoint_commit_keeps_the_best_z(cluster, tmp_path, monkeypatch):
+    """A crash just after a checkpoint is renamed into place: resume still holds the best z (by validation)."""
+    import t2dist.checkpoint as ckpt_mod
+    import t2dist.train  # noqa: F401 (loaded, so that its names are patched too)
+    from t2dist.train import train
+
+    real = ckpt_mod.commit_checkpoint
+
+    def commit_then_crash(tmp, final, *args, **kw):
+        path = real(tmp, final, *args, **kw)
+        if final.name == "step-000002":
+            raise SimulatedCrash("the driver dies right after committing step 2")
+        return path
+
+    for mod in list(sys.modules.values()):  # wherever the commit is reached from
+        if getattr(mod, "__name__", "").startswith("t2dist") and getattr(mod, "commit_checkpoint", None) is real:
+            monkeypatch.setattr(mod, "commit_checkpoint", commit_then_crash)
+    cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=2", "train.eval_every=1",
+                    "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.eval_limit=20", "eval.limit=20")
+    with pytest.raises(SimulatedCrash):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and ckpt.name == "step-000002"
+    _, state = load_checkpoint(ckpt)
+    best_step = state["best"]["step"]
+    assert best_step in (1, 2)  # every validation result beats the initial -1
+    z_at_best, _ = load_checkpoint(run / "checkpoints" / f"step-{best_step:06d}")
+    assert (ckpt / "best_z.safetensors").is_file(), "the committed checkpoint lacks its best z"
+
+    summary = train(cfg, resume=run, progress=False)
+    assert summary["best_step"] == best_step
+    from safetensors.torch import load_file
+
+    expert = load_file(str(Path(summary["expert"]) / "z.safetensors"))
+    for n in z_at_best:
+        assert torch.equal(expert[n].float(), z_at_best[n].float()), n
+
+
 @pytest.mark.parametrize("override,needle", [
     ("learner.ranks=3", "learner.ranks=3 must divide rl.prompts_per_step=8"),
     ("model.path=/no/such/model", "/no/such/model"),
