@@ -3,6 +3,7 @@
 Layout inside a run directory::
 
     checkpoints/step-000006/{z.safetensors, best_z.safetensors, state.json, learner/...}
+                            # + rollout_z.safetensors with rl.off_policy_steps=1 (z of the batch in flight)
     checkpoints/latest          # text file naming the newest complete checkpoint
 
 A checkpoint directory is assembled under a temporary name (everything, the best z
@@ -27,6 +28,7 @@ from t2dist.atomic import atomic_write_json, atomic_write_text
 
 LATEST = "latest"
 BEST_Z = "best_z.safetensors"
+ROLLOUT_Z = "rollout_z.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,15 +81,18 @@ def _save_z(z: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def commit_checkpoint(tmp: Path, final: Path, z: Mapping[str, torch.Tensor], state: Mapping[str, Any],
-                      best_z: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write z, the best z and state into ``tmp``, rename it to ``final`` and point ``latest`` at it.
+                      best_z: Mapping[str, torch.Tensor] | None = None,
+                      rollout_z: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write z, the best z (and the z of a rollout in flight) and state into ``tmp``, rename it to ``final``
+    and point ``latest`` at it.
 
     Everything resume reads is inside ``tmp`` before the rename: a crash at any point leaves
     either the previous checkpoint or this one complete.
     """
     _save_z(z, tmp / "z.safetensors")
-    if best_z is not None:
-        _save_z(best_z, tmp / BEST_Z)
+    for name, extra in ((BEST_Z, best_z), (ROLLOUT_Z, rollout_z)):
+        if extra is not None:
+            _save_z(extra, tmp / name)
     atomic_write_json(tmp / "state.json", _jsonable(dict(state)), indent=1)
     if final.exists():
         shutil.rmtree(final)
@@ -110,9 +115,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return load_file(str(path / "z.safetensors")), json.loads((path / "state.json").read_text())
 
 
-def load_best_z(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The best z stored with a checkpoint (None in one written without it)."""
-    file = Path(path) / BEST_Z
+def load_extra_z(path: str | os.PathLike, name: str = BEST_Z) -> dict[str, torch.Tensor] | None:
+    """The best z (``BEST_Z``) or rollout z (``ROLLOUT_Z``) stored with a checkpoint; None when it has none."""
+    file = Path(path) / name
     return load_file(str(file)) if file.is_file() else None
 
 

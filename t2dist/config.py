@@ -81,6 +81,8 @@ class RLConfig(Section):
     clip_grad: float | None = Field(1.0, gt=0.0)
     update_epochs: int = Field(1, ge=1, description="optimizer updates per rollout batch (>1: PPO-style ratio clipping)")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip, used when rl.update_epochs > 1")
+    off_policy_steps: int = Field(0, ge=0, le=1, description="1: the actors sample step t+1's batch with z_(t-1) "
+                                  "while the learner computes z_t (overlap; no importance correction); 0: on-policy")
     seed: int = 0
 
     @field_validator("kl_estimator")

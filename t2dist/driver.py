@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -79,6 +80,17 @@ def check_resources(cfg: Config) -> None:
 
 
 
+@dataclass
+class PendingRollout:
+    """A rollout in flight on the actors: what a restarted actor needs to redo its share."""
+
+    z_ref: ray.ObjectRef
+    version: int
+    chunks: list
+    seeds: list[int]
+    refs: list[ray.ObjectRef]
+
+
 class Driver:
     """The run's actors: rollout actors, the evaluator, the learner ranks; one method per thing a step does."""
 
@@ -126,14 +138,19 @@ class Driver:
                 pass  # a dead actor is restarted and re-synced by rollout()
         return time.perf_counter() - t0
 
-    def rollout(self, z_ref, version: int, examples, step: int) -> RolloutBatch:
+    def start_rollout(self, z_ref, version: int, examples, step: int) -> PendingRollout:
+        """Split ``examples`` over the actors (z already synced) and start sampling; returns at once."""
         n = len(self.actors)
         bounds = [round(k * len(examples) / n) for k in range(n + 1)]
         chunks = [examples[bounds[i]:bounds[i + 1]] for i in range(n)]
         seeds = [step_seed(self.cfg.rl.seed, step) + i * ACTOR_SEED_STRIDE for i in range(n)]
-        refs = [self.actors[i].rollout.remote(chunks[i], seeds[i]) for i in range(n)]  # z already synced
+        refs = [self.actors[i].rollout.remote(chunks[i], seeds[i]) for i in range(n)]
+        return PendingRollout(z_ref, version, chunks, seeds, refs)
+
+    def finish_rollout(self, pending: PendingRollout) -> RolloutBatch:
+        """Wait for every actor's share; a dead actor is restarted, re-synced, and its share redone."""
         results = []
-        for i, ref in enumerate(refs):
+        for i, ref in enumerate(pending.refs):
             for attempt in range(self.cfg.train.max_actor_restarts + 1):
                 try:
                     results.append(ray.get(ref))
@@ -145,9 +162,12 @@ class Driver:
                     print(f"[t2dist] rollout actor {i} died ({type(exc).__name__}); restarting it and redoing its work",
                           flush=True)
                     self._wait_alive(i)
-                    self.actors[i].set_expert.remote(z_ref, version)  # the restarted actor holds base weights
-                    ref = self.actors[i].rollout.remote(chunks[i], seeds[i])
+                    self.actors[i].set_expert.remote(pending.z_ref, pending.version)  # restarted: base weights
+                    ref = self.actors[i].rollout.remote(pending.chunks[i], pending.seeds[i])
         return RolloutBatch.concat(results)
+
+    def rollout(self, z_ref, version: int, examples, step: int) -> RolloutBatch:
+        return self.finish_rollout(self.start_rollout(z_ref, version, examples, step))
 
     def _wait_alive(self, i: int, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout

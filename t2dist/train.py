@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -30,10 +31,10 @@ import torch
 from actors.rollout import z_nbytes
 from t2dist import checkpoint
 from t2dist.atomic import atomic_write_json
-from t2dist.checkpoint import (begin_checkpoint, latest_checkpoint, load_best_z, load_checkpoint, prune_checkpoints,
-                               rng_state, set_rng_state)
+from t2dist.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint, load_extra_z,
+                               prune_checkpoints, rng_state, set_rng_state)
 from t2dist.config import Config, ConfigError, dump_config
-from t2dist.driver import (Driver, LearnerDied, check_resources, connect_ray,  # noqa: F401 (resources_needed:
+from t2dist.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401 (resources_needed:
                            resources_needed)                                      # bench/pipeline.py imports it here)
 from t2dist.errors import TrainingError
 from t2dist.experts import save_expert
@@ -155,21 +156,24 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.steps
 
-    def save(self, step: int, z, state: RunState, best_z) -> Path:
+    def save(self, step: int, z, state: RunState, best_z, rollout_z=None) -> Path:
         """Learner ranks, z, best z and state all go into the temporary directory before it is renamed."""
         tmp, final = begin_checkpoint(self.run_dir, step)
         self.driver.save_learners(tmp / "learner", step)
-        path = checkpoint.commit_checkpoint(tmp, final, z, state.to_json(), best_z)
+        path = checkpoint.commit_checkpoint(tmp, final, z, state.to_json(), best_z, rollout_z)
         prune_checkpoints(self.run_dir, self.keep)
         return path
 
     def restore(self, ckpt: Path) -> tuple[RunState, dict, dict]:
-        """The run state, z and best z of ``ckpt``; the learner ranks and this process's RNGs are restored."""
+        """The run state, z and best z of ``ckpt``; the learner ranks and this process's RNGs are restored.
+
+        (The z of a rollout that was in flight, with ``rl.off_policy_steps=1``: ``load_extra_z(ckpt, ROLLOUT_Z)``.)
+        """
         z, data = load_checkpoint(ckpt)
         state = RunState.from_json(data)
         set_rng_state(state.rng)
         self.driver.restore_learners(ckpt / "learner", z)
-        best_z = load_best_z(ckpt)
+        best_z = load_extra_z(ckpt)
         if best_z is None:
             if state.best.step:  # written by a version that stored the best z after the commit, and crashed
                 print(f"[t2dist] warning: {ckpt} lacks the best z of step {state.best.step}; the best is chosen "
@@ -206,8 +210,25 @@ class BackgroundEvals:
             self.best.offer(step, res["accuracy"], z)
 
 
+@dataclass
+class Generation:
+    """One step's batch being sampled: the rollout in flight, the z it samples with, its prompts, the sync time."""
+
+    pending: PendingRollout
+    z: dict
+    prompts: int
+    sync_s: float
+
+
 class Trainer:
-    """One run from its first (or resumed) step to the summary; ``fit`` is the loop."""
+    """One run from its first (or resumed) step to the summary; ``fit`` is the loop.
+
+    ``rl.off_policy_steps=1`` changes one thing: ``train_step`` starts sampling step s+1's batch
+    with z_(s-1) before the learner computes z_s from step s's batch, so generation and learning
+    overlap (batch s is sampled with z_(s-2), one step older than on-policy). A checkpoint keeps
+    that in-flight batch's z (``rollout_z``) and counts its prompts as not consumed, so resume
+    resamples it exactly. 0 is the on-policy loop, unchanged.
+    """
 
     def __init__(self, cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, progress: bool = True):
         from t2dist.runtime import policy_parametrization
@@ -223,7 +244,7 @@ class Trainer:
         for step in range(self.state.step + 1, self.cfg.rl.steps + 1):  # steps count from 1
             self.train_step(step)
             self.evals.maybe_evaluate(step, self.z)
-            self.state.step, self.state.position = step, self.stream.position
+            self.state.step, self.state.position = step, self.consumed_position()
             self.maybe_checkpoint(step)
         return self.finish(wall0)
 
@@ -234,6 +255,9 @@ class Trainer:
         else:
             self.state, self.z = RunState(), self.driver.get_z()
             best_z = self.z
+        self.lag = self.cfg.rl.off_policy_steps
+        self.prefetched: Generation | None = None  # off-policy: the next step's batch, in flight
+        self.lagged_z = (load_extra_z(ckpt, ROLLOUT_Z) if ckpt is not None else None) if self.lag else None
         self.best = BestTracker(self.state, best_z)
         self.evals = BackgroundEvals(self.cfg, self.driver.evaluator, self.state, self.best, self.tracker)
         self.stream = PromptStream(self.task.examples("train"), self.cfg.rl.seed, position=self.state.position)
@@ -243,19 +267,35 @@ class Trainer:
         self.t_run = time.perf_counter()
 
     def train_step(self, step: int) -> dict:
-        """Prompts, z to the actors, rollout, learner update: z becomes z of ``step``; returns the step's record."""
+        """Batch of ``step`` (sampled now, or prefetched), learner update: z becomes z of ``step``; returns the record."""
         t0 = time.perf_counter()
-        examples = self.stream.next_batch(self.cfg.rl.prompts_per_step)
-        z_ref = ray.put(self.z)
-        version = step - 1  # the z version and sampling seed of step s are s-1 (0-based, as train-local)
-        sync_s = self.driver.sync(z_ref, version)
-        batch = self.driver.rollout(z_ref, version, examples, version)
+        z = self.lagged_z if self.lagged_z is not None else self.z  # lagged: a resumed off-policy run
+        gen, self.prefetched = self.prefetched or self.generate(step, z), None
+        self.lagged_z = None
+        batch = self.driver.finish_rollout(gen.pending)
+        sync_s = gen.sync_s if self.lag == 0 else 0.0  # a prefetched batch's sync belongs to the step before
+        if self.lag and step < self.cfg.rl.steps:
+            self.prefetched = self.generate(step + 1, self.z)  # z_(step-1), sampled while the learner works
+            sync_s += self.prefetched.sync_s
         t1 = time.perf_counter()
         learner = self.learn(step, batch)
         times = StepTimes(sync_s=sync_s, rollout_s=t1 - t0 - sync_s, learner_s=time.perf_counter() - t1)
         rec = step_record(step, batch, learner, times, sync_bytes=z_nbytes(self.z) * len(self.driver.actors))
         self.log(rec)
         return rec
+
+    def generate(self, step: int, z) -> Generation:
+        """Sync ``z`` to the actors and start sampling the batch of ``step`` (seed and prompts of that step)."""
+        examples = self.stream.next_batch(self.cfg.rl.prompts_per_step)
+        version = max(step - 1 - self.lag, 0)  # z_v is z after v updates; on-policy, step s samples with z_(s-1)
+        z_ref = ray.put(z)
+        sync_s = self.driver.sync(z_ref, version)
+        pending = self.driver.start_rollout(z_ref, version, examples, step - 1)  # seed of step s: s-1 (as train-local)
+        return Generation(pending, z, len(examples), sync_s)
+
+    def consumed_position(self) -> int:
+        """Prompts the learner has consumed: a prefetched batch's prompts are sampled again after a resume."""
+        return self.stream.position - (self.prefetched.prompts if self.prefetched else 0)
 
     def learn(self, step: int, batch) -> dict:
         """One data-parallel update on ``batch``; ``self.z`` becomes the new z. A dead rank stops the run."""
@@ -286,7 +326,7 @@ class Trainer:
         self.state.wall_seconds += now - self.t_run
         self.t_run = now
         self.settle_base()
-        self.checkpointer.save(step, self.z, self.state, self.best.z)
+        self.checkpointer.save(step, self.z, self.state, self.best.z, self.prefetched.z if self.prefetched else None)
 
     def settle_base(self) -> None:
         if self.base_ref is not None:
