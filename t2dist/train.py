@@ -12,6 +12,9 @@ One step (``Trainer.train_step``):
    ``train.checkpoint_every`` steps the ``Checkpointer`` writes z, the best z, the learner
    ranks' state and the typed ``RunState`` (``t2dist/run_state.py``).
 
+With ``rl.off_policy_steps=1`` step s+1's batch is sampled with z_(s-1) while the learner
+computes z_s (``Trainer`` says how, and how a checkpoint keeps the batch in flight).
+
 At the end (``Trainer.finish``) the best z (by validation accuracy) is evaluated on the test
 split, written as an expert, published when ``registry.url`` is set, and ``summary.json``
 records base vs final accuracy. The actors live in ``t2dist/driver.py``; where the outputs
