@@ -167,10 +167,10 @@ class Checkpointer:
         prune_checkpoints(self.run_dir, self.keep)
         return path
 
-    def restore(self, ckpt: Path) -> tuple[RunState, dict, dict]:
-        """The run state, z and best z of ``ckpt``; the learner ranks and this process's RNGs are restored.
+    def restore(self, ckpt: Path) -> tuple[RunState, dict, dict, dict | None]:
+        """State, z, best z and the z of a batch in flight (off-policy; else None) of ``ckpt``.
 
-        (The z of a rollout that was in flight, with ``rl.off_policy_steps=1``: ``load_extra_z(ckpt, ROLLOUT_Z)``.)
+        The learner ranks and this process's RNGs are restored.
         """
         z, data = load_checkpoint(ckpt)
         state = RunState.from_json(data)
@@ -184,7 +184,7 @@ class Checkpointer:
                 state.best = Best()
             best_z = z
         print(f"[t2dist] resumed from {ckpt} at step {state.step}", flush=True)
-        return state, z, best_z
+        return state, z, best_z, load_extra_z(ckpt, ROLLOUT_Z)
 
 
 class BackgroundEvals:
@@ -254,13 +254,13 @@ class Trainer:
     def start(self, ckpt: Path | None) -> None:
         """Fresh or resumed run state, z, best z, prompt stream; the base model's test evaluation starts."""
         if ckpt is not None:
-            self.state, self.z, best_z = self.checkpointer.restore(ckpt)
+            self.state, self.z, best_z, rollout_z = self.checkpointer.restore(ckpt)
         else:
-            self.state, self.z = RunState(), self.driver.get_z()
+            self.state, self.z, rollout_z = RunState(), self.driver.get_z(), None
             best_z = self.z
         self.lag = self.cfg.rl.off_policy_steps
         self.prefetched: Generation | None = None  # off-policy: the next step's batch, in flight
-        self.lagged_z = (load_extra_z(ckpt, ROLLOUT_Z) if ckpt is not None else None) if self.lag else None
+        self.lagged_z = rollout_z if self.lag else None  # off-policy resume: z of the batch that was in flight
         self.best = BestTracker(self.state, best_z)
         self.evals = BackgroundEvals(self.cfg, self.driver.evaluator, self.state, self.best, self.tracker)
         self.stream = PromptStream(self.task.examples("train"), self.cfg.rl.seed, position=self.state.position)
