@@ -15,11 +15,17 @@ from t2dist.registry import ExpertRef, Registry, RegistryError, load_expert_ref,
 
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def svf():
+def factor_cache(tmp_path_factory):
+    """One factor cache for the module: every model built here uses the same U, S, V."""
+    return tmp_path_factory.mktemp("factors")
+
+
+@pytest.fixture(scope="module")
+def svf(factor_cache):
     from t2dist.config import load_config
     from t2dist.runtime import load_svf
 
-    model, _tok = load_svf(load_config(None, ["svf.cache_dir=null"]))
+    model, _tok = load_svf(load_config(None, [f"svf.cache_dir={factor_cache}"]))
     return model
 
 
@@ -299,7 +305,13 @@ def test_eval_by_registry_reference_matches_the_directory(tmp_path, trained_expe
     assert main(["eval", "--expert", "math:gold", "--registry", url, *common]) == 2
 
 
-def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, trained_expert):
+def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, factor_cache, trained_expert):
+    """The export writes exactly ``merge_``'s W' (same factors, same code): weights and logits are equal.
+
+    Both sides read the module's factor cache, so W' = W + U diag(S(f(z) - 1)) Vᵀ is computed
+    from identical U, S, V by the same function; the merged checkpoint is float32 like the model.
+    """
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from t2dist.experts import read_expert
@@ -309,11 +321,13 @@ def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, trained_ex
     url = str(tmp_path / "reg")
     Registry(url, create=True).publish_dir(trained_expert)
     out = tmp_path / "merged"
-    assert main(["export", "--expert", "math@1", "--registry", url, "--out", str(out), "svf.cache_dir=null"]) == 0
-    assert main(["export", "--expert", "math@1", "--registry", url, "--out", str(out), "svf.cache_dir=null"]) == 2
+    cache = f"svf.cache_dir={factor_cache}"
+    assert main(["export", "--expert", "math@1", "--registry", url, "--out", str(out), cache]) == 0
+    assert main(["export", "--expert", "math@1", "--registry", url, "--out", str(out), cache]) == 2
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert json.loads((out / "t2dist_expert.json").read_text())["version"] == 1
+    exported = load_file(str(out / "model.safetensors"))
 
     expert = read_expert(trained_expert)
     check_compatible(expert, svf)
@@ -322,6 +336,8 @@ def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, trained_ex
     ids = tok(prompts[:4], return_tensors="pt", padding=True)
     svf.merge_(expert.z)
     try:
+        for name in svf.targets:
+            assert torch.equal(exported[f"{name}.weight"], svf.model.get_submodule(name).weight), name
         adapted_out = generate(svf.model, tok, prompts, max_new_tokens=12, temperature=0.0)
         with torch.no_grad():
             ref_logits = svf.model(**ids).logits
@@ -331,11 +347,9 @@ def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, trained_ex
     base_out = generate(svf.model, tok, prompts, max_new_tokens=12, temperature=0.0)
     with torch.no_grad():
         got_logits = merged(**ids).logits
-    torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_logits, ref_logits)
     assert [c.text for c in merged_out] == [c.text for c in adapted_out]
     assert [c.text for c in merged_out] != [c.text for c in base_out]  # the expert really changes outputs
-
-
 
 
 def test_export_of_a_lora_expert_is_a_plain_checkpoint(tmp_path):
