@@ -1,5 +1,5 @@
-"""Sharded SVF factors (learner/sharding.py): exactness against the unsharded single process, per-rank
-memory and bytes read, and the errors for work that does not split or a damaged factor cache."""
+"""Sharded SVF factors (t2dist/svf/sharded.py, built per rank by learner/sharding.py): exactness
+against the unsharded single process, per-rank memory and bytes read, and the errors for work that does not split or a damaged factor cache."""
 from __future__ import annotations
 
 import json
@@ -204,7 +204,7 @@ def test_sharded_rank_restores_from_checkpoint_of_unsharded(ray_cluster, make_cf
 
 # -- bad input -----------------------------------------------------------------------------------
 def test_ranks_not_dividing_the_work_is_an_error_naming_the_keys(make_cfg):
-    from learner.sharding import check_shardable, target_shapes_from_config
+    from t2dist.svf.sharded import check_shardable, target_shapes_from_config
 
     cfg = make_cfg(ranks=3, shard_factors=True)
     shapes = target_shapes_from_config(cfg)  # from the config alone (meta device)
