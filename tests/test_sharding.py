@@ -15,25 +15,15 @@ from t2dist.config import Config, ConfigError
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.svf.factors import FACTORS_FILE, FactorCacheError, load_factor_slices, read_meta
+from tiny_models import save_char_llama
 
 P, N = 4, 3
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from t2dist.toy.tokenizer import build_char_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-llama-shard")
-    tok = build_char_tokenizer()
-    torch.manual_seed(1)
-    mcfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(mcfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    """A randomly initialised tiny Llama + a char-level tokenizer, saved as an HF directory."""
+    return save_char_llama(tmp_path_factory.mktemp("tiny-llama-shard"), seed=1)
 
 
 @pytest.fixture(scope="module")
