@@ -114,8 +114,8 @@ def build_sharded_svf(cfg: Config, *, rank: int, world: int, backend: str, devic
     fdtype = factor_dtype(cfg, on_gpu)
     slices, nread = load_factor_slices(path, comps, model_fingerprint=fp, targets=names, rank=cfg.svf.rank,
                                        device=device, dtype=fdtype)
-    svf = shard_model(model, slices, RowComm(rank, world, backend), SVFModel.parametrization_from_config(cfg), fingerprint=fp,
-                      svf_rank=cfg.svf.rank, target_spec=cfg.svf.targets, bytes_read=nread)
+    svf = shard_model(model, slices, RowComm(rank, world, backend), SVFModel.parametrization_from_config(cfg),
+                      fingerprint=fp, svf_rank=cfg.svf.rank, target_spec=cfg.svf.targets, bytes_read=nread)
     if on_gpu:
         torch.cuda.empty_cache()
     return svf, tokenizer

@@ -6,8 +6,9 @@ A plain class: the driver turns it into a Ray actor with
 Every rank holds the frozen base model and its SVF factors (or another policy kind) — or,
 with ``learner.shard_factors``, a 1/R shard of the target weights and factors
 (``t2dist/svf/sharded.py``, built by ``learner/sharding.py``: each rank reads only its
-slice of the factor cache); the only trainable parameters (what DeepSpeed and the optimizer see) are the ``z`` vectors, wrapped in a
-:class:`~t2dist.svf.model.ZParams` whose ``forward`` is the RL loss of a shard.
+slice of the factor cache); the only trainable parameters (what DeepSpeed and the
+optimizer see) are the ``z`` vectors, wrapped in a :class:`~t2dist.svf.model.ZParams`
+whose ``forward`` is the RL loss of a shard.
 
 Exactness with the single-process oracle (:func:`t2dist.rl.local.train_local`): the
 driver computes advantages on the whole batch and the *global* normalizer (total

@@ -25,7 +25,7 @@ from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispa
 from t2dist.evaluation import wilson_interval
 from t2dist.experts import Expert, ExpertError, card_kind, check_compatible
 from t2dist.generation import generate
-from t2dist.policy.registry import policy_class
+from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
 from t2dist.tasks.base import Example, Task
 
@@ -48,8 +48,9 @@ def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
         except ExpertError as exc:
             raise AdaptError(f"expert {name!r}: {exc}") from None
         if not mixable:
+            kinds = ", ".join(f"policy.kind={k}" for k, c in sorted(POLICIES.items()) if c.mixable)
             raise AdaptError(f"expert {name!r} is a {e.card.get('kind')} expert; self-adaptation dispatches and "
-                             "mixes SVF experts (z vectors of one base), so use experts trained with policy.kind=svf")
+                             f"mixes z vectors of one base linearly, so use experts trained with {kinds}")
     name0, e0 = items[0]
     for name, e in items[1:]:
         if e.card.get("base_fingerprint") != e0.card.get("base_fingerprint"):
