@@ -77,10 +77,10 @@ def main(argv=None) -> None:
 
     from learner.sharding import RowComm
     from t2dist.rl.logprobs import completion_logprobs
-    from t2dist.svf.sharded import shard_model
     from t2dist.svf.factors import FactorSlice, decompose
     from t2dist.svf.model import SVFModel
     from t2dist.svf.parametrization import Parametrization
+    from t2dist.svf.sharded import shard_model
     from t2dist.svf.targets import select_targets
 
     device = torch.device(args.device)
