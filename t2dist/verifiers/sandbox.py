@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,6 +75,7 @@ _UID_LO, _UID_SPAN = 1 << 24, 1 << 28
 _LAUNCHER = r"""
 import os, resource, sys
 uid, mem, cpu, nproc, fsize, path = sys.argv[1:7]
+extra = sys.argv[7:]
 if int(uid) >= 0:
     os.setgroups([])
     os.setresgid(int(uid), int(uid), int(uid))
@@ -88,8 +89,8 @@ for res, val in ((resource.RLIMIT_AS, int(mem) << 20), (resource.RLIMIT_CPU, int
     resource.setrlimit(res, (val, val + 1 if res == resource.RLIMIT_CPU else val))
 with open(path, encoding="utf-8") as fh:
     src = fh.read()
-del uid, mem, cpu, nproc, fsize, fh, res, val
-sys.argv = ["main.py"]
+sys.argv = ["main.py", *extra]
+del uid, mem, cpu, nproc, fsize, fh, res, val, extra
 code = compile(src, "main.py", "exec")
 del src
 g = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -207,6 +208,21 @@ class SandboxPool:
         futures = [self._executor.submit(self._run_one, s, i) for s, i in zip(sources, stdins)]
         return [f.result() for f in futures]
 
+    def submit(self, source: str, stdin: str = "") -> Future:
+        """Start one job; the future gives its :class:`SandboxResult`."""
+        self._check_open()
+        return self._executor.submit(self._run_one, source, stdin)
+
+    def submit_linked(self, source_a: str, source_b: str) -> Future:
+        """Start two jobs, each in its own sandbox (own uid, namespaces, limits), joined by two pipes.
+
+        Job ``a`` reads what ``b`` writes and vice versa: both get ``sys.argv[1:3] == [read_fd,
+        write_fd]``.  Nothing else is shared.  The future gives ``(result_a, result_b)``; ``a`` is
+        killed as soon as ``b`` has ended (``b`` is the side whose outcome matters).
+        """
+        self._check_open()
+        return self._executor.submit(self._run_linked, source_a, source_b)
+
     def close(self) -> None:
         """Wait for jobs in flight (each ends within its wall limit) and stop the threads."""
         if not self._closed:
@@ -224,7 +240,44 @@ class SandboxPool:
             raise RuntimeError("SandboxPool is closed")
 
     # ------------------------------------------------------------------ one job
-    def _run_one(self, source: str, stdin: str) -> SandboxResult:
+    def _run_linked(self, source_a: str, source_b: str) -> tuple[SandboxResult, SandboxResult]:
+        a_read, b_write = os.pipe()
+        b_read, a_write = os.pipe()
+        open_fds = {a_read, a_write, b_read, b_write}
+        spawned: list[subprocess.Popen] = []
+        started = threading.Event()
+        out: list[SandboxResult | BaseException] = []
+
+        def close(*fds: int) -> None:  # our copies, once the job holds its own
+            for fd in fds:
+                if fd in open_fds:
+                    open_fds.discard(fd)
+                    os.close(fd)
+
+        def run_a() -> None:
+            try:
+                out.append(self._run_one(source_a, "", (a_read, a_write), lambda p: (spawned.append(p), started.set())))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                out.append(exc)
+            finally:
+                started.set()
+
+        helper = threading.Thread(target=run_a, name="t2dist-sandbox-linked", daemon=True)
+        try:
+            helper.start()
+            started.wait()
+            close(a_read, a_write)
+            res_b = self._run_one(source_b, "", (b_read, b_write), lambda _p: close(b_read, b_write))
+        finally:
+            close(*list(open_fds))
+            if spawned and spawned[0].poll() is None:
+                _kill_group(spawned[0].pid)  # b is over: a has nothing left to answer
+            helper.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0], res_b
+
+    def _run_one(self, source: str, stdin: str, fds: tuple[int, ...] = (), on_spawn=None) -> SandboxResult:
         lim = self.limits
         uid = _UID_LO + secrets.randbelow(_UID_SPAN) if self._switch_uid else -1
         start = time.monotonic()
@@ -232,7 +285,9 @@ class SandboxPool:
             tmp = None if self.bwrap else stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="t2dist-sbx-", ignore_cleanup_errors=True)
             )
-            proc = self._spawn(source, uid, tmp)
+            proc = self._spawn(source, uid, tmp, fds)
+            if on_spawn is not None:
+                on_spawn(proc)
             try:
                 out, err, over, timed_out = _communicate(
                     proc, stdin.encode("utf-8", "surrogatepass"), start + lim.wall_seconds, lim.max_output_bytes
@@ -248,15 +303,19 @@ class SandboxPool:
             wall_seconds=time.monotonic() - start,
         )
 
-    def _spawn(self, source: str, uid: int, tmp: str | None) -> subprocess.Popen:
-        """Start the job: under bwrap (source passed through a memfd) or, with ``tmp``, rlimits only."""
+    def _spawn(self, source: str, uid: int, tmp: str | None, fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        """Start the job: under bwrap (source passed through a memfd) or, with ``tmp``, rlimits only.
+
+        ``fds`` are inherited by the job (their numbers follow the source path in the launcher's argv)."""
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        extra = [str(f) for f in fds]
         if tmp is None:
             fd = os.memfd_create("t2dist-job")  # close-on-exec; only bwrap gets it, via pass_fds
             try:
                 os.write(fd, source.encode("utf-8", "surrogatepass"))
                 os.lseek(fd, 0, os.SEEK_SET)
-                return subprocess.Popen(self._bwrap_argv(fd, uid), pass_fds=(fd,), env={}, cwd="/", **pipes)
+                return subprocess.Popen(self._bwrap_argv(fd, uid) + extra, pass_fds=(fd, *fds), env={}, cwd="/",
+                                        **pipes)
             finally:
                 os.close(fd)
         path = os.path.join(tmp, "main.py")
@@ -265,9 +324,9 @@ class SandboxPool:
         os.chmod(path, 0o444)
         if uid >= 0:
             os.chown(tmp, uid, uid)
-        argv = [self.python, "-I", "-S", "-X", "utf8", "-c", _LAUNCHER, *self._limit_args(uid), path]
+        argv = [self.python, "-I", "-S", "-X", "utf8", "-c", _LAUNCHER, *self._limit_args(uid), path, *extra]
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8"}
-        return subprocess.Popen(argv, env=env, cwd=tmp, **pipes)
+        return subprocess.Popen(argv, env=env, cwd=tmp, pass_fds=fds, **pipes)
 
     def _limit_args(self, uid: int) -> list[str]:
         lim = self.limits
