@@ -7,8 +7,8 @@ trusted side rebuilds them as genuine builtins.  Only ``None``, ``bool``, ``int`
 (nested at most :data:`MAX_DEPTH` = 64 deep) exist in the format; the encoder checks
 ``type(v) is int`` etc., so a subclass of ``int``/``str``, an object with its own ``__eq__``,
 a generator or a class is refused (an error, hence a failed check); the one exception is the
-``collections`` dict subclasses (``Counter``, ``OrderedDict``, ``defaultdict``: MBPP 367's
-reference returns a ``Counter``), which are sent as plain dicts of their items, so their class
+``collections`` dict subclasses (``Counter``, ``OrderedDict``, ``defaultdict``: MBPP's reference
+``freq_count`` returns a ``Counter``), which are sent as plain dicts of their items, so their class
 never travels.  Whatever bytes
 arrive, the decoder can only produce those builtins or raise :class:`PlainDataError`.
 
