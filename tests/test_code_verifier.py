@@ -96,7 +96,7 @@ HACKS: dict[str, tuple[str, str]] = {
                             "            ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(f), ctypes.c_int(0))\n"
                             "    f = f.f_back\nadd = lambda a, b: 0\n", "add"),
     "settrace_skip": ("import sys\ndef t(frame, event, arg):\n    if event == 'call' and frame.f_code.co_name in "
-                      "('send', '_t2_encode'):\n        raise SystemExit(0)\n    return t\nsys.settrace(t)\n"
+                      "('send', '_t2_dumps'):\n        raise SystemExit(0)\n    return t\nsys.settrace(t)\n"
                       "add = lambda a, b: 0\n", "add"),
     "patch_json": ("import json\njson.dumps = lambda *a, **k: '[\"end\"]'\nadd = lambda a, b: 0\n", "add"),
     # forged output, exit codes, channels
@@ -185,11 +185,12 @@ def test_plain_codec_round_trip_and_refusals():
              {"k": [1], 2: (3,)}]
     back = plain.loads(plain.dumps(value))
     assert back[1:] == value[1:] and [type(x) for x in back] == [type(x) for x in value]
+    assert back[0] == 1 and type(back[0]) is int
     for bad in (type("I", (int,), {})(3), type("S", (str,), {})("x"), object(), (x for x in ()), int, [1, object()]):
         with pytest.raises(plain.PlainDataError):
-            plain.encode(bad)
-    for forged in ('["i", "zz"]', '[1, 2]', '1.5', '["l", 3]', '["d", [[["l", []], 1]]]', '["s", [["q", 1]]]',
-                   "[" * 5000 + "]" * 5000):
+            plain.dumps(bad)
+    for forged in ('["i", "zz"]', '[1, 2]', '1.5', '"bare string"', '["l", 3]', '["d", [[["l", []], 1]]]',
+                   '["s", [["q", "1"]]]', '["u", "zz"]', "[" * 5000 + "]" * 5000):
         with pytest.raises(plain.PlainDataError):
             plain.loads(forged)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from t2dist.verifiers import harness
-from t2dist.verifiers.plain import PlainDataError, decode
+from t2dist.verifiers.plain import PlainDataError, decode, unhex
 from t2dist.verifiers.sandbox import SandboxPool, SandboxResult, default_pool
 from t2dist.verifiers.testplan import Plan, TestSyntaxError, free_names, plan_tests, shadowed_builtins
 
@@ -84,13 +84,13 @@ class _Frames:
         kind = f[0]
         if kind == "end" and len(f) == 1:
             self.ended = True
-        elif kind == "e" and len(f) == 3 and f[1] in ("syntax", "error") and type(f[2]) is str:
-            self.error = (f[1], f[2])
+        elif kind == "e" and len(f) == 3 and f[1] in ("syntax", "error"):
+            self.error = (f[1], unhex(f[2]))
         elif kind in ("v", "x") and type(f[1]) is int and f[1] == len(self.values) < n:
             if kind == "v" and len(f) == 3:
                 self.values[f[1]] = decode(f[2])
-            elif kind == "x" and len(f) == 4 and type(f[3]) is str and type(f[2]) is list:
-                self.raised[f[1]] = ([str(x) for x in f[2]], f[3])
+            elif kind == "x" and len(f) == 4 and type(f[2]) is list:
+                self.raised[f[1]] = ([unhex(x) for x in f[2]], unhex(f[3]))
             else:
                 raise ValueError("bad value frame")
         else:

@@ -13,9 +13,10 @@
   names, message]``.  The judge never executes candidate code, so its exit status and its
   ``PASS`` line on stdout can be trusted.
 
-Frames, candidate to verifier (usual path): ``["v", i, value]``, ``["x", i, names, message]``
-(evaluating expression ``i`` raised), ``["e", "syntax"|"error", message]`` (the program did
-not compile or raised), ``["end"]``.
+Frames, candidate to verifier (usual path), one JSON line each: ``["v", i, value]``,
+``["x", i, names, message]`` (evaluating expression ``i`` raised), ``["e", "syntax"|"error",
+message]`` (the program did not compile or raised), ``["end"]``; strings (names, messages) are
+UTF-8 hex.  The sandboxed side writes this text without importing ``json``.
 """
 from __future__ import annotations
 
@@ -33,40 +34,40 @@ _COMMON = CODEC_SOURCE + r'''
 
 def _t2_describe(e):
     try:
-        return ("%s: %s" % (type(e).__name__, e))[:300]
+        return _t2_hex(("%s: %s" % (type(e).__name__, e))[:300])
     except BaseException:
-        return type(e).__name__
+        return _t2_hex(type(e).__name__)
 
 
 def _t2_names(e):
     try:
-        return [c.__name__ for c in type(e).__mro__][:16]
+        return "[" + ",".join([_t2_hex(c.__name__) for c in type(e).__mro__][:16]) + "]"
     except BaseException:
-        return ["BaseException"]
+        return "[]"
 
 
 def _t2_writer(fd):
-    import json, os
-    dumps, write = json.dumps, os.write
+    import os
+    write = os.write
 
-    def send(frame):
-        data = (dumps(frame, separators=(",", ":")) + "\n").encode()
+    def send(text):
+        data = str.encode(text + "\n")
         while data:
             data = data[write(fd, data):]
     return send
 
 
 def _t2_load(program):
-    """Compile and run the program: its namespace, or None and an ["e", ...] frame."""
+    """Compile and run the program: its namespace, or None and an error frame."""
     try:
         code = compile(program, "<program>", "exec")
     except (SyntaxError, ValueError) as e:
-        return None, ["e", "syntax", _t2_describe(e)]
+        return None, '["e","syntax",' + _t2_describe(e) + "]"
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         exec(code, ns)
     except BaseException as e:
-        return None, ["e", "error", _t2_describe(e)]
+        return None, '["e","error",' + _t2_describe(e) + "]"
     return ns, None
 '''
 
@@ -87,13 +88,14 @@ def _t2dist_candidate(program, steps):
             if kind == "exec":
                 exec(compile(src, "<tests>", "exec"), ns)
                 continue
-            frame = ["v", i, _t2_encode(eval(compile(src, "<tests>", "eval"), ns))]
+            frame = '["v",%d,%s]' % (i, _t2_dumps(eval(compile(src, "<tests>", "eval"), ns)))
         except BaseException as e:
-            send(["x", i, _t2_names(e), _t2_describe(e)] if kind == "eval" else ["e", "error", _t2_describe(e)])
+            send('["x",%d,%s,%s]' % (i, _t2_names(e), _t2_describe(e)) if kind == "eval"
+                 else '["e","error",' + _t2_describe(e) + "]")
             return
         send(frame)
         i += 1
-    send(["end"])
+    send('["end"]')
 
 
 _t2dist_candidate(@@program@@, @@steps@@)
@@ -102,23 +104,24 @@ _t2dist_candidate(@@program@@, @@steps@@)
 _SERVE = _COMMON + r'''
 
 def _t2dist_serve(program):
-    import json, os, sys
+    import os, sys
     rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
     send, reader = _t2_writer(wfd), os.fdopen(rfd, "rb")
     os.dup2(2, 1)
     ns, err = _t2_load(program)
     del program
-    send(err or ["ready"])
+    send(err or '["ready"]')
+    literals = {"__builtins__": {}, "null": None, "true": True, "false": False}
     while err is None:
         line = reader.readline()
         if not line:
             os._exit(0)
         try:
-            _, name, args, kwargs = json.loads(line)
+            _, name, args, kwargs = eval(line, dict(literals))  # JSON from the judge (tests' data only)
             args, kwargs = _t2_decode(args), _t2_decode(kwargs)
-            frame = ["v", _t2_encode(ns[name](*args, **kwargs))]
+            frame = '["v",' + _t2_dumps(ns[_t2_unhex(name)](*args, **kwargs)) + "]"
         except BaseException as e:
-            frame = ["x", _t2_names(e), _t2_describe(e)]
+            frame = '["x",%s,%s]' % (_t2_names(e), _t2_describe(e))
         send(frame)
 
 
@@ -135,8 +138,8 @@ def _t2dist_judge(tests, names):
     class CandidateError(Exception):
         """The candidate's side raised something that is not a builtin exception, or broke the channel."""
 
-    def send(frame):
-        data = (json.dumps(frame, separators=(",", ":")) + "\n").encode()
+    def send(text):
+        data = (text + "\n").encode()
         while data:
             data = data[os.write(wfd, data):]
 
@@ -152,28 +155,37 @@ def _t2dist_judge(tests, names):
             raise CandidateError("malformed frame from the candidate")
         return frame
 
+    def text(field):
+        try:
+            return _t2_unhex(field)[:300]
+        except (ValueError, TypeError):
+            return "?"
+
     first = recv()
     if first[0] == "e" and len(first) == 3:
         if first[1] == "syntax":
-            sys.stderr.write("%s: %s\n" % (MARK, str(first[2])[:300]))
+            sys.stderr.write("%s: %s\n" % (MARK, text(first[2])))
             sys.stderr.flush()
             os._exit(EXIT_SYNTAX)
-        raise CandidateError("the program raised %s" % (str(first[2])[:300],))
+        raise CandidateError("the program raised %s" % (text(first[2]),))
     if first != ["ready"]:
         raise CandidateError("malformed first frame from the candidate")
 
     def rebuild(names, message):
         for n in names if type(names) is list else ():
-            cls = getattr(builtins, n, None) if type(n) is str else None
+            cls = getattr(builtins, text(n), None)
             if isinstance(cls, type) and issubclass(cls, Exception):
-                return cls(str(message))
-        return CandidateError(str(message))
+                return cls(text(message))
+        return CandidateError(text(message))
 
     def call(name, args, kwargs):
-        send(["call", name, _t2_encode(tuple(args)), _t2_encode(dict(kwargs))])
+        send('["call",%s,%s,%s]' % (_t2_hex(name), _t2_dumps(tuple(args)), _t2_dumps(dict(kwargs))))
         frame = recv()
         if frame[0] == "v" and len(frame) == 2:
-            return _t2_decode(frame[1])
+            try:
+                return _t2_decode(frame[1])
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                raise CandidateError("malformed value from the candidate (%s)" % (exc,)) from None
         if frame[0] == "x" and len(frame) == 3:
             raise rebuild(frame[1], frame[2])
         raise CandidateError("malformed answer from the candidate")
