@@ -165,6 +165,25 @@ def test_hack_fails(verdicts, name):
     assert chk.status in ("failed", "error", "timeout", "memory", "output_limit", "killed", "syntax"), chk
 
 
+RAISES = "try:\n    root(-4)\nexcept ValueError:\n    pass\nelse:\n    assert False, 'no ValueError'\nassert root(9) == 3\n"
+
+
+@needs_bwrap
+def test_expected_exceptions(pool):
+    """A test that expects an exception (judge path): the builtin type crosses by name, nothing else does."""
+    programs = {
+        "honest": "def root(x):\n    if x < 0:\n        raise ValueError('negative')\n    return int(x ** 0.5)\n",
+        "never_raises": "def root(x):\n    return int(abs(x) ** 0.5)\n",
+        "wrong_type": "def root(x):\n    if x < 0:\n        raise TypeError('negative')\n    return int(x ** 0.5)\n",
+        "raises_always": "def root(x):\n    raise ValueError('always')\n",
+        "exits": "import os\ndef root(x):\n    os._exit(0)\n",
+    }
+    checks = dict(zip(programs, check_code_batch(list(programs.values()), [RAISES] * len(programs), pool)))
+    assert plan_tests(RAISES) is None
+    assert {k: c.passed for k, c in checks.items()} == {"honest": True, "never_raises": False, "wrong_type": False,
+                                                        "raises_always": False, "exits": False}, checks
+
+
 def test_the_paths_are_the_ones_meant():
     """Asserts, HumanEval's check() and isclose/abs take the transformed path; the loop the judge's."""
     for key in ("add", "add_he", "area", "area_abs", "even", "greet", "pairs", "counts"):
