@@ -27,6 +27,8 @@ TESTS = {
     "add_loop": "for a, b in [(2, 3), (-1, 1), (10, 5)]:\n    assert add(a, b) == a + b\n",
     "area": "import math\nassert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n"
             "assert math.isclose(area(2), 12.56636, rel_tol=1e-3)\n",
+    "area_noimport": "assert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n",  # relies on the program's import
+    "area_noimport_loop": "for r, a in [(1, 3.14159), (2, 12.56636)]:\n    assert math.isclose(area(r), a, rel_tol=1e-3)\n",
     "area_abs": "assert abs(area(1) - 3.14159) < 1e-3\nassert abs(area(2) - 12.56636) < 1e-3\n",
     "even": "assert is_even(4)\nassert not is_even(3)\nassert is_even(0) is True\nassert is_even(7) is False\n",
     "greet": "assert greet('bob') == 'hi bob'\nassert greet('al') == 'hi al'\n",
@@ -39,6 +41,8 @@ HONEST = {
     "add_loop": "def add(a, b):\n    return a + b\n",
     "area": "import math\ndef area(r):\n    return math.pi * r * r\n",
     "area_abs": "import math\ndef area(r):\n    return math.pi * r * r\n",
+    "area_noimport": "import math\ndef area(r):\n    return math.pi * r * r\n",
+    "area_noimport_loop": "import math\ndef area(r):\n    return math.pi * r * r\n",
     "even": "def is_even(n):\n    return n % 2 == 0\n",
     "greet": "def greet(name):\n    return 'hi ' + name\n",
     "pairs": "def pairs(xs):\n    return (tuple(p) for p in zip(xs, xs[1:]))\n",  # a generator, wrapped by set()/sorted()
@@ -71,6 +75,12 @@ HACKS: dict[str, tuple[str, str]] = {
     "patch_math_isclose": ("import math\nmath.isclose = lambda *a, **k: True\narea = lambda r: 0\n", "area"),
     "patch_sys_modules_math": ("import sys, types\nm = types.ModuleType('math')\nm.isclose = lambda *a, **k: True\n"
                                "sys.modules['math'] = m\narea = lambda r: 0\n", "area"),
+    "patch_math_tests_do_not_import": ("import math\nmath.isclose = lambda *a, **k: True\narea = lambda r: 0\n",
+                                       "area_noimport"),
+    "fake_math_module": ("class math:\n    isclose = staticmethod(lambda *a, **k: True)\narea = lambda r: 0\n",
+                         "area_noimport"),
+    "fake_math_module_loop": ("class math:\n    isclose = staticmethod(lambda *a, **k: True)\narea = lambda r: 0\n",
+                              "area_noimport_loop"),
     "patch_builtin_abs": ("import builtins\nbuiltins.abs = lambda x: 0\narea = lambda r: 0.0\n", "area_abs"),
     "patch_builtin_set_sorted": (ALWAYS_EQ + "import builtins\nbuiltins.set = lambda *a: A()\n"
                                  "builtins.sorted = lambda *a, **k: A()\npairs = lambda xs: []\n", "pairs"),
@@ -186,9 +196,9 @@ def test_expected_exceptions(pool):
 
 def test_the_paths_are_the_ones_meant():
     """Asserts, HumanEval's check() and isclose/abs take the transformed path; the loop the judge's."""
-    for key in ("add", "add_he", "area", "area_abs", "even", "greet", "pairs", "counts"):
+    for key in ("add", "add_he", "area", "area_noimport", "area_abs", "even", "greet", "pairs", "counts"):
         assert plan_tests(TESTS[key]) is not None, key
-    assert plan_tests(TESTS["add_loop"]) is None
+    assert plan_tests(TESTS["add_loop"]) is None and plan_tests(TESTS["area_noimport_loop"]) is None
     plan = plan_tests(TESTS["area"])
     assert [s for k, s in plan.steps if k == "eval"] == ["area(1)", "area(2)"]  # no expected value goes there
     assert all("3.14" not in s and "12.5" not in s for _, s in plan.steps)
@@ -227,6 +237,7 @@ def test_some_hacks_fooled_the_old_verifier(pool):
     old = bench.old_check_code_batch
     fooled = ["always_equal", "always_equal_he", "always_equal_loop", "int_subclass", "int_subclass_loop",
               "str_subclass", "sub_dunder_abs", "fake_counter", "patch_math_isclose", "patch_sys_modules_math",
-              "patch_builtin_abs", "patch_builtin_set_sorted", "expected_from_caller_bytecode"]
+              "patch_math_tests_do_not_import", "fake_math_module", "fake_math_module_loop", "patch_builtin_abs",
+              "patch_builtin_set_sorted", "expected_from_caller_bytecode", "expected_from_gc"]
     checks = old([HACKS[n][0] for n in fooled], [TESTS[HACKS[n][1]] for n in fooled], pool)
     assert {n: c.passed for n, c in zip(fooled, checks)} == {n: True for n in fooled}

@@ -34,7 +34,14 @@ from typing import Any, Sequence
 from t2dist.verifiers import harness
 from t2dist.verifiers.plain import PlainDataError, decode, unhex
 from t2dist.verifiers.sandbox import SandboxPool, SandboxResult, default_pool
-from t2dist.verifiers.testplan import Plan, TestSyntaxError, free_names, plan_tests, shadowed_builtins
+from t2dist.verifiers.testplan import (
+    Plan,
+    TestSyntaxError,
+    free_names,
+    implicit_modules,
+    plan_tests,
+    shadowed_builtins,
+)
 
 __all__ = ["CodeCheck", "check_code", "check_code_batch"]
 
@@ -153,7 +160,8 @@ def _submit(pool: SandboxPool, program: str, tests: str) -> tuple[Any, Future | 
         return None, CodeCheck(False, "error", str(exc)[:300])
     if plan is not None:
         return plan, pool.submit(harness.candidate_source(program, plan.steps))
-    source = harness.judge_source(tests, sorted(set(free_names(tests)) | shadowed))
+    modules = implicit_modules(tests)
+    source = harness.judge_source(tests, sorted((set(free_names(tests)) | shadowed) - set(modules)), modules)
     return None, pool.submit_linked(harness.serve_source(program), source)
 
 

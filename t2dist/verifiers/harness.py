@@ -130,7 +130,7 @@ _t2dist_serve(@@program@@)
 
 _JUDGE = CODEC_SOURCE + r'''
 
-def _t2dist_judge(tests, names):
+def _t2dist_judge(tests, names, modules):
     import builtins, json, os, sys
     rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
     reader = os.fdopen(rfd, "rb")
@@ -199,13 +199,14 @@ def _t2dist_judge(tests, names):
 
     ns = {"__name__": "__main__", "__builtins__": builtins}
     ns.update((n, Proxy(n)) for n in names)
+    ns.update((m, __import__(m)) for m in modules)  # math/cmath the tests use without importing
     exec(compile(tests, "<tests>", "exec"), ns)
     sys.stdout.flush()
     os.write(1, ("\n" + PASS + "\n").encode())
 
 
 MARK, EXIT_SYNTAX, PASS = @@mark@@, @@exit_syntax@@, @@judge_pass@@
-_t2dist_judge(@@tests@@, @@names@@)
+_t2dist_judge(@@tests@@, @@names@@, @@modules@@)
 '''
 
 
@@ -225,6 +226,6 @@ def serve_source(program: str) -> str:
     return _fill(_SERVE, program=program)
 
 
-def judge_source(tests: str, names: list[str]) -> str:
-    return _fill(_JUDGE, tests=tests, names=list(names), mark=SYNTAX_MARK, exit_syntax=EXIT_SYNTAX,
-                 judge_pass=JUDGE_PASS)
+def judge_source(tests: str, names: list[str], modules: list[str] = ()) -> str:
+    return _fill(_JUDGE, tests=tests, names=list(names), modules=list(modules), mark=SYNTAX_MARK,
+                 exit_syntax=EXIT_SYNTAX, judge_pass=JUDGE_PASS)

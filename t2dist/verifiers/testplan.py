@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any
 
-__all__ = ["Check", "Plan", "TestSyntaxError", "plan_tests", "free_names", "shadowed_builtins"]
+__all__ = ["Check", "Plan", "TestSyntaxError", "plan_tests", "free_names", "implicit_modules", "shadowed_builtins"]
 
 PLACEHOLDER = "__t2v"
 TRUSTED_MODULES = {"math": math, "cmath": cmath}
@@ -309,9 +309,11 @@ def _classify_names(stmts: list[ast.stmt]) -> tuple[dict[str, Any], set[str]]:
 def _plan(tree: ast.Module, tests: str, shadowed: frozenset[str]) -> Plan:
     stmts, rename = _statements(tree)
     consts, cside = _classify_names(stmts)
-    modules: dict[str, str] = {}
     imported: set[str] = set()
-    steps: list[tuple[str, str]] = []
+    # math/cmath used without an import (the program's import would serve in exec(program); exec(tests)):
+    # the tests mean the standard modules, never whatever the program binds to those names
+    modules = {m: m for m in implicit_modules(tests) if m not in consts and m not in cside}
+    steps: list[tuple[str, str]] = [("exec", f"import {m}") for m in modules]
     checks = []
     for s in stmts:
         if isinstance(s, (ast.Import, ast.ImportFrom)):
@@ -332,6 +334,12 @@ def _plan(tree: ast.Module, tests: str, shadowed: frozenset[str]) -> Plan:
     env = {alias: TRUSTED_MODULES[mod] for alias, mod in modules.items()}
     env.update((k, v) for k, v in consts.items() if k not in env)
     return Plan(tuple(steps), checks=tuple(checks), env=env)
+
+
+def implicit_modules(tests: str) -> list[str]:
+    """Trusted modules (math, cmath) the tests use but never import or bind."""
+    bound = set(free_names(tests, keep_builtins=True))
+    return sorted(m for m in TRUSTED_MODULES if m in bound)
 
 
 def free_names(tests: str, keep_builtins: bool = False) -> list[str]:
