@@ -204,6 +204,13 @@ def test_the_paths_are_the_ones_meant():
     assert all("3.14" not in s and "12.5" not in s for _, s in plan.steps)
     he = plan_tests(TESTS["add_he"])
     assert [s for k, s in he.steps if k == "eval"] == ["add(2, 3)", "add(-1, 1)"]
+    # work that grows with a candidate's value stays out of this process: such tests go to the judge
+    for costly in ("assert f(2) ** 2 == 16\n", "assert f(2) * 3 == 12\n", "assert f(2) % 7 == 4\n",
+                   "assert sorted(range(f(2)), reverse=True) == [1, 0]\n"):
+        assert plan_tests(costly) is None, costly
+    # ... or on the candidate's side, where no expected value takes part
+    assert plan_tests("assert list(range(f(2))) == [0, 1]\n").steps == (("eval", "list(range(f(2)))"),)
+    assert plan_tests("assert f(2) == 2 ** 2 * 1\n") is not None  # constants alone are the tests' own work
     # a program defining ``sorted`` cannot take over the expected side when the tests name ``pairs``
     assert shadowed_builtins(HACKS["shadow_sorted_for_expected"][0], TESTS["pairs"]) == frozenset()
     assert shadowed_builtins("def sum(a, b):\n    return a - b\n", "assert sum(10, 15) == -5\n") == {"sum"}
