@@ -206,7 +206,7 @@ def test_the_paths_are_the_ones_meant():
     assert [s for k, s in he.steps if k == "eval"] == ["add(2, 3)", "add(-1, 1)"]
     # work that grows with a candidate's value stays out of this process: such tests go to the judge
     for costly in ("assert f(2) ** 2 == 16\n", "assert f(2) * 3 == 12\n", "assert f(2) % 7 == 4\n",
-                   "assert sorted(range(f(2)), reverse=True) == [1, 0]\n"):
+                   "assert pow(f(2), 2) == 16\n"):
         assert plan_tests(costly) is None, costly
     # ... or on the candidate's side, where no expected value takes part
     assert plan_tests("assert list(range(f(2))) == [0, 1]\n").steps == (("eval", "list(range(f(2)))"),)
