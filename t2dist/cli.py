@@ -132,7 +132,7 @@ def cmd_train_local(args) -> int:
     from t2dist.evaluation import evaluate
     from t2dist.experts import make_card, save_expert
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.runtime import load_policy
     from t2dist.tasks import get_task
 
     cfg = _config(args, {"model.path": args.model, "task.name": args.task, "rl.steps": args.steps})
@@ -140,7 +140,7 @@ def cmd_train_local(args) -> int:
     if task.unseen:
         print(f"warning: task {task.name!r} is an unseen variant meant for adaptation, not training", file=sys.stderr)
     out = Path(args.out)
-    svf, tokenizer = load_svf(cfg, verbose=True)
+    svf, tokenizer = load_policy(cfg, verbose=True)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "model": cfg.model.path, "steps": cfg.rl.steps}
     if not args.no_eval:
@@ -175,25 +175,25 @@ def cmd_train_local(args) -> int:
 
 
 def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
-    """The SVF (or LoRA) setup an expert was trained with (targets, rank, parametrization), unless the user overrides it."""
-    param = card["parametrization"]
-    if card.get("kind", "svf") == "lora":
-        lora = card.get("lora", {})
-        values = {"policy.kind": "lora", "lora.r": param["r"], "lora.alpha": param["alpha"],
-                  "lora.dropout": param["dropout"], "lora.targets": lora.get("target_spec") or card.get("target_spec")}
-        given = {o.split("=", 1)[0] for o in user_overrides}
-        return {k: v for k, v in values.items() if k not in given and v is not None}
-    values = {"svf.targets": card.get("target_spec") or None, "svf.rank": card["rank"] if card["rank"] else "null",
-              "svf.parametrization": param["kind"], "svf.max_mult": param["max_mult"],
-              "svf.rescale": str(param["rescale"]).lower()}
+    """The policy setup an expert was trained with (kind, targets, rank, parametrization) as CLI overrides,
+    except the keys the user overrides (:func:`t2dist.policy.registry.card_overrides`)."""
+    from t2dist.policy.registry import card_overrides
+
     given = {o.split("=", 1)[0] for o in user_overrides}
-    return {k: v for k, v in values.items() if k not in given}
+    return {k: _override_text(v) for k, v in card_overrides(card, given).items()}
+
+
+def _override_text(value) -> str:
+    """A config value as the text of a ``key=value`` override (YAML: null, true/false)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def cmd_eval(args) -> int:
     from t2dist.evaluation import evaluate
     from t2dist.experts import check_compatible
-    from t2dist.runtime import load_svf
+    from t2dist.runtime import load_policy
     from t2dist.tasks import get_task
 
     if args.oracle:
@@ -214,7 +214,7 @@ def cmd_eval(args) -> int:
         extra.update(svf_overrides_from_card(expert.card, args.overrides))
     cfg = _config(args, extra)
     task = get_task(args.task)
-    svf, tokenizer = load_svf(cfg)
+    svf, tokenizer = load_policy(cfg)
     if expert is not None:
         check_compatible(expert, svf, source=f"expert {args.expert}")
         svf.merge_({k: v.to(next(svf.model.parameters()).device) for k, v in expert.z.items()})
@@ -230,6 +230,7 @@ def cmd_eval(args) -> int:
 
 def cmd_expert(args) -> int:
     from t2dist.experts import read_expert, z_statistics
+    from t2dist.policy.registry import policy_class
 
     expert = read_expert(args.path)
     card = dict(expert.card)
@@ -238,7 +239,7 @@ def cmd_expert(args) -> int:
     print(json.dumps(card, indent=2))
     print(f"config: {len(json.dumps(config))} bytes (see card.json)")
     stats = z_statistics(expert.z, expert.parametrization)
-    print("LoRA statistics (alpha/r·BA; 0 = neutral):" if expert.kind == "lora" else "z statistics (scale f(z); 1 = neutral):")
+    print(policy_class(expert.kind).stats_title)
     for k, v in stats.items():
         print(f"  {k:>16}: {v:.4f}" if isinstance(v, float) else f"  {k:>16}: {v}")
     return 0

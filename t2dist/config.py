@@ -42,7 +42,15 @@ class SVFConfig(Section):
 
 
 class PolicyConfig(Section):
-    kind: Literal["svf", "lora"] = Field("svf", description="what is trained: SVF z vectors or a LoRA adapter (lora: section)")
+    kind: str = Field("svf", description="what is trained: a policy kind of t2dist.policy.registry (svf: z vectors, "
+                                         "svf: section; lora: a LoRA adapter, lora: section)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from t2dist.policy.registry import POLICIES
+
+        return _one_of(v, sorted(POLICIES), "policy kind", "known kinds")
 
 
 class LoRAConfig(Section):

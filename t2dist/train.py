@@ -76,7 +76,7 @@ def preflight(cfg: Config) -> None:
 
 def check_sharding(cfg: Config) -> None:
     """``learner.shard_factors``: R must divide every target's components and rows (shapes from a meta model)."""
-    from learner.sharding import check_shardable, target_shapes_from_config, use_sharding
+    from t2dist.svf.sharded import check_shardable, target_shapes_from_config, use_sharding
 
     if not use_sharding(cfg):
         return
