@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from t2dist.cli_common import config_from_args as _config
+from t2dist.cli_common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli's public name)
+from t2dist.cli_common import write_json as _write_json
 
 COMMANDS = {
     "train": "distributed SVF-RL: Ray rollout actors, a DeepSpeed learner, evaluator, checkpoints, TensorBoard",
@@ -77,14 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_benchmarks.add_parsers(sub)
     return parser
-
-
-def _config(args, extra: dict[str, object]):
-    from t2dist.config import load_config
-
-    overrides = list(args.overrides)
-    overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return load_config(args.config, overrides)
 
 
 def cmd_train(args) -> int:
@@ -174,22 +169,6 @@ def cmd_train_local(args) -> int:
     return 0
 
 
-def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
-    """The policy setup an expert was trained with (kind, targets, rank, parametrization) as CLI overrides,
-    except the keys the user overrides (:func:`t2dist.policy.registry.card_overrides`)."""
-    from t2dist.policy.registry import card_overrides
-
-    given = {o.split("=", 1)[0] for o in user_overrides}
-    return {k: _override_text(v) for k, v in card_overrides(card, given).items()}
-
-
-def _override_text(value) -> str:
-    """A config value as the text of a ``key=value`` override (YAML: null, true/false)."""
-    if value is None:
-        return "null"
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def cmd_eval(args) -> int:
     from t2dist.evaluation import evaluate
     from t2dist.experts import check_compatible
@@ -258,15 +237,6 @@ def cmd_tasks(args) -> int:
             continue
         print(f"{name:<16}{t.skill:<12}{str(t.unseen):<8}{sizes[0]:>7}{sizes[1]:>6}{sizes[2]:>6}")
     return 0
-
-
-def _write_json(path: str, data: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(p)
-    print(f"wrote {p}")
 
 
 from t2dist.cli_registry import COMMANDS as _REGISTRY_COMMANDS  # noqa: E402

@@ -23,13 +23,13 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from t2dist.hub import hub_reachable as _hub_reachable  # a module global: tests replace it
 
 TOY_NAME = "toy"
 ASSET_TOY = Path(__file__).resolve().parent / "assets" / "toy-base"
@@ -160,16 +160,6 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 # -- hub names ---------------------------------------------------------------------------
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    u = urlparse(endpoint)
-    try:
-        with socket.create_connection((u.hostname or "huggingface.co", u.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
 
 def _hf_cached(name: str) -> str | None:
     """The local snapshot of hub model ``name`` in the HF cache (with a config.json), or None."""
