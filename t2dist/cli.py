@@ -9,6 +9,7 @@ from pathlib import Path
 from t2dist.cli_common import config_from_args as _config
 from t2dist.cli_common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli's public name)
 from t2dist.cli_common import write_json as _write_json
+from t2dist.errors import USER_ERRORS
 
 COMMANDS = {
     "train": "distributed SVF-RL: Ray rollout actors, a DeepSpeed learner, evaluator, checkpoints, TensorBoard",
@@ -261,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from t2dist.errors import USER_ERRORS
-
     try:
         return HANDLERS[args.command](args)
     except USER_ERRORS as exc:

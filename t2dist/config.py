@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from t2dist.errors import UserError
+
 
 def _one_of(value: str, known, what: str, label: str = "known") -> str:
     """``value`` if it names a registry entry, else an error listing the known names."""
@@ -238,7 +240,7 @@ class Config(Section):
     adapt: AdaptConfig = AdaptConfig()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 

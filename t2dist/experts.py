@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import t2dist
+from t2dist.errors import UserError
 from t2dist.policy.base import Policy
 from t2dist.policy.registry import POLICIES, PolicyKindError
 from t2dist.policy.registry import card_kind as _card_kind
@@ -36,7 +37,7 @@ REQUIRED_CARD_FIELDS = (
 )
 
 
-class ExpertError(ValueError):
+class ExpertError(UserError, ValueError):
     """An expert that is malformed or belongs to another base model / target list."""
 
 

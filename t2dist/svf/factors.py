@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from t2dist.errors import UserError
+
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -42,7 +44,7 @@ class Factors:
         return Factors(*(t.to(device=device, dtype=dtype) for t in (self.U, self.S, self.V)))
 
 
-class FactorCacheError(RuntimeError):
+class FactorCacheError(UserError, RuntimeError):
     """A factor cache that belongs to another model, target list or rank, or is damaged."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
+from t2dist.errors import UserError
 from t2dist.task_types import Example, Verdict
 
 SPLITS = ("train", "validation", "test")
@@ -55,7 +56,7 @@ class Task(ABC):
         return [self.verify(c, e) for c, e in zip(completions, examples, strict=True)]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A task needs the model's chat template and the tokenizer has none."""
 
 
@@ -98,7 +99,7 @@ def register_task(name: str):
     return wrap
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(UserError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

