@@ -7,8 +7,6 @@ happen inside the functions, so building the parser stays cheap.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def config_from_args(args, extra: dict[str, object]):
     """The run config of ``args.config`` with ``args.overrides``, then ``extra`` (None values skipped)."""

@@ -71,9 +71,5 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
 
 
 def cem_settings(cfg: Config):
-    from t2dist.adapt.cem import CEMSettings
-
-    c = cfg.adapt.cem
-    return CEMSettings(population=c.population, elite_frac=c.elite_frac, iterations=c.iterations, shots=c.shots,
-                       init_std=c.init_std, per_matrix=c.per_matrix, seed_experts=c.seed_experts,
-                       patience=c.patience, seed=c.seed)
+    """The CEM settings of a run: its ``adapt.cem`` section (``t2dist.adapt.cem.CEMSettings`` is that class)."""
+    return cfg.adapt.cem

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from t2dist.atomic import atomic_write_bytes
 from t2dist.errors import UserError
 from t2dist.experts import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, read_expert
 
@@ -158,13 +159,7 @@ class Registry:
     def _write_atomic(self, path: str, data: bytes) -> None:
         """Readers see the old object or the whole new one, never a part."""
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data)
         else:
             self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
