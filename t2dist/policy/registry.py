@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from t2dist.errors import UserError
 from t2dist.policy.lora import LoRAModel
 from t2dist.svf.model import SVFModel
 
 POLICIES: dict[str, type] = {}
 
 
-class PolicyKindError(ValueError):
+class PolicyKindError(UserError, ValueError):
     """An unknown or duplicate policy kind."""
 
 
