@@ -35,6 +35,8 @@ LONG_FUNCTIONS_ALLOWED: dict[str, str] = {
 NOT_USER_ERRORS: dict[str, str] = {
     "t2dist/verifiers/sandbox.py:SandboxUnavailableError": "the machine cannot sandbox code (no bubblewrap): "
                                                            "callers skip or report it themselves",
+    "t2dist/verifiers/testplan.py:TestSyntaxError": "a task's tests do not parse: the code verifier turns it into a "
+                                                    "failed verdict, it never reaches the CLI",
 }
 
 
