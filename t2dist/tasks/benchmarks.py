@@ -8,7 +8,9 @@
 * ``hendrycks_math`` (math, transfer, 5000): the last ``\\boxed{}`` through math-verify; the
   gold answer is the last ``\\boxed{}`` of ``solution``.
 * ``humaneval`` (code, transfer, 164): the stub, the completion, then ``check(entry_point)``,
-  in the sandbox.
+  in the sandbox.  The stub's other definitions (the helpers the tests call: 32 ``poly``, 38
+  ``encode_cyclic``, 50 ``encode_shift``) are the task's trusted setup, run by the verifier's
+  judge apart from the candidate, so a completion that redefines them changes nothing.
 * ``arc_challenge`` (reasoning, transfer, 1172 test + 299 validation): the option letter.
 
 MATH is registered as ``hendrycks_math`` because ``math`` is the synthetic arithmetic task
@@ -34,6 +36,7 @@ check of ``t2dist eval`` and the tests).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import string
 from functools import cached_property
@@ -206,11 +209,16 @@ class CodeBenchmark(BenchmarkTask):
     def verify(self, completion: str, example: Example) -> Verdict:
         return self.verify_batch([completion], [example])[0]
 
+    def trusted_setup(self, example: Example) -> str:
+        """The task's own code that the tests call, run apart from the candidate's program ("": none)."""
+        return ""
+
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
         from t2dist.verifiers.code import check_code_batch
 
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
-        checks = check_code_batch(programs, [e.answer for e in examples])
+        checks = check_code_batch(programs, [e.answer for e in examples],
+                                  setups=[self.trusted_setup(e) for e in examples])
         return [Verdict(1.0 if c.passed else -1.0, c.passed, c.status, c.detail) for c in checks]
 
 
@@ -238,6 +246,18 @@ class MBPP(CodeBenchmark):
         return f"```python\n{example.meta['code']}\n```"
 
 
+def _stub_helpers(stub: str, entry_point: str) -> str:
+    """The stub without the entry point's definition: its imports and helper functions (trusted setup)."""
+    try:
+        body = ast.parse(stub).body
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"the prompt does not parse: {exc}") from None
+    kept = [n for n in body if not (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == entry_point)]
+    if len(kept) == len(body):
+        raise ValueError(f"the prompt does not define the entry point {entry_point!r}")
+    return ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n" if kept else ""
+
+
 @register_task("humaneval")
 class HumanEval(CodeBenchmark):
     transfer = True
@@ -251,6 +271,7 @@ class HumanEval(CodeBenchmark):
         if not rec["entry_point"].isidentifier():
             raise ValueError(f"entry_point {rec['entry_point']!r} is not a Python name")
         rec["id"] = rec.pop("task_id")
+        rec["helpers"] = _stub_helpers(rec["prompt"], rec["entry_point"])
         return rec
 
     def to_example(self, rec: dict) -> Example:
@@ -258,7 +279,13 @@ class HumanEval(CodeBenchmark):
                   f"\n\n```python\n{rec['prompt']}```")
         tests = f"{rec['test']}\n\ncheck({rec['entry_point']})\n"
         return Example(self.name, prompt, tests,
-                       {"stub": rec["prompt"], "solution": rec["canonical_solution"], "entry_point": rec["entry_point"]})
+                       {"stub": rec["prompt"], "solution": rec["canonical_solution"], "entry_point": rec["entry_point"],
+                        "helpers": rec["helpers"]})
+
+    def trusted_setup(self, example: Example) -> str:
+        # The stub's helpers (32 ``poly``, 38 ``encode_cyclic``, 50 ``encode_shift``): the tests call
+        # them, so they must be the task's definitions, not the candidate's (which may redefine them)
+        return example.meta["helpers"]
 
     def program(self, completion: str, example: Example) -> str:
         # The stub first: its imports (``from typing import List``) and, when the model only wrote

@@ -17,6 +17,12 @@ Tests that cannot be transformed (loops, helper functions, random inputs: 0 of 5
 and reaches the candidate's functions through proxies over the same data-only channel; its
 exit status decides (see :mod:`t2dist.verifiers.harness`).
 
+A task can also pass a *trusted setup*: its own helper code that the tests call (HumanEval 32
+``poly``, 38 ``encode_cyclic``, 50 ``encode_shift``, defined in the prompt stub).  The candidate's
+program may redefine those names (``def poly(xs, x): return 0`` makes any answer a root), so tests
+that read a name the setup binds always take the judge path, and the judge runs the setup
+itself: the tests' ``poly`` is the task's, the candidate's copy is only the candidate's business.
+
 So monkeypatching builtins or modules, tracing hooks, reading frames or ``gc`` (there is no
 secret to steal), exit codes, ``sys.exit``/``os._exit``, printing success markers, closing or
 redirecting stdout, threads that outlive the call: none of it changes the verdict, which
@@ -40,6 +46,7 @@ from t2dist.verifiers.testplan import (
     free_names,
     implicit_modules,
     plan_tests,
+    setup_names,
     shadowed_builtins,
 )
 
@@ -152,33 +159,39 @@ def _judge_linked(cand: SandboxResult, judge: SandboxResult) -> CodeCheck:
     return CodeCheck(False, "error", last or f"returncode {judge.returncode}")
 
 
-def _submit(pool: SandboxPool, program: str, tests: str) -> tuple[Any, Future | CodeCheck]:
+def _submit(pool: SandboxPool, program: str, tests: str, setup: str) -> tuple[Any, Future | CodeCheck]:
     try:
-        shadowed = shadowed_builtins(program, tests)
-        plan = plan_tests(tests, shadowed)
+        trusted = setup_names(setup)
+        shadowed = shadowed_builtins(program, tests) - trusted
+        # tests that call the setup's helpers need them on the trusted side: the judge runs the setup
+        plan = None if trusted & set(free_names(tests, keep_builtins=True)) else plan_tests(tests, shadowed)
     except TestSyntaxError as exc:
         return None, CodeCheck(False, "error", str(exc)[:300])
     if plan is not None:
         return plan, pool.submit(harness.candidate_source(program, plan.steps))
     modules = implicit_modules(tests)
-    source = harness.judge_source(tests, sorted((set(free_names(tests)) | shadowed) - set(modules)), modules)
-    return None, pool.submit_linked(harness.serve_source(program), source)
+    names = sorted((set(free_names(tests)) | shadowed) - set(modules) - trusted)
+    return None, pool.submit_linked(harness.serve_source(program), harness.judge_source(tests, names, modules, setup))
 
 
 def check_code_batch(
-    programs: Sequence[str], tests: Sequence[str], pool: SandboxPool | None = None
+    programs: Sequence[str], tests: Sequence[str], pool: SandboxPool | None = None,
+    setups: Sequence[str] | None = None,
 ) -> list[CodeCheck]:
     """Judge each ``programs[i]`` against ``tests[i]`` (asserts), in parallel sandboxes.
 
-    Uses :func:`t2dist.verifiers.sandbox.default_pool` unless ``pool`` is given.
+    ``setups[i]``: the task's trusted helper code that ``tests[i]`` calls (default: none); it runs
+    only in the judge, never with the candidate.  Uses :func:`t2dist.verifiers.sandbox.default_pool`
+    unless ``pool`` is given.
     """
     programs, tests = list(programs), list(tests)
-    if len(programs) != len(tests):
-        raise ValueError("programs and tests differ in length")
+    setups = [""] * len(programs) if setups is None else list(setups)
+    if not len(programs) == len(tests) == len(setups):
+        raise ValueError(f"programs, tests and setups differ in length ({len(programs)}, {len(tests)}, {len(setups)})")
     if not programs:
         return []
     pool = pool or default_pool()
-    jobs = [_submit(pool, p, t) for p, t in zip(programs, tests)]
+    jobs = [_submit(pool, p, t, s) for p, t, s in zip(programs, tests, setups)]
     out = []
     for plan, job in jobs:
         if isinstance(job, CodeCheck):
@@ -190,6 +203,6 @@ def check_code_batch(
     return out
 
 
-def check_code(program: str, test: str, pool: SandboxPool | None = None) -> CodeCheck:
+def check_code(program: str, test: str, pool: SandboxPool | None = None, setup: str = "") -> CodeCheck:
     """:func:`check_code_batch` for one program."""
-    return check_code_batch([program], [test], pool)[0]
+    return check_code_batch([program], [test], pool, [setup])[0]

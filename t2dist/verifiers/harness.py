@@ -11,7 +11,9 @@
   functions) bound to a proxy that sends ``["call", name, args, kwargs]`` as plain data; the
   candidate's side calls its function and answers ``["v", value]`` or ``["x", exception
   names, message]``.  The judge never executes candidate code, so its exit status and its
-  ``PASS`` line on stdout can be trusted.
+  ``PASS`` line on stdout can be trusted.  The task's trusted setup (helpers the tests call,
+  such as HumanEval 32's ``poly``) is executed here, before the tests, so the tests' uses of it
+  never reach the candidate's redefinitions.
 
 Frames, candidate to verifier (usual path), one JSON line each: ``["v", i, value]``,
 ``["x", i, names, message]`` (evaluating expression ``i`` raised), ``["e", "syntax"|"error",
@@ -130,7 +132,7 @@ _t2dist_serve(@@program@@)
 
 _JUDGE = CODEC_SOURCE + r'''
 
-def _t2dist_judge(tests, names, modules):
+def _t2dist_judge(tests, names, modules, setup):
     import builtins, json, os, sys
     rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
     reader = os.fdopen(rfd, "rb")
@@ -200,13 +202,14 @@ def _t2dist_judge(tests, names, modules):
     ns = {"__name__": "__main__", "__builtins__": builtins}
     ns.update((n, Proxy(n)) for n in names)
     ns.update((m, __import__(m)) for m in modules)  # math/cmath the tests use without importing
+    exec(compile(setup, "<setup>", "exec"), ns)  # the task's helpers (trusted): never the candidate's
     exec(compile(tests, "<tests>", "exec"), ns)
     sys.stdout.flush()
     os.write(1, ("\n" + PASS + "\n").encode())
 
 
 MARK, EXIT_SYNTAX, PASS = @@mark@@, @@exit_syntax@@, @@judge_pass@@
-_t2dist_judge(@@tests@@, @@names@@, @@modules@@)
+_t2dist_judge(@@tests@@, @@names@@, @@modules@@, @@setup@@)
 '''
 
 
@@ -226,6 +229,7 @@ def serve_source(program: str) -> str:
     return _fill(_SERVE, program=program)
 
 
-def judge_source(tests: str, names: list[str], modules: list[str] = ()) -> str:
-    return _fill(_JUDGE, tests=tests, names=list(names), modules=list(modules), mark=SYNTAX_MARK,
+def judge_source(tests: str, names: list[str], modules: list[str] = (), setup: str = "") -> str:
+    """The judge: ``setup`` (trusted helpers) and ``tests`` run here; ``names`` are proxies to the candidate."""
+    return _fill(_JUDGE, tests=tests, names=list(names), modules=list(modules), setup=setup, mark=SYNTAX_MARK,
                  exit_syntax=EXIT_SYNTAX, judge_pass=JUDGE_PASS)

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any
 
-__all__ = ["Check", "Plan", "TestSyntaxError", "plan_tests", "free_names", "implicit_modules", "shadowed_builtins"]
+__all__ = ["Check", "Plan", "TestSyntaxError", "plan_tests", "free_names", "implicit_modules", "setup_names",
+           "shadowed_builtins"]
 
 PLACEHOLDER = "__t2v"
 TRUSTED_MODULES = {"math": math, "cmath": cmath}
@@ -272,6 +273,24 @@ def shadowed_builtins(program: str, tests: str) -> frozenset[str]:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return frozenset()
     return frozenset(used & _module_bindings(tree))
+
+
+@functools.lru_cache(maxsize=1024)
+def setup_names(setup: str) -> frozenset[str]:
+    """Names a trusted setup binds at module level (HumanEval 32's ``poly``, 38's ``encode_cyclic``).
+
+    The setup is the task's own code that the tests call (the prompt stub's helpers), given apart
+    from the candidate's program: tests that read one of these names run in the judge sandbox with
+    the setup's definitions, never the candidate's (which may redefine them).  Raises
+    :class:`TestSyntaxError` when the setup does not parse.
+    """
+    if not setup.strip():
+        return frozenset()
+    try:
+        tree = ast.parse(setup)
+    except (SyntaxError, ValueError) as exc:
+        raise TestSyntaxError(f"trusted setup does not compile: {exc!r}") from None
+    return frozenset(_module_bindings(tree))
 
 
 def _module_bindings(tree: ast.Module) -> set[str]:
