@@ -79,14 +79,15 @@ def test_canonical_code_passes_all_mbpp_and_humaneval_in_the_sandbox():
         exs = all_examples(task)
         assert len(exs) == n
         programs = [task.program(task.reference_completion(e), e) for e in exs]
-        checks = code_mod.check_code_batch(programs, [e.answer for e in exs], pool=pool)
+        setups = [task.trusted_setup(e) for e in exs]  # HumanEval's stub helpers, run by the judge
+        checks = code_mod.check_code_batch(programs, [e.answer for e in exs], pool=pool, setups=setups)
         failed = [(e.meta["id"], c.status, c.detail) for e, c in zip(exs, checks) if not c.passed]
         assert not failed, failed[:5]
         # 40 wrong programs: the empty completion (HumanEval: the bare stub) and a neighbour's solution
         some = exs[:20]
         wrong = [task.program("", e) for e in some] + [task.program(task.reference_completion(o), e)
                                                        for e, o in zip(some, exs[20:40])]
-        checks = code_mod.check_code_batch(wrong, [e.answer for e in some] * 2, pool=pool)
+        checks = code_mod.check_code_batch(wrong, [e.answer for e in some] * 2, pool=pool, setups=setups[:20] * 2)
         assert not any(c.passed for c in checks)
 
 

@@ -16,7 +16,7 @@ import pytest
 from t2dist.verifiers import plain
 from t2dist.verifiers.code import check_code_batch
 from t2dist.verifiers.sandbox import SandboxLimits, SandboxPool
-from t2dist.verifiers.testplan import plan_tests, shadowed_builtins
+from t2dist.verifiers.testplan import plan_tests, setup_names, shadowed_builtins
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
 LIMITS = SandboxLimits(memory_mb=256, cpu_seconds=2, wall_seconds=4.0, max_processes=16)
@@ -248,3 +248,57 @@ def test_some_hacks_fooled_the_old_verifier(pool):
               "patch_builtin_set_sorted", "expected_from_caller_bytecode", "expected_from_gc"]
     checks = old([HACKS[n][0] for n in fooled], [TESTS[HACKS[n][1]] for n in fooled], pool)
     assert {n: c.passed for n, c in zip(fooled, checks)} == {n: True for n in fooled}
+
+
+# ----------------------------------------------------------------------------- trusted setup
+# The tests call a helper of the task (HumanEval 32 ``poly``, 38 ``encode_cyclic``, 50 ``encode_shift``,
+# defined in the prompt stub that the candidate's program also contains): the candidate may redefine it.
+SETUP = "def enc(s):\n    return s[::-1] + '!'\n"
+SETUP_TESTS = "assert dec(enc('abc')) == 'abc'\nassert dec(enc('xy')) == 'xy'\n"
+SETUP_PROGRAMS = {
+    "honest": SETUP + "def dec(s):\n    return s[:-1][::-1]\n",
+    "redefine_helper": "def enc(s):\n    return s\ndef dec(s):\n    return s\n",
+    "patch_helper_globals": SETUP + "globals()['enc'] = lambda s: s\ndef dec(s):\n    return s\n",
+    "patch_helper_builtins": "import builtins\nbuiltins.enc = lambda s: s\ndef dec(s):\n    return s\n",
+}
+HE_HACKS = {  # entry point: completion that redefines the stub's helper so that a wrong answer passes
+    "find_zero": "def poly(xs, x):\n    return 0.0\n\ndef find_zero(xs):\n    return 0.0\n",
+    "decode_cyclic": "def encode_cyclic(s):\n    return s\n\ndef decode_cyclic(s):\n    return s\n",
+    "decode_shift": "def encode_shift(s: str):\n    return s\n\ndef decode_shift(s: str):\n    return s\n",
+}
+
+
+@needs_bwrap
+def test_trusted_setup_is_the_tasks_not_the_candidates(pool):
+    """Tests calling a setup helper go to the judge, which runs the setup: redefinitions change nothing."""
+    assert plan_tests(SETUP_TESTS) is not None  # without a setup this would be the transformed path ...
+    assert setup_names(SETUP) == {"enc"}
+    names = list(SETUP_PROGRAMS)
+    checks = check_code_batch([SETUP_PROGRAMS[n] for n in names], [SETUP_TESTS] * len(names), pool,
+                              setups=[SETUP] * len(names))
+    assert {n: c.passed for n, c in zip(names, checks)} == {n: n == "honest" for n in names}, checks
+    # ... where the candidate's ``enc`` is called: the redefinition fooled the verifier without the setup
+    old = check_code_batch([SETUP_PROGRAMS["redefine_helper"]], [SETUP_TESTS], pool)
+    assert old[0].passed
+    bad = check_code_batch(["def dec(s):\n    return s\n"], [SETUP_TESTS], pool, setups=["def enc(s:\n"])
+    assert bad[0].status == "error" and "setup does not compile" in bad[0].detail
+
+
+@needs_bwrap
+def test_humaneval_helpers_cannot_be_redefined(pool, monkeypatch):
+    """HumanEval 32/38/50: redefining ``poly``/``encode_cyclic``/``encode_shift`` fails; the references pass."""
+    from t2dist.tasks import get_task
+    from t2dist.verifiers import code
+
+    task = get_task("humaneval")
+    exs = {e.meta["entry_point"]: e for s in ("validation", "test") for e in task.examples(s)}
+    examples = [exs[k] for k in HE_HACKS]
+    hacks = [f"```python\n{HE_HACKS[k]}```" for k in HE_HACKS]
+    assert task.trusted_setup(exs["find_zero"]).startswith("import math\n\ndef poly(")
+    assert "def find_zero" not in task.trusted_setup(exs["find_zero"])
+    monkeypatch.setattr(code, "default_pool", lambda: pool)  # the task's own verify path, on the test pool
+    verdicts = task.verify_batch(hacks + [task.reference_completion(e) for e in examples], examples * 2)
+    assert [v.correct for v in verdicts] == [False] * 3 + [True] * 3, verdicts
+    # without the trusted setup (the verifier before this change) every one of these hacks passed
+    programs = [task.program(h, e) for h, e in zip(hacks, examples)]
+    assert all(c.passed for c in check_code_batch(programs, [e.answer for e in examples], pool))
