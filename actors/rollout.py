@@ -37,6 +37,7 @@ class RolloutWorker:
                           max_processes=sb.max_processes),
             workers=sb.workers or max(1, int(cfg.rollout.cpus_per_actor)),
             allow_rlimits_only=sb.allow_rlimits_only,
+            seccomp=sb.seccomp,
         )
         self.svf, self.tokenizer = load_svf(cfg)
         self.task = get_task(cfg.task.name)

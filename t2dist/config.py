@@ -117,6 +117,8 @@ class SandboxConfig(Section):
     max_processes: int = Field(32, ge=1)
     workers: int | None = Field(None, ge=1)
     allow_rlimits_only: bool = Field(False, description="run code without bubblewrap (weaker isolation)")
+    seccomp: bool = Field(True, description="deny the system calls untrusted Python never needs (libseccomp "
+                                            "filter, bubblewrap mode); false only where libseccomp is missing")
 
 
 class RolloutConfig(Section):

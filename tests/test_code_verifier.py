@@ -278,8 +278,9 @@ def test_trusted_setup_is_the_tasks_not_the_candidates(pool):
                               setups=[SETUP] * len(names))
     assert {n: c.passed for n, c in zip(names, checks)} == {n: n == "honest" for n in names}, checks
     # ... where the candidate's ``enc`` is called: the redefinition fooled the verifier without the setup
-    old = check_code_batch([SETUP_PROGRAMS["redefine_helper"]], [SETUP_TESTS], pool)
-    assert old[0].passed
+    hacks = [n for n in names if n != "honest"]
+    old = check_code_batch([SETUP_PROGRAMS[n] for n in hacks], [SETUP_TESTS] * len(hacks), pool)
+    assert {n: c.passed for n, c in zip(hacks, old)} == {n: True for n in hacks}
     bad = check_code_batch(["def dec(s):\n    return s\n"], [SETUP_TESTS], pool, setups=["def enc(s:\n"])
     assert bad[0].status == "error" and "setup does not compile" in bad[0].detail
 
@@ -302,3 +303,37 @@ def test_humaneval_helpers_cannot_be_redefined(pool, monkeypatch):
     # without the trusted setup (the verifier before this change) every one of these hacks passed
     programs = [task.program(h, e) for h, e in zip(hacks, examples)]
     assert all(c.passed for c in check_code_batch(programs, [e.answer for e in examples], pool))
+
+
+# ----------------------------------------------------------------------------- sandbox config
+class _Stop(Exception):
+    """Raised by the recording stand-in: the actor is built only as far as its pool setup."""
+
+
+@pytest.mark.parametrize("overrides, expected", [([], True), (["sandbox.seccomp=false"], False)])
+def test_sandbox_seccomp_config_reaches_the_rollout_pool(monkeypatch, overrides, expected):
+    """``sandbox.seccomp`` (default true) goes from the config, through the rollout actor, to the pool."""
+    from actors import rollout as rollout_actor
+    from t2dist.config import load_config
+    from t2dist.verifiers import sandbox
+
+    cfg = load_config(None, ["sandbox.workers=1", "sandbox.memory_mb=300", *overrides])
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(rollout_actor, "configure_default_pool", record)
+    with pytest.raises(_Stop):
+        rollout_actor.RolloutWorker(cfg)  # no Ray: the plain class, stopped before it loads a model
+    [(args, kwargs)] = calls
+    assert kwargs["seccomp"] is expected and kwargs["workers"] == 1
+    assert (args[0] if args else kwargs["limits"]).memory_mb == 300
+    if shutil.which("bwrap") is None:
+        return
+    try:  # ... and the pool those arguments configure runs with (or without) the filter
+        sandbox.configure_default_pool(*args, **kwargs)
+        assert sandbox.default_pool().seccomp is expected
+    finally:
+        sandbox.configure_default_pool()

@@ -27,7 +27,8 @@ Isolation, from the outside in (bubblewrap mode, the default):
   ``clone`` with namespace flags, keyctl, bpf, perf_event_open, io_uring, userfaultfd, kexec,
   module loading, reboot, swap, clock setting...); ``clone3`` answers ENOSYS so that glibc uses
   ``clone``, whose flags the filter can read; system calls of another architecture (i386
-  ``int 0x80``) kill the job.  On by default; ``SandboxPool(seccomp=False)`` turns it off.
+  ``int 0x80``) kill the job.  On by default; the config key ``sandbox.seccomp: false``
+  (``SandboxPool(seccomp=False)``) turns it off.
 * **Unprivileged uid**: if we are root, a user namespace would map the job to host uid 0,
   which the kernel exempts from ``RLIMIT_NPROC``.  So as root we run bwrap *without* a
   user namespace, grant the launcher only ``CAP_SETUID``/``CAP_SETGID``, and the launcher
@@ -178,7 +179,8 @@ def seccomp_program() -> bytes:
         problem = f"{exe}: {out.stderr.decode(errors='replace').strip()[-300:]}"
     raise SandboxUnavailableError(
         f"cannot build the sandbox's seccomp filter ({problem}). Install libseccomp's Python bindings "
-        "(apt-get install python3-seccomp; scripts/setup.sh does), or pass SandboxPool(seccomp=False)"
+        "(apt-get install python3-seccomp; scripts/setup.sh does), or set sandbox.seccomp=false "
+        "(SandboxPool(seccomp=False))"
     )
 
 
