@@ -73,10 +73,11 @@ def _cases(limit: int | None) -> dict[str, tuple[list[str], list[str]]]:
     for name in ("mbpp", "humaneval"):
         task = get_task(name)
         exs = [e for s in ("train", "validation", "test") for e in task.examples(s)][:limit]
-        out[name] = ([task.program(task.reference_completion(e), e) for e in exs], [e.answer for e in exs])
+        out[name] = ([task.program(task.reference_completion(e), e) for e in exs], [e.answer for e in exs],
+                     [task.trusted_setup(e) for e in exs])
     code = get_task("code")
     exs = code.examples("test")[: limit or 200]
-    out["code (synthetic)"] = ([code.program(e.meta["completion"]) for e in exs], [e.meta["tests"] for e in exs])
+    out["code (synthetic)"] = ([code.program(e.meta["completion"]) for e in exs], [e.meta["tests"] for e in exs], None)
     return out
 
 
@@ -88,12 +89,12 @@ def main() -> None:
     args = ap.parse_args()
     pool = SandboxPool(SandboxLimits(cpu_seconds=30, wall_seconds=120), workers=args.workers)
     print(f"| set | checks | old s/check | new s/check | new/old | old passed | new passed |\n|---|---|---|---|---|---|---|")
-    for name, (programs, tests) in _cases(args.limit).items():
+    for name, (programs, tests, setups) in _cases(args.limit).items():
         best = {"old": float("inf"), "new": float("inf")}
         passed = {}
         for _ in range(args.repeats):
             for label, fn in (("old", lambda: old_check_code_batch(programs, tests, pool)),
-                              ("new", lambda: check_code_batch(programs, tests, pool))):
+                              ("new", lambda: check_code_batch(programs, tests, pool, setups=setups))):
                 t0 = time.perf_counter()
                 checks = fn()
                 best[label] = min(best[label], (time.perf_counter() - t0) / len(programs))
