@@ -24,6 +24,10 @@ from t2dist.generation import Completion
 Prompt = str | Sequence[int]
 
 
+class EngineDied(RuntimeError):
+    """The engine's own process (e.g. vLLM's engine core) is gone; the engine cannot be used any more."""
+
+
 def z_nbytes(z: Mapping[str, torch.Tensor]) -> int:
     """Bytes of a set of z tensors (what a weight sync sends)."""
     return sum(t.numel() * t.element_size() for t in z.values())
