@@ -43,7 +43,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from t2dist.engines.base import Prompt, RolloutEngine, z_nbytes
+from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, z_nbytes
 from t2dist.generation import Completion, encode_prompts, end_token_ids, finish
 
 EXTENSION = "t2dist.engines.vllm.SVFWorkerExtension"
@@ -306,15 +306,15 @@ class VLLMEngine(RolloutEngine):
         self.policy.check_z(z)
         payload = {n: z[n].detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for n in self.policy.targets}
         t0 = time.perf_counter()
-        self.llm.collective_rpc("t2dist_set_z", args=(payload,))
-        self.llm.reset_prefix_cache()
+        _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(payload,))
+        _engine_call(self.llm.reset_prefix_cache)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
         self.version = version
         return sum(len(b) for b in payload.values())
 
     def unset_z(self) -> None:
-        self.llm.collective_rpc("t2dist_set_z", args=(None,))
-        self.llm.reset_prefix_cache()
+        _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(None,))
+        _engine_call(self.llm.reset_prefix_cache)
         self.version = None
 
     def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -336,7 +336,7 @@ class VLLMEngine(RolloutEngine):
                                  max_tokens=max_new_tokens, stop_token_ids=list(end_ids), logprobs=0,
                                  detokenize=False, seed=None if seed is None else seed * 1_000_003 + i)
                   for i in range(len(encoded))]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+        outs = _engine_call(self.llm.generate, [{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         results = []
         for i, (ids, out) in enumerate(zip(encoded, outs)):
             for o in sorted(out.outputs, key=lambda o: o.index):
@@ -359,6 +359,16 @@ class VLLMEngine(RolloutEngine):
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _engine_call(fn, *args, **kwargs):
+    """Call into vLLM; its engine process being gone becomes :class:`EngineDied` (the actor restarts)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        return fn(*args, **kwargs)
+    except EngineDeadError as exc:
+        raise EngineDied(f"the vLLM engine process died: {exc}") from None
 
 
 def _logprob(entry, token: int) -> float:
