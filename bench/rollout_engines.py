@@ -62,13 +62,17 @@ def bench_model(name: str, args) -> dict:
     from t2dist.tasks import get_task
 
     path, task_name = MODELS[name]
+    from t2dist.runtime import load_svf
+
     cfg = load_config(None, [f"model.path={path}", f"task.name={task_name}", "rollout.engine=vllm",
-                             f"svf.cache_dir={args.cache_dir}", f"rollout.batch_size={args.prompts * args.samples}"])
+                             f"svf.cache_dir={args.cache_dir}", f"rollout.batch_size={args.prompts * args.samples}",
+                             f"model.device={args.device}", f"model.dtype={args.dtype}",
+                             f"rollout.vllm.tensor_parallel_size={args.tp}"])
     task = get_task(task_name)
+    policy, tok = load_svf(cfg)  # the HF paths' model (on --device); the vLLM engine shares its factor cache
     t0 = time.perf_counter()
-    vl = make_engine(cfg)
+    vl = make_engine(cfg, policy=policy, tokenizer=tok)
     start_s = time.perf_counter() - t0
-    policy, tok = vl.policy, vl.tokenizer
     z = _z(policy)
     policy.merge_(z, "bench")  # the HF paths in this process sample from the same W'(z)
     z_bytes = vl.set_z(z, "bench")
@@ -99,7 +103,7 @@ def bench_model(name: str, args) -> dict:
     policy.unmerge_()
     vl.close()
     return {
-        "model": path, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
+        "model": path, "device": args.device, "dtype": args.dtype, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
         "max_new_tokens": args.max_new_tokens,
         "prompt_tokens_mean": statistics.mean(len(tok(p)["input_ids"]) for p in prompts),
         "targets": len(policy.targets), "num_z": policy.num_z,
@@ -124,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-smollm2", type=int, default=32, help="SmolLM2 greedy-agreement ARC prompts")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="model.device of the HF paths and the vLLM engine (cpu, cuda)")
+    ap.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 on a GPU; z stays float32)")
+    ap.add_argument("--tp", type=int, default=1, help="rollout.vllm.tensor_parallel_size")
     ap.add_argument("--cache-dir", default=str(Path(os.environ.get("T2DIST_CACHE", "~/.cache/t2dist")).expanduser()
                                                / "factors"))
     args = ap.parse_args(argv)

@@ -170,10 +170,9 @@ class SVFWorkerExtension:
                     f = factors.pop(hf_name)
                     U, V = (f.U[gstart:gstart + size], f.V) if axis == "rows" else (f.U, f.V[gstart:gstart + size])
                     block = (slice(start, start + size), slice(None)) if axis == "rows" else (slice(None), slice(None))
-                    fdt = torch.float32 if dtype == torch.float32 else dtype  # bf16 factors on a bf16 GPU base
-                    dev = self._t2_device(layer)
-                    self._t2_targets[hf_name] = _Target(layer_name, block, U.to(dev, fdt).contiguous(),
-                                                        f.S.to(dev, torch.float32), V.to(dev, fdt).contiguous())
+                    dev = self._t2_device(layer)  # factors in float32 (as SVFModel), also under a bf16 base
+                    self._t2_targets[hf_name] = _Target(layer_name, block, U.to(dev, torch.float32).contiguous(),
+                                                        f.S.to(dev, torch.float32), V.to(dev, torch.float32).contiguous())
             base = torch.cat(blocks, dim=0 if parts[0][4] == "rows" else 1)
             self._t2_base[layer_name] = base.to(self._t2_device(layer), dtype).contiguous()
             self._t2_layers[layer_name] = layer
@@ -198,7 +197,7 @@ class SVFWorkerExtension:
             base = self._t2_base[layer_name]
             new = base.clone()
             for t, d in items:  # delta form, in float32, as SVFModel.merge_
-                delta = (t.U.float() * d) @ t.V.float().T
+                delta = (t.U * d) @ t.V.T
                 new[t.block] = (base[t.block].float() + delta).to(base.dtype)
             self._t2_write(self._t2_layers[layer_name], new)
         return (time.perf_counter() - t0) * 1000
