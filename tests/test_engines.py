@@ -139,3 +139,27 @@ def test_hf_engine_with_a_lora_policy(tmp_path, toy_prompts):
     out = eng.generate(prompts[:4], n=3, temperature=1.0, max_new_tokens=4, stop=task.stop, seed=0)
     assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert all(len(c.logprobs) == len(c.completion_ids) for c in out)
+
+
+def test_rollout_actor_exits_when_its_engine_process_dies(monkeypatch):
+    """An EngineDied inside an actor method ends the process (Ray restarts the actor, the driver redoes the step)."""
+    import actors.rollout as ar
+    from t2dist.engines.base import EngineDied
+
+    exits = []
+    monkeypatch.setattr(ar.os, "_exit", lambda code: exits.append(code))
+
+    class Fake:
+        role, index = "rollout", 3
+
+        @ar._exit_on_engine_death
+        def rollout(self):
+            raise EngineDied("engine core gone")
+
+        @ar._exit_on_engine_death
+        def fine(self):
+            return 7
+
+    assert Fake().fine() == 7 and exits == []
+    Fake().rollout()
+    assert exits == [70]

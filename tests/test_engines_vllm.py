@@ -103,3 +103,28 @@ def test_lora_policy_is_refused_before_starting(tmp_path):
     cfg = load_config(None, ["model.path=toy", f"svf.cache_dir={tmp_path}", "rollout.engine=vllm", "policy.kind=lora"])
     with pytest.raises(VLLMEngineError, match="policy.kind=svf only"):
         make_engine(cfg)
+
+
+def test_z_off_restores_the_base_and_a_dead_engine_process_is_reported(engine, prompts):
+    """Last in this module: it kills the engine's process."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from t2dist.engines.base import EngineDied
+
+    task, ps = prompts
+    engine.unset_z()
+    base = engine.generate(ps[:20], max_new_tokens=task.max_new_tokens, stop=task.stop)
+    ref = generate_shared(engine.policy.model, engine.tokenizer, ps[:20], max_new_tokens=task.max_new_tokens,
+                          stop=task.stop)
+    assert [c.completion_ids for c in base] == [c.completion_ids for c in ref]
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    assert cores, "no vLLM EngineCore child process found"
+    for p in cores:
+        os.kill(p.pid, signal.SIGKILL)
+    time.sleep(2)
+    with pytest.raises(EngineDied):
+        engine.generate(ps[:2], max_new_tokens=4, stop=task.stop)
