@@ -163,3 +163,10 @@ def test_rollout_actor_exits_when_its_engine_process_dies(monkeypatch):
     assert Fake().fine() == 7 and exits == []
     Fake().rollout()
     assert exits == [70]
+
+
+def test_vllm_engine_refuses_a_lora_policy_before_starting(tmp_path):
+    from t2dist.engines.vllm import VLLMEngineError
+
+    with pytest.raises(VLLMEngineError, match="policy.kind=svf only"):
+        make_engine(_cfg(tmp_path, "rollout.engine=vllm", "policy.kind=lora"))

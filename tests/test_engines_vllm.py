@@ -97,14 +97,6 @@ def test_sampling_returns_the_learners_logprobs(engine, prompts):
     assert len({tuple(c.completion_ids) for c in got}) > 8  # sampled, not greedy
 
 
-def test_lora_policy_is_refused_before_starting(tmp_path):
-    from t2dist.engines import make_engine
-
-    cfg = load_config(None, ["model.path=toy", f"svf.cache_dir={tmp_path}", "rollout.engine=vllm", "policy.kind=lora"])
-    with pytest.raises(VLLMEngineError, match="policy.kind=svf only"):
-        make_engine(cfg)
-
-
 def test_z_off_restores_the_base_and_a_dead_engine_process_is_reported(engine, prompts):
     """Last in this module: it kills the engine's process."""
     import os
