@@ -67,7 +67,8 @@ def bench_model(name: str, args) -> dict:
     cfg = load_config(None, [f"model.path={path}", f"task.name={task_name}", "rollout.engine=vllm",
                              f"svf.cache_dir={args.cache_dir}", f"rollout.batch_size={args.prompts * args.samples}",
                              f"model.device={args.device}", f"model.dtype={args.dtype}",
-                             f"rollout.vllm.tensor_parallel_size={args.tp}"])
+                             f"rollout.vllm.tensor_parallel_size={args.tp}",
+                             f"rollout.vllm.cpu_threads_bind={args.vllm_bind or f'0-{args.threads - 1}'}"])
     task = get_task(task_name)
     policy, tok = load_svf(cfg)  # the HF paths' model (on --device); the vLLM engine shares its factor cache
     t0 = time.perf_counter()
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="model.device of the HF paths and the vLLM engine (cpu, cuda)")
     ap.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 on a GPU; z stays float32)")
     ap.add_argument("--tp", type=int, default=1, help="rollout.vllm.tensor_parallel_size")
+    ap.add_argument("--vllm-bind", help="rollout.vllm.cpu_threads_bind (default 0-<threads-1>: the cores HF uses)")
     ap.add_argument("--cache-dir", default=str(Path(os.environ.get("T2DIST_CACHE", "~/.cache/t2dist")).expanduser()
                                                / "factors"))
     args = ap.parse_args(argv)

@@ -120,6 +120,9 @@ class VLLMConfig(Section):
     enforce_eager: bool = Field(True, description="no CUDA graphs (faster start-up; CPU always eager)")
     enable_prefix_caching: bool = True
     cpu_kvcache_gb: float = Field(1.0, gt=0.0, description="KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads_bind: str = Field(
+        "auto", description="VLLM_CPU_OMP_THREADS_BIND on the CPU backend: auto (vLLM binds to all cores but one, "
+                            "which it reserves), nobind, or a core list such as 0-1")
     seed: int = 0
 
 

@@ -283,8 +283,9 @@ class VLLMEngine(RolloutEngine):
         from vllm import LLM
 
         vc, on_gpu = self.cfg.rollout.vllm, self.cfg.model.device != "cpu" and torch.cuda.is_available()
-        if not on_gpu:
+        if not on_gpu:  # read by the engine process vLLM spawns (an explicit environment variable wins)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(vc.cpu_kvcache_gb)))))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", vc.cpu_threads_bind)
         kw = dict(model=self.model_dir, tokenizer=self.model_dir, dtype=self.cfg.model.dtype,
                   enforce_eager=vc.enforce_eager, enable_prefix_caching=vc.enable_prefix_caching,
                   tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, worker_extension_cls=EXTENSION)
