@@ -68,7 +68,8 @@ def bench_model(name: str, args) -> dict:
                              f"svf.cache_dir={args.cache_dir}", f"rollout.batch_size={args.prompts * args.samples}",
                              f"model.device={args.device}", f"model.dtype={args.dtype}",
                              f"rollout.vllm.tensor_parallel_size={args.tp}",
-                             f"rollout.vllm.cpu_threads_bind={args.vllm_bind or f'0-{args.threads - 1}'}"])
+                             f"rollout.vllm.cpu_threads_bind={args.vllm_bind or f'0-{args.threads - 1}'}",
+                             f"rollout.vllm.max_num_batched_tokens={args.vllm_tokens}"])
     task = get_task(task_name)
     policy, tok = load_svf(cfg)  # the HF paths' model (on --device); the vLLM engine shares its factor cache
     t0 = time.perf_counter()
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="model.device of the HF paths and the vLLM engine (cpu, cuda)")
     ap.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 on a GPU; z stays float32)")
     ap.add_argument("--tp", type=int, default=1, help="rollout.vllm.tensor_parallel_size")
+    ap.add_argument("--vllm-tokens", type=int, default=16384,
+                    help="rollout.vllm.max_num_batched_tokens: room for 8 ARC prompts x 8 samples in one step")
     ap.add_argument("--vllm-bind", help="rollout.vllm.cpu_threads_bind (default 0-<threads-1>: the cores HF uses)")
     ap.add_argument("--cache-dir", default=str(Path(os.environ.get("T2DIST_CACHE", "~/.cache/t2dist")).expanduser()
                                                / "factors"))

