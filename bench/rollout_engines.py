@@ -37,7 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {"smollm2": ("smollm2", "arc_easy"), "toy": ("toy", "math")}
+# model -> (its run config: model and SVF targets, the task). SmolLM2: the project's ARC-Easy recipe
+# (MLP of the last 10 of 30 layers, 30 targets); the toy: the demo (MLP of all 4 layers, 12 targets).
+MODELS = {"smollm2": ("configs/smollm2-arc_easy.yaml", "arc_easy"), "toy": ("configs/demo.yaml", "math")}
 
 
 def _z(policy, spread: float = 0.3, seed: int = 0):
@@ -105,7 +107,7 @@ def bench_model(name: str, args) -> dict:
     policy.unmerge_()
     vl.close()
     return {
-        "model": path, "device": args.device, "dtype": args.dtype, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
+        "model": cfg.model.path, "config": config, "svf_targets": cfg.svf.targets, "device": args.device, "dtype": args.dtype, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
         "max_new_tokens": args.max_new_tokens,
         "prompt_tokens_mean": statistics.mean(len(tok(p)["input_ids"]) for p in prompts),
         "targets": len(policy.targets), "num_z": policy.num_z,
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="smollm2,toy")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=4,
+                    help="new tokens per sample (4: the issue's measurement; ARC answers are one letter)")
     ap.add_argument("--greedy", type=int, default=200, help="toy greedy-agreement prompts")
     ap.add_argument("--greedy-smollm2", type=int, default=32, help="SmolLM2 greedy-agreement ARC prompts")
     ap.add_argument("--repeat", type=int, default=2)

@@ -240,11 +240,15 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device)
 
 
-def _cache_kwarg(model) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older): the forward's KV-cache argument."""
+def _forward_args(model) -> frozenset[str]:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return frozenset(inspect.signature(type(model).forward).parameters)
+
+
+def _cache_kwarg(model) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older): the forward's KV-cache argument."""
+    return "cache" if "cache" in _forward_args(model) else "past_key_values"
 
 
 def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, top_p: float,
@@ -253,7 +257,8 @@ def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, 
     ids, mask = _left_pad(rows, pad, device)
     pos = mask.cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}  # the head on the last position only
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
     cache = getattr(out, "cache", None)
     cache = out.past_key_values if cache is None else cache
     logits = out.logits[:, -1].to(dtype=torch.float32)
