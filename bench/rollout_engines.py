@@ -63,10 +63,10 @@ def bench_model(name: str, args) -> dict:
     from t2dist.generation import generate, generate_shared
     from t2dist.tasks import get_task
 
-    path, task_name = MODELS[name]
     from t2dist.runtime import load_svf
 
-    cfg = load_config(None, [f"model.path={path}", f"task.name={task_name}", "rollout.engine=vllm",
+    config, task_name = MODELS[name]
+    cfg = load_config(ROOT / config, [f"task.name={task_name}", "rollout.engine=vllm",
                              f"svf.cache_dir={args.cache_dir}", f"rollout.batch_size={args.prompts * args.samples}",
                              f"model.device={args.device}", f"model.dtype={args.dtype}",
                              f"rollout.vllm.tensor_parallel_size={args.tp}",
