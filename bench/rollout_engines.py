@@ -102,12 +102,14 @@ def bench_model(name: str, args) -> dict:
         vl.set_z(_z(policy, seed=i + 1), ("update", i))
         ms.append(vl.last_update_ms)
     z_ms = statistics.median(ms)
-    targets = sum(policy._base[n].numel() * policy._base[n].element_size() for n in policy.targets)
+    weights = [policy.model.get_submodule(n).weight for n in policy.targets]
+    targets = sum(w.numel() * w.element_size() for w in weights)
     full = sum(p.numel() * p.element_size() for p in policy.model.parameters())
     policy.unmerge_()
     vl.close()
     return {
-        "model": cfg.model.path, "config": config, "svf_targets": cfg.svf.targets, "device": args.device, "dtype": args.dtype, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
+        "model": cfg.model.path, "config": config, "svf_targets": cfg.svf.targets, "device": args.device,
+        "dtype": args.dtype, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
         "max_new_tokens": args.max_new_tokens,
         "prompt_tokens_mean": statistics.mean(len(tok(p)["input_ids"]) for p in prompts),
         "targets": len(policy.targets), "num_z": policy.num_z,
