@@ -182,7 +182,8 @@ class SVFWorkerExtension:
             self._t2_base[layer_name] = base.to(self._t2_device(layer), dtype).contiguous()
             self._t2_layers[layer_name] = layer
         return {"targets": len(self._t2_targets), "layers": len(self._t2_layers), "seconds": time.perf_counter() - t0,
-                "tp_rank": int(getattr(next(iter(self._t2_layers.values())), "tp_rank", 0))}
+                "tp_rank": int(getattr(next(iter(self._t2_layers.values())), "tp_rank", 0)),
+                "threads": torch.get_num_threads()}
 
     @staticmethod
     def _t2_device(layer) -> torch.device:
@@ -304,6 +305,7 @@ class VLLMEngine(RolloutEngine):
             kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
         llm = LLM(**kw)
         infos = llm.collective_rpc("t2dist_init", args=(self._worker_spec(),))
+        self.worker_info = infos
         if any(i["targets"] != len(self.policy.targets) for i in infos):
             raise VLLMEngineError(f"vLLM workers placed {[i['targets'] for i in infos]} of "
                                   f"{len(self.policy.targets)} SVF targets")
@@ -367,7 +369,8 @@ class VLLMEngine(RolloutEngine):
         return None
 
     def info(self) -> dict:
-        return {**super().info(), "model_dir": self.model_dir, "factors": self.factor_path}
+        return {**super().info(), "model_dir": self.model_dir, "factors": self.factor_path,
+                "workers": getattr(self, "worker_info", None)}
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
