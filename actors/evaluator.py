@@ -22,6 +22,8 @@ from t2dist.registry.champion import NotComparable, promote_if_better
 
 
 class EvaluatorWorker(RolloutWorker):
+    role = "evaluator"  # its engine: eval.engine (default rollout.engine), batches of eval.batch_size
+
     def publish(self, z: Mapping[str, torch.Tensor], card: Mapping[str, Any], *, url: str,
                 storage_options: Mapping[str, Any] | None = None, name: str | None = None,
                 alias: str | None = "champion", val_accuracy: float, val_limit: int | None) -> dict:

@@ -1,8 +1,12 @@
-"""The rollout actor: holds the base model and factors, recomposes W' from z, samples and scores.
+"""The rollout actor: holds a rollout engine (base model + factors), sets z, samples and scores.
 
 A plain class; the driver turns it into a Ray actor with the resources from the config
 (``ray.remote(num_cpus=..., num_gpus=...)(RolloutWorker)``).  The same class serves as
-the evaluator: it evaluates any z greedily on a split.
+the evaluator: it evaluates any z greedily on a split.  It talks to its engine only through
+:class:`t2dist.engines.base.RolloutEngine` (``rollout.engine``; the evaluator's ``eval.engine``,
+default the same): ``set_z``, ``unset_z``, ``generate``.  When the engine's own process dies
+(:class:`~t2dist.engines.base.EngineDied`), the actor exits so that Ray restarts it and the
+driver redoes its share of the step, as for any actor death.
 """
 from __future__ import annotations
 
@@ -13,19 +17,33 @@ from typing import Mapping
 import torch
 
 from t2dist.config import Config
+from t2dist.engines import make_engine
+from t2dist.engines.base import EngineDied, z_nbytes
 from t2dist.evaluation import evaluate
 from t2dist.experts import make_card
-from t2dist.rl.rollout import RolloutBatch, rollout
-from t2dist.runtime import load_svf
+from t2dist.rl.rollout import RolloutBatch, engine_rollout
 from t2dist.tasks import get_task
 from t2dist.verifiers.sandbox import SandboxLimits, configure_default_pool
 
+__all__ = ["RolloutWorker", "z_nbytes"]
 
-def z_nbytes(z: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in z.values())
+
+def _exit_on_engine_death(fn):
+    """Turn the engine process's death into this actor's (Ray restarts it; the driver redoes the work)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except EngineDied as exc:
+            print(f"[t2dist] {self.role} {self.index}: {exc}; exiting so that Ray restarts this actor", flush=True)
+            os._exit(70)
+    return wrapped
 
 
 class RolloutWorker:
+    role = "rollout"  # the evaluator subclass uses eval.engine
     def __init__(self, cfg: Config | dict, index: int = 0, threads: int | None = None):
         cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
         torch.set_num_threads(threads or cfg.rollout.threads_per_actor)
@@ -39,42 +57,46 @@ class RolloutWorker:
             allow_rlimits_only=sb.allow_rlimits_only,
             seccomp=sb.seccomp,
         )
-        self.svf, self.tokenizer = load_svf(cfg)
+        evaluator = self.role == "evaluator"
+        name = (cfg.eval.engine or cfg.rollout.engine) if evaluator else cfg.rollout.engine
+        self.engine = make_engine(cfg, name, batch_size=cfg.eval.batch_size if evaluator else cfg.rollout.batch_size)
+        self.svf, self.tokenizer = self.engine.policy, self.engine.tokenizer  # the policy: card, check_compatible
         self.task = get_task(cfg.task.name)
-        self.version: object = None
+
+    @property
+    def version(self) -> object:
+        return self.engine.version
+
+    @version.setter
+    def version(self, value: object) -> None:  # AdaptWorker: candidates were merged behind the engine's back
+        self.engine.version = value
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "fingerprint": self.svf.fingerprint,
-                "num_z": self.svf.num_z, "device": str(self.svf.model.device)}
+                "num_z": self.svf.num_z, **self.engine.info()}
 
+    @_exit_on_engine_death
     def set_expert(self, z: Mapping[str, torch.Tensor], version: object) -> int:
-        """Recompose W'(z) in place (skipped when this version is already merged); returns z's bytes."""
-        if version != self.version or version is None:
-            self.svf.merge_(z, version)
-            self.version = version
-        return z_nbytes(z)
+        """Make W'(z) the engine's weights (skipped when this version is already set); returns z's bytes."""
+        return self.engine.set_z(z, version)
 
+    @_exit_on_engine_death
     def rollout(self, examples, seed: int) -> RolloutBatch:
         rl = self.cfg.rl
-        batch = rollout(
-            self.svf.model, self.tokenizer, self.task, examples,
-            samples_per_prompt=rl.samples_per_prompt, temperature=rl.temperature, top_p=rl.top_p,
-            max_new_tokens=self.cfg.task.max_new_tokens, seed=seed, batch_size=self.cfg.rollout.batch_size,
-        )
-        if torch.cuda.is_available():  # the KV caches are garbage now: give them back to a colocated learner rank
-            torch.cuda.empty_cache()
-        return batch
+        return engine_rollout(self.engine, self.task, examples, samples_per_prompt=rl.samples_per_prompt,
+                              temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=self.cfg.task.max_new_tokens,
+                              seed=seed)
 
+    @_exit_on_engine_death
     def evaluate(self, z: Mapping[str, torch.Tensor] | None, split: str, limit: int | None = None,
                  version: object = None) -> dict:
         """Greedy accuracy of ``z`` (None: the base model) on ``split``."""
         t0 = time.perf_counter()
         if z is None:
-            self.svf.unmerge_()
-            self.version = None
+            self.engine.unset_z()
         else:
-            self.set_expert(z, version)
-        res = evaluate(self.svf.model, self.tokenizer, self.task, split=split, limit=limit,
+            self.engine.set_z(z, version)
+        res = evaluate(None, self.tokenizer, self.task, split=split, limit=limit, engine=self.engine,
                        batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.task.max_new_tokens)
         return {**res.as_dict(), "seconds": time.perf_counter() - t0, "version": version}
 

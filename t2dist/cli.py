@@ -171,9 +171,9 @@ def cmd_train_local(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from t2dist.engines import make_engine
     from t2dist.evaluation import evaluate
     from t2dist.experts import check_compatible
-    from t2dist.runtime import load_policy
     from t2dist.tasks import get_task
 
     if args.oracle:
@@ -194,12 +194,16 @@ def cmd_eval(args) -> int:
         extra.update(svf_overrides_from_card(expert.card, args.overrides))
     cfg = _config(args, extra)
     task = get_task(args.task)
-    svf, tokenizer = load_policy(cfg)
+    engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.eval.batch_size)
+    svf, tokenizer = engine.policy, engine.tokenizer
     if expert is not None:
         check_compatible(expert, svf, source=f"expert {args.expert}")
-        svf.merge_({k: v.to(next(svf.model.parameters()).device) for k, v in expert.z.items()})
-    res = evaluate(svf.model, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size,
-                   max_new_tokens=cfg.task.max_new_tokens)
+        engine.set_z(expert.z, version=args.expert)
+    try:
+        res = evaluate(None, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size,
+                       max_new_tokens=cfg.task.max_new_tokens, engine=engine)
+    finally:
+        engine.close()
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,
            "expert_version": expert.card.get("version") if expert else None, **_eval_json(res)}
     print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {_interval(res)} (n={res.n})")

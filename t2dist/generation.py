@@ -18,6 +18,17 @@ tokens actually generated up to and including the one that completed the stop
 ``batch_size`` (the global torch RNG is forked, so the caller's stream is untouched).
 Measured on the toy base (2 CPU cores, batch 128-256): ``model.generate`` and a
 hand-written KV-cache loop ran at the same speed, so this uses ``model.generate``.
+
+``generate_shared`` is the shared-prefix path of the HF rollout engine
+(``t2dist/engines/hf.py``): each prompt is prefilled *once* and its ``num_samples``
+completions are decoded from copies of that KV cache (``DynamicCache.batch_repeat_interleave``),
+where ``generate`` prefills every (prompt, sample) row.  The decode loop replays
+``model.generate``'s sampling step for step (the same logits processors, one
+``torch.multinomial`` over the whole batch per step, finished rows padded), so with the same
+seed, and chunks holding whole prompts (``batch_size`` a multiple of ``num_samples``), it
+samples the same tokens as ``generate``.  It also returns each sampled token's log-probability
+under the model's raw distribution (``log_softmax`` of the logits, before temperature / top-p:
+the quantity the learner computes).
 """
 from __future__ import annotations
 
@@ -35,6 +46,12 @@ class Completion:
     prompt_ids: list[int] = field(repr=False)
     completion_ids: list[int] = field(repr=False)
     stopped: bool = False  # True when a stop string or eos ended it (False: hit max_new_tokens)
+    logprobs: list[float] | None = field(default=None, repr=False)  # per completion token (raw, T=1); None: not computed
+
+    @property
+    def stop_reason(self) -> str:
+        """``stop`` (eos or a stop string ended it) or ``length`` (max_new_tokens reached)."""
+        return "stop" if self.stopped else "length"
 
 
 _STOP_ID_CACHE: dict[tuple[int, tuple[str, ...]], frozenset[int]] = {}
@@ -166,4 +183,154 @@ def generate(
                         break
                 text, kept, stopped = _cut(tokenizer, ids, stop, eos)
                 results[k] = Completion(items[k][0], text, list(rows[r]), kept, stopped)
+    return results  # type: ignore[return-value]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Token ids of every prompt: text is tokenized as ``generate`` does, id lists pass through."""
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    out: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if texts:
+        enc = tokenizer([prompts[i] for i in texts], add_special_tokens=True)["input_ids"]
+        for i, ids in zip(texts, enc):
+            out[i] = list(ids)
+    return out  # type: ignore[return-value]
+
+
+def end_token_ids(tokenizer, stop: Sequence[str]) -> tuple[set[int], list[int]]:
+    """``(eos ids, ids that end a sequence)``: eos plus every token whose text holds a stop string."""
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return eos, sorted(eos | set(_stop_token_ids(tokenizer, stop)))
+
+
+def finish(tokenizer, prompt_index: int, prompt_ids: list[int], ids: list[int], stop: Sequence[str],
+           eos: set[int], end_ids: Sequence[int], logprobs: Sequence[float] | None = None) -> Completion:
+    """A :class:`Completion` from raw generated ids (cut at the first end id, then at a stop string)."""
+    ends = set(end_ids)
+    for j, t in enumerate(ids):
+        if t in ends:
+            ids = ids[: j + 1]
+            break
+    text, kept, stopped = _cut(tokenizer, list(ids), stop, eos)
+    lp = [float(x) for x in logprobs[: len(kept)]] if logprobs is not None else None
+    return Completion(prompt_index, text, list(prompt_ids), kept, stopped, lp)
+
+
+def _warpers(temperature: float, top_p: float):
+    """The logits processors ``model.generate`` builds for this temperature / top-p (no top-k)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(float(temperature)))
+    if temperature > 0 and top_p < 1.0:
+        procs.append(TopPLogitsWarper(float(top_p)))
+    return procs
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[r, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward_args(model) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(type(model).forward).parameters)
+
+
+def _cache_kwarg(model) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older): the forward's KV-cache argument."""
+    return "cache" if "cache" in _forward_args(model) else "past_key_values"
+
+
+def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, top_p: float,
+                   max_new_tokens: int, end_ids: Sequence[int], pad: int, device) -> tuple[list, list]:
+    """Prefill ``rows`` once, expand the KV cache ``n`` times, sample; ``(token ids, log-probs)`` per row×n."""
+    ids, mask = _left_pad(rows, pad, device)
+    pos = mask.cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}  # the head on the last position only
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+    cache = getattr(out, "cache", None)
+    cache = out.past_key_values if cache is None else cache
+    logits = out.logits[:, -1].to(dtype=torch.float32)
+    del out
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        mask = mask.repeat_interleave(n, dim=0)
+    procs, do_sample = _warpers(temperature, top_p), temperature > 0
+    ends = torch.tensor(list(end_ids) or [-1], device=device)
+    unfinished = torch.ones(mask.shape[0], dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        scores = procs(None, logits)
+        if do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            nxt = torch.argmax(scores, dim=-1)
+        logps.append(torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1))
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
+        tokens.append(nxt)
+        unfinished &= ~torch.isin(nxt, ends)
+        if t == max_new_tokens - 1 or not bool(unfinished.any()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                    use_cache=True, **{_cache_kwarg(model): cache})
+        logits = out.logits[:, -1].to(dtype=torch.float32)
+    return torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+
+
+@torch.no_grad()
+def generate_shared(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    batch_size: int = 64,
+    seed: int | None = None,
+) -> list[Completion]:
+    """Like :func:`generate` (same arguments and result order), prefilling each prompt once.
+
+    A chunk holds ``max(1, batch_size // num_samples)`` whole prompts (longest first), i.e.
+    ``batch_size`` sequences while decoding; each completion carries its ``logprobs``.
+    """
+    stop = tuple(s for s in (stop or ()) if s)
+    encoded = encode_prompts(tokenizer, list(prompts))
+    if not encoded or num_samples < 1 or max_new_tokens < 1:
+        return []
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    eos, end_ids = end_token_ids(tokenizer, stop)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # stable: generate's row order
+    per_chunk = max(1, batch_size // num_samples)
+    results: list[Completion | None] = [None] * (len(encoded) * num_samples)
+    rng_ctx = contextlib.nullcontext()
+    if seed is not None:
+        rng_ctx = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+    with rng_ctx:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(order), per_chunk):
+            chunk = order[start: start + per_chunk]
+            toks, lps = _decode_shared(model, [encoded[i] for i in chunk], num_samples, temperature=temperature,
+                                       top_p=top_p, max_new_tokens=max_new_tokens, end_ids=end_ids, pad=pad,
+                                       device=device)
+            for r, (ids, lp) in enumerate(zip(toks, lps)):
+                i, s = chunk[r // num_samples], r % num_samples
+                results[i * num_samples + s] = finish(tokenizer, i, encoded[i], ids, stop, eos, end_ids, lp)
     return results  # type: ignore[return-value]

@@ -110,6 +110,8 @@ def policy_loss(
     agg: str = "token_mean",
     clip_eps: float | None = None,
     normalizer: float | None = None,
+    behaviour_logp: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL-regularised policy-gradient loss over sampled tokens.
 
@@ -118,6 +120,13 @@ def policy_loss(
     ``advantages`` is one value per sequence ``(B,)``.  With ``old_logp`` omitted the
     ratio is ``exp(logp − logp.detach())`` = 1, whose gradient is REINFORCE's
     ``A ∇log π``; with ``clip_eps`` it is PPO's clipped surrogate.
+
+    ``behaviour_logp`` ``(B, T)``: the rollout engine's own log-probs of the sampled tokens.  The
+    engine and the learner compute the same distribution with different kernels (and vLLM in
+    its own process), so the two differ slightly; ``behaviour_abs_dlogp`` (mean ``|Δ log p|``) and
+    ``behaviour_kl`` (k3 estimate of KL(engine ‖ learner) from the engine's samples) measure it.
+    With ``tis_cap`` each token's policy-gradient term is weighted by the truncated importance
+    ratio ``min(π_learner / π_engine, tis_cap)`` (detached), as OpenRLHF's and veRL's TIS.
     """
     mask = mask.to(logp.dtype)
     old = logp.detach() if old_logp is None else old_logp
@@ -126,8 +135,12 @@ def policy_loss(
     pg = -ratio * adv
     if clip_eps is not None:
         pg = torch.maximum(pg, -torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
-    per_token = pg
     stats: dict[str, torch.Tensor] = {}
+    if behaviour_logp is not None:
+        pg, stats = _behaviour_terms(pg, old.detach(), behaviour_logp.to(logp), mask, tis_cap, agg, normalizer)
+    elif tis_cap is not None:
+        raise ValueError("rl.behaviour_correction=tis needs the rollout engine's log-probs (batch.behaviour_logprobs)")
+    per_token = pg
     if ref_logp is not None:
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown KL estimator {kl_estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
@@ -141,3 +154,20 @@ def policy_loss(
         clipped = ((ratio - 1.0).abs() > clip_eps).to(logp.dtype)
         stats["clip_frac"] = aggregate(clipped, mask, agg, normalizer)
     return loss, stats
+
+
+def _behaviour_terms(pg: torch.Tensor, logp: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor,
+                     tis_cap: float | None, agg: str, normalizer: float | None):
+    """The engine/learner mismatch statistics, and ``pg`` weighted by truncated importance ratios.
+
+    ``logp`` is the learner's log-prob of the batch before this update (``old_logp`` for PPO's later
+    epochs), so the weight corrects only for the engine, not for the update itself."""
+    log_ratio = (logp - behaviour) * mask  # learner over engine, on the engine's samples
+    stats = {"behaviour_abs_dlogp": aggregate(log_ratio.abs(), mask, agg, normalizer),
+             "behaviour_kl": aggregate(torch.exp(log_ratio) - log_ratio - 1.0, mask, agg, normalizer)}
+    if tis_cap is None:
+        return pg, stats
+    weight = torch.exp(log_ratio).clamp(max=tis_cap)
+    stats["tis_weight"] = aggregate(weight, mask, agg, normalizer)
+    stats["tis_capped_frac"] = aggregate((weight >= tis_cap).to(pg.dtype), mask, agg, normalizer)
+    return pg * weight, stats

@@ -1,15 +1,20 @@
 """One rollout: sample completions for a group of prompts and score them.
 
-Shared by ``train-local`` and the distributed rollout actors.
+Shared by ``train-local`` (:func:`rollout`: a model in this process, through the HF engine's
+shared-prefix sampler) and the distributed rollout actors (:func:`engine_rollout`: any
+:class:`t2dist.engines.base.RolloutEngine`).  Both give the same samples for the same seed
+with the HF engine, and both record the behaviour log-probs (the sampler's own log-probability
+of each sampled token), which the learner compares with its own (``rl.behaviour_correction``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import torch
 
-from t2dist.generation import generate
+from t2dist.generation import Completion, generate_shared
 from t2dist.tasks.base import Example, Task
 
 
@@ -23,6 +28,18 @@ class RolloutBatch:
     correct: torch.Tensor  # (P, N) bool
     texts: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # per sample, aligned with completion_ids: the sampler's log-prob of each token (None: not recorded)
+    behaviour_logprobs: list[list[float]] | None = None
+
+    def behaviour_tensor(self, device=None) -> torch.Tensor | None:
+        """``(B, T)`` right-padded behaviour log-probs (T = longest completion), or None."""
+        if self.behaviour_logprobs is None:
+            return None
+        T = max((len(c) for c in self.completion_ids), default=0)
+        out = torch.zeros((len(self.completion_ids), T), dtype=torch.float32)
+        for i, lp in enumerate(self.behaviour_logprobs):
+            out[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        return out.to(device)
 
     @property
     def num_prompts(self) -> int:
@@ -50,12 +67,15 @@ class RolloutBatch:
             self.rewards[list(prompt_rows)],
             self.correct[list(prompt_rows)],
             [self.texts[i] for i in flat] if self.texts else [],
+            behaviour_logprobs=None if self.behaviour_logprobs is None else [self.behaviour_logprobs[i] for i in flat],
         )
 
     @staticmethod
     def concat(batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
         """One batch from parts made in parallel; ``seconds`` keeps the slowest part's times."""
         keys = {k for b in batches for k in b.seconds}
+        lps = None if any(b.behaviour_logprobs is None for b in batches) else \
+            [lp for b in batches for lp in b.behaviour_logprobs]
         return RolloutBatch(
             [p for b in batches for p in b.prompt_ids],
             [c for b in batches for c in b.completion_ids],
@@ -63,7 +83,40 @@ class RolloutBatch:
             torch.cat([b.correct for b in batches]),
             [t for b in batches for t in b.texts],
             {k: max(b.seconds.get(k, 0.0) for b in batches) for k in keys},
+            behaviour_logprobs=lps,
         )
+
+
+Sampler = Callable[..., list[Completion]]  # (prompts, n=, temperature=, top_p=, max_new_tokens=, stop=, seed=)
+
+
+def sampled_rollout(sample: Sampler, tokenizer, task: Task, examples: Sequence[Example], *, samples_per_prompt: int,
+                    temperature: float, top_p: float = 1.0, max_new_tokens: int | None = None,
+                    seed: int | None = None) -> RolloutBatch:
+    """Sample with ``sample`` (an engine's ``generate``), verify, and pack the batch."""
+    t0 = time.perf_counter()
+    prompts = [task.prompt_for(e, tokenizer) for e in examples]
+    completions = sample(prompts, n=samples_per_prompt, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop, seed=seed)
+    t1 = time.perf_counter()
+    verdicts = task.verify_batch([c.text for c in completions], [examples[c.prompt_index] for c in completions])
+    t2 = time.perf_counter()
+    shape = (len(examples), samples_per_prompt)
+    lps = [c.logprobs for c in completions]
+    return RolloutBatch(
+        prompt_ids=[list(c.prompt_ids) for c in completions],
+        completion_ids=[list(c.completion_ids) for c in completions],
+        rewards=torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(shape),
+        correct=torch.tensor([v.correct for v in verdicts]).view(shape),
+        texts=[c.text for c in completions],
+        seconds={"generate": t1 - t0, "score": t2 - t1},
+        behaviour_logprobs=None if any(lp is None for lp in lps) else [list(lp) for lp in lps],
+    )
+
+
+def engine_rollout(engine, task: Task, examples: Sequence[Example], **kw) -> RolloutBatch:
+    """:func:`sampled_rollout` through a :class:`t2dist.engines.base.RolloutEngine` (z already set)."""
+    return sampled_rollout(engine.generate, engine.tokenizer, task, examples, **kw)
 
 
 def rollout(
@@ -79,26 +132,12 @@ def rollout(
     seed: int | None = None,
     batch_size: int = 128,
 ) -> RolloutBatch:
-    """Sample ``samples_per_prompt`` completions per example from ``model`` and verify them."""
-    import time
+    """Sample ``samples_per_prompt`` completions per example from ``model`` and verify them.
 
-    t0 = time.perf_counter()
-    prompts = [task.prompt_for(e, tokenizer) for e in examples]
-    completions = generate(
-        model, tokenizer, prompts,
-        num_samples=samples_per_prompt, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop,
-        batch_size=batch_size, seed=seed,
-    )
-    t1 = time.perf_counter()
-    verdicts = task.verify_batch([c.text for c in completions], [examples[c.prompt_index] for c in completions])
-    t2 = time.perf_counter()
-    shape = (len(examples), samples_per_prompt)
-    return RolloutBatch(
-        prompt_ids=[list(c.prompt_ids) for c in completions],
-        completion_ids=[list(c.completion_ids) for c in completions],
-        rewards=torch.tensor([v.reward for v in verdicts], dtype=torch.float32).view(shape),
-        correct=torch.tensor([v.correct for v in verdicts]).view(shape),
-        texts=[c.text for c in completions],
-        seconds={"generate": t1 - t0, "score": t2 - t1},
-    )
+    The HF engine's sampler (shared prefix) on ``model`` as it is: the same samples as a rollout
+    actor's HF engine with the same seed and ``rollout.batch_size``."""
+    def sample(prompts, n, **kw):
+        return generate_shared(model, tokenizer, prompts, num_samples=n, batch_size=batch_size, **kw)
+
+    return sampled_rollout(sample, tokenizer, task, examples, samples_per_prompt=samples_per_prompt,
+                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)

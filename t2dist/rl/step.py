@@ -48,6 +48,8 @@ def rl_loss(
         logp, mask, adv.to(device), ref_logp=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
         agg=cfg.loss_agg, normalizer=normalizer, old_logp=old_logp,
         clip_eps=cfg.clip_eps if old_logp is not None else None,
+        behaviour_logp=batch.behaviour_tensor(device),  # engine log-probs: mismatch stats (and TIS)
+        tis_cap=cfg.tis_cap if cfg.behaviour_correction == "tis" else None,
     )
     stats["entropy"] = aggregate(entropy.detach(), mask.to(entropy.dtype), cfg.loss_agg, normalizer)
     return loss, {k: float(v) for k, v in stats.items()}

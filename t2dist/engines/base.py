@@ -1,0 +1,74 @@
+"""The one interface every rollout engine implements (the seam between RL code and inference).
+
+Rollout actors, the evaluator and adaptation call only this: build from a config (base model
+plus the policy's factors/adapters), ``set_z(z, version)``, ``generate(...)``, ``unset_z()``,
+``close()``.  Nothing outside an engine module asks which engine it holds.  ``set_z`` takes
+the trainable tensors only (for SVF: one ``z`` per target, kilobytes), never weights: an
+engine recomposes ``W'`` itself, in this process (HF) or in its own worker process (vLLM).
+
+``generate`` returns one :class:`t2dist.generation.Completion` per sample, grouped per prompt
+in prompt order: ``completion_ids`` (up to and including the token that stopped it),
+``text`` (stop string excluded), ``stop_reason`` (``stop`` | ``length``) and ``logprobs``: the
+sampled tokens' log-probabilities under the engine's raw (temperature 1) distribution, which
+is what the learner computes, so the two can be compared and importance-weighted.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Mapping, Sequence
+
+import torch
+
+from t2dist.errors import UserError
+from t2dist.generation import Completion
+
+Prompt = str | Sequence[int]
+
+
+class EngineDied(UserError, RuntimeError):
+    """The engine's own process (e.g. vLLM's engine core) is gone; the engine cannot be used any more."""
+
+
+def z_nbytes(z: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a set of z tensors (what a weight sync sends)."""
+    return sum(t.numel() * t.element_size() for t in z.values())
+
+
+class RolloutEngine(ABC):
+    """Samples completions from a base model adapted by the current z (see the module docstring).
+
+    Subclasses set ``self.policy`` (the SVF or LoRA policy object: fingerprint, targets,
+    ``check_z``; for the HF engine it also holds the model that generates), ``self.tokenizer``
+    and ``self.version`` (what is set now; None: the base model).
+    """
+
+    name: str = ""
+    policy: object
+    tokenizer: object
+    version: object = None
+
+    @abstractmethod
+    def set_z(self, z: Mapping[str, torch.Tensor], version: object) -> int:
+        """Make ``W'(z)`` the weights that generate (a no-op when ``version`` is already set); returns bytes sent."""
+
+    @abstractmethod
+    def unset_z(self) -> None:
+        """Back to the base model's weights."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Prompt], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int = 32, stop: Sequence[str] = ("\n",), seed: int | None = None) -> list[Completion]:
+        """``n`` completions of every prompt (text or token ids), grouped per prompt, in order."""
+
+    def close(self) -> None:
+        """Free what the engine holds (processes, memory); the engine is unusable afterwards."""
+
+    def info(self) -> dict:
+        """What the engine is (for ``ready()`` and logs)."""
+        return {"engine": self.name, "version": self.version}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
