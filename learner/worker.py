@@ -35,6 +35,8 @@ from t2dist.rl.step import behaviour_logprobs, rl_loss
 from t2dist.svf.model import ZParams
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
+# reported only when the batch carries the rollout engine's log-probs (rl.behaviour_correction, mismatch logging)
+BEHAVIOUR_KEYS = ("behaviour_abs_dlogp", "behaviour_kl", "tis_weight", "tis_capped_frac")
 CLIENT_KEY = "t2dist"  # our client_state sits under this key, apart from DeepSpeed's own entries
 
 
@@ -247,8 +249,8 @@ class LearnerWorker:
         for _ in range(epochs):
             out = self._update(micro, old, normalizer)
         self._z = self._gather_z()
-        totals = self._global_sums([out["sums"][k] for k in STAT_KEYS])
-        result = dict(zip(STAT_KEYS, totals))
+        keys = list(out["sums"])  # the same keys on every rank: one config, batches of one engine
+        result = dict(zip(keys, self._global_sums([out["sums"][k] for k in keys])))
         result.update(grad_norm=out["grad_norm"], seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
                       tokens=int(batch.num_tokens))
         if self.on_gpu:  # activations of this step are garbage now: give them back to a colocated rollout actor
@@ -271,6 +273,9 @@ class LearnerWorker:
             sums["loss"] += float(loss.detach())
             for k in ("pg_loss", "kl", "entropy"):
                 sums[k] += stats.get(k, 0.0)
+            for k in BEHAVIOUR_KEYS:
+                if k in stats:  # summed over micro-batches: each is normalised by the global count
+                    sums[k] = sums.get(k, 0.0) + stats[k]
         if grad_norm is None:
             g = self.engine.get_global_grad_norm()
             grad_norm = float(g) if g is not None else math.nan

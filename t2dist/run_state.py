@@ -106,8 +106,17 @@ def step_record(step: int, batch: RolloutBatch, learner: Mapping[str, Any], time
     }
 
 
+# logged only when the learner reports them (the batch carries the rollout engine's log-probs)
+TB_OPTIONAL_SCALARS = {
+    "behaviour/abs_dlogp": "behaviour_abs_dlogp", "behaviour/kl": "behaviour_kl",
+    "behaviour/tis_weight": "tis_weight", "behaviour/tis_capped_frac": "tis_capped_frac",
+}
+
+
 def tb_scalars(rec: Mapping[str, float]) -> dict[str, float]:
-    return {tag: rec.get(key, 0.0) for tag, key in TB_SCALARS.items()}
+    out = {tag: rec.get(key, 0.0) for tag, key in TB_SCALARS.items()}
+    out.update({tag: rec[key] for tag, key in TB_OPTIONAL_SCALARS.items() if key in rec})
+    return out
 
 
 def format_step(rec: Mapping[str, float], steps: int) -> str:

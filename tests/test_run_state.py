@@ -47,6 +47,11 @@ def test_tensorboard_scalars_derive_from_the_one_step_record():
     tb = tb_scalars(rec)
     assert tb["train/reward_mean"] == 0.75 and tb["train/kl"] == 0.01 and tb["sync/bytes_per_step"] == 4096
     assert tb["time/generate_s"] == 1.5 and tb["time/scoring_s"] == 0.25 and tb["train/entropy"] == 0.0
+    assert not any(tag.startswith("behaviour/") for tag in tb)  # no engine log-probs: no mismatch scalars
+    rec = step_record(7, batch, {"behaviour_abs_dlogp": 0.002, "behaviour_kl": 1e-6},
+                      StepTimes(sync_s=0.5, rollout_s=1.5, learner_s=2.0), sync_bytes=0)
+    tb = tb_scalars(rec)
+    assert tb["behaviour/abs_dlogp"] == 0.002 and tb["behaviour/kl"] == 1e-6 and "behaviour/tis_weight" not in tb
 
 
 # -- where outputs go (issue 16) -------------------------------------------------------------------

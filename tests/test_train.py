@@ -125,6 +125,9 @@ def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/reward_mean")] == list(range(1, 9))
     assert "z/scales" in acc.Tags()["histograms"]
+    # the HF engine's sampling log-probs are the learner's own up to float noise (other process, threads)
+    assert "behaviour/abs_dlogp" in tags and "behaviour/kl" in tags
+    assert max(e.value for e in acc.Scalars("behaviour/abs_dlogp")) < 1e-3
     sync = acc.Scalars("sync/bytes_per_step")[0].value
     n_z = 12 * 128  # 4 layers x 3 MLP matrices, full rank = min(128, 384)
     assert sync == 2 * n_z * 4  # two actors, float32 z: kilobytes, not the model
