@@ -4,13 +4,25 @@ The synthetic ``math`` task is shaped for the 0.86M-parameter toy base (``a±b``
 a made-up format); a real model needs problems whose difficulty puts its greedy accuracy in the
 range where RL has something to learn and something to start from (20-60%).
 
-=============  ====================================================  ===============
-task           problems (a op b, each op one third)                  max_new_tokens
-=============  ====================================================  ===============
-``arith``      ``+``: 2-3 digit + 2-3 digit; ``-``: 2-3 digit minus   16
-               a smaller 2-3 digit number; ``*``: 2 digit × 1 digit
-``arith_hard`` ``+``/``-``: 3-4 digits; ``*``: 2 digit × 2 digit      16
-=============  ====================================================  ===============
+=============  ====================================================  ================
+task           problems (``a op b``, each op one third)             train/val/test
+=============  ====================================================  ================
+``arith``      one operand 2-9, the other 2-9 or 10-99 (half each)   1500 / 200 / 400
+``arith_hard`` one operand 10-99, the other 10-99 or 100-999          5000 / 200 / 500
+=============  ====================================================  ================
+
+Why so easy: both small models fail nearly every multi-digit problem in this zero-shot format.
+Measured (greedy, 2 shared CPU cores, 20-30 problems per cell, operand sizes as above):
+
+=========================  =====  =====  =====  =====  =====  =====
+model                      1d+1d  2d+1d  1d-1d  2d-1d  1d*1d  2d*1d
+=========================  =====  =====  =====  =====  =====  =====
+SmolLM2 (chat template)     73%    11%    44%     0%    77%    15%
+Gemma-3-270M (plain)         5%     0%    24%     0%    67%    10%
+=========================  =====  =====  =====  =====  =====  =====
+
+(and 2-3 digit ``+``/``-`` of two multi-digit numbers: 0-15% for both; a few-shot prefix or an
+``a + b =`` prompt did not help either model).
 
 Prompt: ``"Q: What is 347 + 582?\\nA:"`` -> `` 929``.  ``chat = "auto"``: an instruct model
 (SmolLM2) gets it as one user turn of its chat template, a base model (Gemma-3-270M, which has
@@ -22,8 +34,8 @@ equals 929), compared exactly with the integer answer, so "347 + 582 = 929" and 
 is 929." are right and "929 - 1 = 928" is wrong.  Reward +1 / -1, like every task.
 
 Splits: deterministic and prompt-disjoint (the :class:`SyntheticTask` machinery: test drawn
-first, then validation, then train, from ``random.Random("<task>/<seed>/<split>")``); 5000 /
-200 / 500 problems, so a held-out goal on n ≥ 400 fits in the test split.
+first, then validation, then train, from ``random.Random("<task>/<seed>/<split>")``); the test
+split has 400 (``arith``) or 500 problems, so a held-out goal on n ≥ 400 fits in it.
 
 Measured greedy test accuracy (first 100 test problems, ``t2dist eval --limit 100``, 2 shared
 CPU cores): see the README's real-model section.
@@ -40,24 +52,19 @@ from t2dist.tasks.synthetic import SyntheticTask
 
 @dataclass(frozen=True)
 class Level:
-    """Digit counts (inclusive ranges) of the operands, per operation."""
+    """Operand ranges: ``a`` from one of ``a_ranges`` (chosen uniformly), ``b`` from ``b_range``."""
 
-    add: tuple[tuple[int, int], tuple[int, int]]
-    sub: tuple[tuple[int, int], tuple[int, int]]
-    mul: tuple[tuple[int, int], tuple[int, int]]
-
-
-def _operand(rng: random.Random, digits: tuple[int, int]) -> int:
-    d = rng.randint(*digits)
-    return rng.randint(10 ** (d - 1), 10**d - 1)
+    a_ranges: tuple[tuple[int, int], ...]
+    b_range: tuple[int, int]
 
 
 def make_problem(rng: random.Random, level: Level) -> tuple[int, str, int, int]:
-    """``(a, op, b, answer)``: ``op`` uniform over ``+ - *``; subtraction never goes negative."""
+    """``(a, op, b, answer)``: ``op`` uniform over ``+ - *``; the operands of ``+`` and ``*`` in either
+    order; subtraction never goes negative (the larger operand first)."""
     op = rng.choice("+-*")
-    digits = {"+": level.add, "-": level.sub, "*": level.mul}[op]
-    a, b = _operand(rng, digits[0]), _operand(rng, digits[1])
-    if op == "-" and b > a:
+    a = rng.randint(*rng.choice(level.a_ranges))
+    b = rng.randint(*level.b_range)
+    if (op == "-" and b > a) or (op != "-" and rng.random() < 0.5):
         a, b = b, a
     return a, op, b, (a + b if op == "+" else a - b if op == "-" else a * b)
 
@@ -68,7 +75,7 @@ class ArithTask(SyntheticTask):
     skill = "math"
     chat = "auto"  # the chat template when the model has one, the plain Q/A text otherwise
     trap_fraction = 0.0  # no trap subset: every problem is an ordinary one
-    sizes = {"train": 5000, "validation": 200, "test": 500}
+    sizes = {"train": 1500, "validation": 200, "test": 400}
     max_new_tokens = 16  # room for "347 + 582 = 929" (digits are single tokens in SmolLM2 and Gemma)
     stop = ("\n",)
     level: Level
@@ -92,9 +99,14 @@ class ArithTask(SyntheticTask):
 
 @register_task("arith")
 class Arith(ArithTask):
-    level = Level(add=((2, 3), (2, 3)), sub=((2, 3), (2, 3)), mul=((2, 2), (1, 1)))
+    # Half the problems have two one-digit operands (2-9), half a two-digit one (10-99) and a
+    # one-digit one; ~3,700 distinct prompts, of which only 164 are one-digit pairs, so the
+    # splits (test drawn first) hold fewer of those than half.
+    level = Level(a_ranges=((2, 9), (10, 99)), b_range=(2, 9))
 
 
 @register_task("arith_hard")
 class ArithHard(ArithTask):
-    level = Level(add=((3, 4), (3, 4)), sub=((3, 4), (3, 4)), mul=((2, 2), (2, 2)))
+    # Two- and three-digit numbers with a two-digit one (~500k distinct prompts).
+    level = Level(a_ranges=((10, 99), (100, 999)), b_range=(10, 99))
+    sizes = {"train": 5000, "validation": 200, "test": 500}
