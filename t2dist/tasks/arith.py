@@ -99,10 +99,11 @@ class ArithTask(SyntheticTask):
 
 @register_task("arith")
 class Arith(ArithTask):
-    # Half the problems have two one-digit operands (2-9), half a two-digit one (10-99) and a
-    # one-digit one; ~3,700 distinct prompts, of which only 164 are one-digit pairs, so the
-    # splits (test drawn first) hold fewer of those than half.
-    level = Level(a_ranges=((2, 9), (10, 99)), b_range=(2, 9))
+    # Half the problems have two one-digit operands (0-9), half a two-digit one (10-99) and a
+    # one-digit one; ~4,600 distinct prompts, of which only 255 are one-digit pairs, so the
+    # splits (test drawn first) hold fewer of those than half (test: ~1/3).  With operands 2-9
+    # (no 0 or 1), Gemma-3-270M scored 19% (n=100), just under the 20% floor.
+    level = Level(a_ranges=((0, 9), (10, 99)), b_range=(0, 9))
 
 
 @register_task("arith_hard")
