@@ -45,6 +45,10 @@ def test_difficulty_knob():
     (" 929.0", True, "929"),
     (" 928", False, "928"),
     (" 929 - 1 = 928", False, "928"),  # the last number counts
+    (" 347 + 582 = 929 + 1 = 930", True, "929"),  # after a restatement: the first number after "="
+    (" 347 + 582 = 928 + 1 = 929", False, "928"),
+    (" 347 + 582 is 929.", True, "929"),
+    (" 347+582 = nothing", False, None),
     (" nine hundred", False, None),
     ("", False, None),
 ])
@@ -52,7 +56,7 @@ def test_verifier_reads_the_last_number(completion, ok, parsed):
     from t2dist.tasks.base import Example
 
     task = get_task("arith")
-    v = task.verify(completion, Example("arith", "Q: What is 347 + 582?\nA:", "929"))
+    v = task.verify(completion, Example("arith", "Q: What is 347 + 582?\nA:", "929", {"a": 347, "op": "+", "b": 582}))
     assert (v.correct, v.parsed, v.reward) == (ok, parsed, 1.0 if ok else -1.0)
 
 

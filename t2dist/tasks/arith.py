@@ -30,8 +30,10 @@ no template) the plain text, where the ``Q:/A:`` frame asks for the answer.  Gen
 the first newline.
 
 Verifier: the *last* number in the completion ("1,234" and "-7" read as numbers, ``929.0``
-equals 929), compared exactly with the integer answer, so "347 + 582 = 929" and "The answer
-is 929." are right and "929 - 1 = 928" is wrong.  Reward +1 / -1, like every task.
+equals 929), compared exactly with the integer answer, so "The answer is 929." is right and
+"929 - 1 = 928" is wrong — except when the completion starts by restating the problem
+("347 + 582 = ..."): then the number right after ``=`` is the answer, because both small models
+tend to run on ("13 + 5 = 18 + 5 = 23": 18 was the answer to the question).  Reward +1 / -1.
 
 Splits: deterministic and prompt-disjoint (the :class:`SyntheticTask` machinery: test drawn
 first, then validation, then train, from ``random.Random("<task>/<seed>/<split>")``); the test
@@ -43,6 +45,7 @@ CPU cores): see the README's real-model section.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,11 +87,24 @@ class ArithTask(SyntheticTask):
         a, op, b, ans = make_problem(rng, self.level)
         return f"Q: What is {a} {op} {b}?\nA:", str(ans), {"a": a, "op": op, "b": b, "completion": f" {ans}\n"}
 
+    @staticmethod
+    def _answer_part(completion: str, example: Example) -> str:
+        """The text holding the answer: after a restatement ``"a op b ="`` (or ``is``) only its first
+        number counts (small models go on: "13 + 5 = 18 + 5 = 23"), otherwise the whole completion."""
+        m = example.meta
+        if not {"a", "op", "b"} <= m.keys():
+            return completion
+        head = re.match(rf"\s*{m['a']}\s*{re.escape(m['op'])}\s*{m['b']}\s*(?:=|is\b)\s*", completion)
+        if head is None:
+            return completion
+        first = re.match(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?", completion[head.end():])
+        return first.group(0) if first else ""
+
     def verify(self, completion: str, example: Example) -> Verdict:
         from t2dist.verifiers.answers import parse_number
         from t2dist.verifiers.math import extract_final_number
 
-        got = extract_final_number(completion or "")
+        got = extract_final_number(self._answer_part(completion or "", example))
         value = parse_number(got) if got is not None else None
         if value is None:
             return Verdict(-1.0, False, None, "no number")
