@@ -6,7 +6,8 @@ validation accuracy in the background (``ray.wait``), so the training loop never
 it.  At the end it publishes the best z with its metrics, run config, base fingerprint and
 training-curve summary, and moves the alias (``champion``) only when the new expert beats
 the current champion *on the same validation set*: the champion is re-scored here, with
-this run's split and limit, rather than trusting a number measured by another run.
+this run's split and limit, rather than trusting a number measured by another run.  The rule
+and its compare-and-set on the alias live in :mod:`t2dist.registry.champion`.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import torch
 from actors.rollout import RolloutWorker
 from t2dist.experts import ExpertError, check_compatible
 from t2dist.registry import Registry, RegistryError
+from t2dist.registry.champion import NotComparable, promote_if_better
 
 
 class EvaluatorWorker(RolloutWorker):
     def publish(self, z: Mapping[str, torch.Tensor], card: Mapping[str, Any], *, url: str,
                 storage_options: Mapping[str, Any] | None = None, name: str | None = None,
                 alias: str | None = "champion", val_accuracy: float, val_limit: int | None) -> dict:
-        """Publish ``z`` as a new version; maybe move ``alias``.  Returns what happened."""
+        """Publish ``z`` as a new version; maybe move ``alias`` (the race-free rule of
+        :func:`t2dist.registry.champion.promote_if_better`).  Returns what happened."""
         reg = Registry(url, storage_options, create=True)
         name = name or card["name"]
         ref = reg.publish(z, card, name=name)
@@ -31,27 +34,20 @@ class EvaluatorWorker(RolloutWorker):
         out: dict[str, Any] = {"ref": ref, "registry": url, "alias": alias, "promoted": False}
         if not alias:
             return out
-        current = reg.aliases(name).get(alias)
-        if current is None:
-            reg.set_alias(name, alias, version, reason=f"first {alias} (val {val_accuracy:.4f})")
-            out.update(promoted=True, reason=f"no {alias} yet")
-            return out
-        champion = reg.load(f"{name}@{current}")
-        try:
-            check_compatible(champion, self.svf, source=f"{name}@{current}")
-        except ExpertError as exc:
-            out["reason"] = f"{alias} {name}@{current} not comparable ({exc}); alias left in place"
-            return out
-        res = self.evaluate(champion.z, "validation", val_limit, version=("champion", name, current))
-        out["champion"] = {"ref": f"{name}@{current}", "val_accuracy": res["accuracy"], "n": res["n"]}
-        if val_accuracy > res["accuracy"]:
-            reg.set_alias(name, alias, version,
-                          reason=f"val {val_accuracy:.4f} > {res['accuracy']:.4f} of {name}@{current}")
-            out.update(promoted=True, reason=f"beats {name}@{current} on validation "
-                                             f"({val_accuracy:.4f} > {res['accuracy']:.4f}, n={res['n']})")
-        else:
-            out["reason"] = (f"does not beat {name}@{current} on validation "
-                             f"({val_accuracy:.4f} <= {res['accuracy']:.4f}, n={res['n']})")
+
+        def score_of(current: int) -> tuple[float, dict]:
+            champion = reg.load(f"{name}@{current}")
+            try:
+                check_compatible(champion, self.svf, source=f"{name}@{current}")
+            except ExpertError as exc:
+                raise NotComparable(str(exc)) from None
+            res = self.evaluate(champion.z, "validation", val_limit, version=("champion", name, current))
+            return res["accuracy"], {"n": res["n"]}
+
+        d = promote_if_better(reg, name, version, val_accuracy, score_of, alias=alias)
+        out.update(promoted=d.promoted, reason=d.reason)
+        if d.champion_score is not None:
+            out["champion"] = {"ref": f"{name}@{d.champion}", "val_accuracy": d.champion_score, **d.details}
         return out
 
 

@@ -12,7 +12,7 @@ phases (peak memory is reset per phase):
 3. generation (sampling, bf16 base): new tokens/s at batch 64;
 4. a learner step (forward + completion log-prob loss + backward to z) on 16×512 tokens, three ways:
    ``SVFModel`` (fp32 factors, W' materialised through functional_call), the sharded layer of
-   ``learner/sharding.py`` at R=1 with bf16 factors (the low-rank path that never forms ΔW), and a plain
+   ``t2dist/svf/sharded.py`` at R=1 with bf16 factors (the low-rank path that never forms ΔW), and a plain
    bf16 forward without grad for scale.
 """
 from __future__ import annotations
@@ -75,11 +75,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from learner.sharding import RowComm, shard_model
+    from learner.sharding import RowComm
     from t2dist.rl.logprobs import completion_logprobs
     from t2dist.svf.factors import FactorSlice, decompose
     from t2dist.svf.model import SVFModel
     from t2dist.svf.parametrization import Parametrization
+    from t2dist.svf.sharded import shard_model
     from t2dist.svf.targets import select_targets
 
     device = torch.device(args.device)

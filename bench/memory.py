@@ -1,4 +1,4 @@
-"""Per-rank memory of the learner with sharded SVF factors (learner/sharding.py): measured, then analytic.
+"""Per-rank memory of the learner with sharded SVF factors (t2dist/svf/sharded.py): measured, then analytic.
 
     python bench/memory.py                      # toy base, real learner ranks at R=1 and R=2 (CPU, gloo)
     python bench/memory.py --model PATH         # a local Hugging Face model directory

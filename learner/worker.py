@@ -3,11 +3,12 @@
 A plain class: the driver turns it into a Ray actor with
 ``ray.remote(num_cpus=..., num_gpus=...)(LearnerWorker)`` (this module never imports Ray).
 
-Every rank holds the frozen base model and its SVF factors — or, with
-``learner.shard_factors``, a 1/R shard of the target weights and factors
-(``learner/sharding.py``: each rank reads only its slice of the factor cache); the only trainable
-parameters (what DeepSpeed and the optimizer see) are the ``z`` vectors, wrapped in a
-:class:`~t2dist.svf.model.ZParams` whose ``forward`` is the RL loss of a shard.
+Every rank holds the frozen base model and its SVF factors (or another policy kind) — or,
+with ``learner.shard_factors``, a 1/R shard of the target weights and factors
+(``t2dist/svf/sharded.py``, built by ``learner/sharding.py``: each rank reads only its
+slice of the factor cache); the only trainable parameters (what DeepSpeed and the
+optimizer see) are the ``z`` vectors, wrapped in a :class:`~t2dist.svf.model.ZParams`
+whose ``forward`` is the RL loss of a shard.
 
 Exactness with the single-process oracle (:func:`t2dist.rl.local.train_local`): the
 driver computes advantages on the whole batch and the *global* normalizer (total
@@ -120,7 +121,8 @@ class LearnerWorker:
 
         # the frozen base + factors on this rank's device (a 1/R shard of them under learner.shard_factors)
         device = f"cuda:{local_rank}" if self.on_gpu else "cpu"
-        from learner.sharding import build_sharded_svf, use_sharding
+        from learner.sharding import build_sharded_svf
+        from t2dist.svf.sharded import use_sharding
 
         self.sharded = use_sharding(self.cfg)
         if self.sharded:
@@ -129,9 +131,9 @@ class LearnerWorker:
         else:
             mcfg = self.cfg.model.model_copy(update={"device": device})
             cfg_here = self.cfg.model_copy(update={"model": mcfg})
-            from t2dist.runtime import load_svf
+            from t2dist.runtime import load_policy
 
-            self.svf, self.tokenizer = load_svf(cfg_here)
+            self.svf, self.tokenizer = load_policy(cfg_here)
         self.pad_id = self.tokenizer.pad_token_id
 
         from learner.ds_config import make_ds_config
@@ -165,18 +167,8 @@ class LearnerWorker:
         }
 
     def memory(self) -> dict:
-        """Resident bytes of this rank: factors, target weights, the rest of the base (see learner/sharding.py)."""
-        if hasattr(self.svf, "memory"):
-            return self.svf.memory()
-        if not hasattr(self.svf, "factors"):  # another policy kind (LoRA): nothing sharded to report
-            return {}
-        factors = sum(t.numel() * t.element_size() for f in self.svf.factors.values() for t in (f.U, f.S, f.V))
-        targets = {id(self.svf.model.get_submodule(n).weight) for n in self.svf.targets}
-        tw = sum(p.numel() * p.element_size() for p in self.svf.model.parameters() if id(p) in targets)
-        other = sum(p.numel() * p.element_size() for p in list(self.svf.model.parameters()) + list(self.svf.model.buffers())
-                    if id(p) not in targets)
-        return {"factor_bytes": factors, "target_weight_bytes": tw, "other_weight_bytes": other,
-                "factor_bytes_read": factors}
+        """Resident bytes of this rank: factors, target weights, the rest of the base (see t2dist/svf/sharded.py)."""
+        return self.svf.memory()
 
     # -- z ------------------------------------------------------------------------------
     def _params(self):

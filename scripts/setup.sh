@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for t2dist: bubblewrap (the code sandbox), a virtualenv in .venv,
+# Set up a fresh machine for t2dist: bubblewrap and libseccomp (the code sandbox), a virtualenv in .venv,
 # the CPU build of torch when there is no GPU, and the package with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v bwrap >/dev/null 2>&1; then
+# python3-seccomp: libseccomp's bindings for the system python3, which builds the sandbox's seccomp filter
+if ! command -v bwrap >/dev/null 2>&1 || ! /usr/bin/python3 -c "import seccomp" >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3-seccomp
   else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3-seccomp
   fi
 fi
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from t2dist.adapt.cem import CEMResult, CEMSettings
-from t2dist.adapt.loading import build_two_pass, cem_settings, config_for, read_cls_expert, read_experts
+from t2dist.adapt.loading import build_two_pass, cem_settings, read_cls_expert, read_experts
 from t2dist.adapt.strategies import AdaptError, AdaptRun, TwoPass, pick_shots
 from t2dist.config import Config, dump_config
 from t2dist.evaluation import evaluate, wilson_interval

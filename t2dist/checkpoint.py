@@ -1,13 +1,15 @@
-"""Run checkpoints: z, step, data position, RNG states and best metric, written atomically.
+"""Run checkpoints: z, best z, step, data position, RNG states and best metric, written atomically.
 
 Layout inside a run directory::
 
-    checkpoints/step-000006/{z.safetensors, state.json, learner/...}
+    checkpoints/step-000006/{z.safetensors, best_z.safetensors, state.json, learner/...}
+                            # + rollout_z.safetensors with rl.off_policy_steps=1 (z of the batch in flight)
     checkpoints/latest          # text file naming the newest complete checkpoint
 
-A checkpoint directory is assembled under a temporary name and renamed into place, and
-``latest`` is replaced atomically afterwards, so a crash never leaves a half-written
-checkpoint that resume would pick up.
+A checkpoint directory is assembled under a temporary name (everything, the best z
+included) and renamed into place, and ``latest`` is replaced atomically afterwards
+(``t2dist/atomic.py``), so a crash never leaves a half-written checkpoint that resume would
+pick up, nor a complete-looking one without its best z.
 """
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from t2dist.atomic import atomic_write_json, atomic_write_text
+
 LATEST = "latest"
+BEST_Z = "best_z.safetensors"
+ROLLOUT_Z = "rollout_z.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,16 +76,28 @@ def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> tuple[Path, Path]
     return tmp, final
 
 
-def commit_checkpoint(tmp: Path, final: Path, z: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> Path:
-    """Write z and state into ``tmp``, rename it to ``final`` and point ``latest`` at it."""
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in z.items()}, str(tmp / "z.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(_jsonable(dict(state)), indent=1))
+def _save_z(z: Mapping[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in z.items()}, str(path))
+
+
+def commit_checkpoint(tmp: Path, final: Path, z: Mapping[str, torch.Tensor], state: Mapping[str, Any],
+                      best_z: Mapping[str, torch.Tensor] | None = None,
+                      rollout_z: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write z, the best z (and the z of a rollout in flight) and state into ``tmp``, rename it to ``final``
+    and point ``latest`` at it.
+
+    Everything resume reads is inside ``tmp`` before the rename: a crash at any point leaves
+    either the previous checkpoint or this one complete.
+    """
+    _save_z(z, tmp / "z.safetensors")
+    for name, extra in ((BEST_Z, best_z), (ROLLOUT_Z, rollout_z)):
+        if extra is not None:
+            _save_z(extra, tmp / name)
+    atomic_write_json(tmp / "state.json", _jsonable(dict(state)), indent=1)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    pointer = final.parent / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(final.name)
-    pointer.replace(final.parent / LATEST)
+    atomic_write_text(final.parent / LATEST, final.name)
     return final
 
 
@@ -95,6 +113,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     return load_file(str(path / "z.safetensors")), json.loads((path / "state.json").read_text())
+
+
+def load_extra_z(path: str | os.PathLike, name: str = BEST_Z) -> dict[str, torch.Tensor] | None:
+    """The best z (``BEST_Z``) or rollout z (``ROLLOUT_Z``) stored with a checkpoint; None when it has none."""
+    file = Path(path) / name
+    return load_file(str(file)) if file.is_file() else None
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from t2dist.cli_common import config_from_args as _config
+from t2dist.cli_common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli's public name)
+from t2dist.cli_common import write_json as _write_json
+from t2dist.errors import USER_ERRORS
 
 COMMANDS = {
     "train": "distributed SVF-RL: Ray rollout actors, a DeepSpeed learner, evaluator, checkpoints, TensorBoard",
@@ -79,14 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args, extra: dict[str, object]):
-    from t2dist.config import load_config
-
-    overrides = list(args.overrides)
-    overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return load_config(args.config, overrides)
-
-
 def cmd_train(args) -> int:
     from t2dist.config import load_config
     from t2dist.train import train
@@ -132,7 +128,7 @@ def cmd_train_local(args) -> int:
     from t2dist.evaluation import evaluate
     from t2dist.experts import make_card, save_expert
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.runtime import load_policy
     from t2dist.tasks import get_task
 
     cfg = _config(args, {"model.path": args.model, "task.name": args.task, "rl.steps": args.steps})
@@ -140,7 +136,7 @@ def cmd_train_local(args) -> int:
     if task.unseen:
         print(f"warning: task {task.name!r} is an unseen variant meant for adaptation, not training", file=sys.stderr)
     out = Path(args.out)
-    svf, tokenizer = load_svf(cfg, verbose=True)
+    svf, tokenizer = load_policy(cfg, verbose=True)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "model": cfg.model.path, "steps": cfg.rl.steps}
     if not args.no_eval:
@@ -174,26 +170,10 @@ def cmd_train_local(args) -> int:
     return 0
 
 
-def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
-    """The SVF (or LoRA) setup an expert was trained with (targets, rank, parametrization), unless the user overrides it."""
-    param = card["parametrization"]
-    if card.get("kind", "svf") == "lora":
-        lora = card.get("lora", {})
-        values = {"policy.kind": "lora", "lora.r": param["r"], "lora.alpha": param["alpha"],
-                  "lora.dropout": param["dropout"], "lora.targets": lora.get("target_spec") or card.get("target_spec")}
-        given = {o.split("=", 1)[0] for o in user_overrides}
-        return {k: v for k, v in values.items() if k not in given and v is not None}
-    values = {"svf.targets": card.get("target_spec") or None, "svf.rank": card["rank"] if card["rank"] else "null",
-              "svf.parametrization": param["kind"], "svf.max_mult": param["max_mult"],
-              "svf.rescale": str(param["rescale"]).lower()}
-    given = {o.split("=", 1)[0] for o in user_overrides}
-    return {k: v for k, v in values.items() if k not in given}
-
-
 def cmd_eval(args) -> int:
     from t2dist.evaluation import evaluate
     from t2dist.experts import check_compatible
-    from t2dist.runtime import load_svf
+    from t2dist.runtime import load_policy
     from t2dist.tasks import get_task
 
     if args.oracle:
@@ -214,7 +194,7 @@ def cmd_eval(args) -> int:
         extra.update(svf_overrides_from_card(expert.card, args.overrides))
     cfg = _config(args, extra)
     task = get_task(args.task)
-    svf, tokenizer = load_svf(cfg)
+    svf, tokenizer = load_policy(cfg)
     if expert is not None:
         check_compatible(expert, svf, source=f"expert {args.expert}")
         svf.merge_({k: v.to(next(svf.model.parameters()).device) for k, v in expert.z.items()})
@@ -230,6 +210,7 @@ def cmd_eval(args) -> int:
 
 def cmd_expert(args) -> int:
     from t2dist.experts import read_expert, z_statistics
+    from t2dist.policy.registry import policy_class
 
     expert = read_expert(args.path)
     card = dict(expert.card)
@@ -238,7 +219,7 @@ def cmd_expert(args) -> int:
     print(json.dumps(card, indent=2))
     print(f"config: {len(json.dumps(config))} bytes (see card.json)")
     stats = z_statistics(expert.z, expert.parametrization)
-    print("LoRA statistics (alpha/r·BA; 0 = neutral):" if expert.kind == "lora" else "z statistics (scale f(z); 1 = neutral):")
+    print(policy_class(expert.kind).stats_title)
     for k, v in stats.items():
         print(f"  {k:>16}: {v:.4f}" if isinstance(v, float) else f"  {k:>16}: {v}")
     return 0
@@ -257,15 +238,6 @@ def cmd_tasks(args) -> int:
             continue
         print(f"{name:<16}{t.skill:<12}{str(t.unseen):<8}{sizes[0]:>7}{sizes[1]:>6}{sizes[2]:>6}")
     return 0
-
-
-def _write_json(path: str, data: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(p)
-    print(f"wrote {p}")
 
 
 from t2dist.cli_registry import COMMANDS as _REGISTRY_COMMANDS  # noqa: E402
@@ -290,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from t2dist.errors import USER_ERRORS
-
     try:
         return HANDLERS[args.command](args)
     except USER_ERRORS as exc:

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from t2dist.atomic import atomic_write_text
+
 COMMANDS = {
     "adapt": "two-pass inference with registry experts: dispatch by prompt or classifier expert, or few-shot CEM mixing",
     "adapt-table": "write the markdown table Base / single experts / Prompt / Cls-expert / Few-shot on the synthetic suite",
@@ -127,7 +129,7 @@ def cmd_adapt(args) -> int:
                 print(f"published {ref}")
                 out["published"] = ref
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=str))
     return 0
 
 
@@ -144,28 +146,11 @@ def cmd_adapt_table(args) -> int:
     cols = [c for c in args.columns.split(",") if c]
     md, raw = adaptation_table(cfg, refs, cls_ref, args.registry, cols, limit=args.limit)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str))
+    atomic_write_text(out, md)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(raw, indent=2, default=str))
     print(md)
     print(f"wrote {out}")
     return 0
 
 
-def _user_errors(fn):
-    """Adaptation input errors print one line (like the other commands' USER_ERRORS) and exit 2."""
-
-    def run(args) -> int:
-        from t2dist.adapt.dispatch import DispatchError
-        from t2dist.adapt.strategies import AdaptError
-
-        try:
-            return fn(args)
-        except (AdaptError, DispatchError) as exc:
-            print(f"t2dist {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
-HANDLERS = {"adapt": _user_errors(cmd_adapt), "adapt-table": _user_errors(cmd_adapt_table)}
+HANDLERS = {"adapt": cmd_adapt, "adapt-table": cmd_adapt_table}  # AdaptError/DispatchError are UserErrors: main prints them

@@ -108,7 +108,7 @@ def cmd_registry(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from t2dist.cli import _config, svf_overrides_from_card
+    from t2dist.cli_common import config_from_args, svf_overrides_from_card
     from t2dist.experts import check_compatible
     from t2dist.export import check_export_target, export_merged
     from t2dist.registry import read_expert_ref
@@ -118,7 +118,7 @@ def cmd_export(args) -> int:
     expert = read_expert_ref(args.expert, args.registry)  # fails on a bad reference before loading a model
     extra = {"model.path": args.model or expert.card.get("base_model") or None}
     extra.update(svf_overrides_from_card(expert.card, args.overrides))
-    cfg = _config(args, extra)
+    cfg = config_from_args(args, extra)
     svf, tokenizer = load_svf(cfg)
     check_compatible(expert, svf, source=f"expert {args.expert}")
     import torch

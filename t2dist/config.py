@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from t2dist.errors import UserError
+
 
 def _one_of(value: str, known, what: str, label: str = "known") -> str:
     """``value`` if it names a registry entry, else an error listing the known names."""
@@ -42,7 +44,15 @@ class SVFConfig(Section):
 
 
 class PolicyConfig(Section):
-    kind: Literal["svf", "lora"] = Field("svf", description="what is trained: SVF z vectors or a LoRA adapter (lora: section)")
+    kind: str = Field("svf", description="what is trained: a policy kind of t2dist.policy.registry (svf: z vectors, "
+                                         "svf: section; lora: a LoRA adapter, lora: section)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from t2dist.policy.registry import POLICIES
+
+        return _one_of(v, sorted(POLICIES), "policy kind", "known kinds")
 
 
 class LoRAConfig(Section):
@@ -81,6 +91,8 @@ class RLConfig(Section):
     clip_grad: float | None = Field(1.0, gt=0.0)
     update_epochs: int = Field(1, ge=1, description="optimizer updates per rollout batch (>1: PPO-style ratio clipping)")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip, used when rl.update_epochs > 1")
+    off_policy_steps: int = Field(0, ge=0, le=1, description="1: the actors sample step t+1's batch with z_(t-1) "
+                                  "while the learner computes z_t (overlap; no importance correction); 0: on-policy")
     seed: int = 0
 
     @field_validator("kl_estimator")
@@ -142,7 +154,9 @@ class TrainConfig(Section):
 
 
 class RayConfig(Section):
-    address: str = Field("auto", description="'auto': join a running cluster or start a local one; 'local'; or host:port")
+    address: str | None = Field(
+        None, description="null: $RAY_ADDRESS when set (as under `ray job submit`), else start a local cluster; "
+                          "'auto': join a cluster running on this machine or start a local one; 'local'; or host:port")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (null: what the run needs)")
     placement: Literal["none", "colocated", "separate"] = Field(
         "none", description="Ray placement groups: none; colocated (one PACK group: actors beside learner ranks); "
@@ -206,7 +220,10 @@ class AdaptConfig(Section):
 
 class Config(Section):
     name: str = "run"
-    run_dir: str | None = None
+    run_dir: str | None = Field(None, description="run directory (null: runs/<name>-<time>); relative: under output_root")
+    output_root: str | None = Field(None, description="absolute directory that relative output paths (run_dir, "
+                                    "registry.url, svf.cache_dir, model.cache_dir) resolve under; null: $T2DIST_HOME, "
+                                    "else the current directory (refused inside a `ray job submit` working-dir copy)")
     model: ModelConfig = ModelConfig()
     svf: SVFConfig = SVFConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -223,7 +240,7 @@ class Config(Section):
     adapt: AdaptConfig = AdaptConfig()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 

@@ -2,9 +2,10 @@
 
 The card says what the ``z`` vectors mean (parametrization, targets, rank) and which
 base model they belong to (its fingerprint); loading refuses any mismatch.  ``kind`` is
-``"svf"`` (singular-value scales; cards written before LoRA existed have no ``kind`` and
-are SVF) or ``"lora"`` (the baseline: ``z.safetensors`` holds the adapters' A and B, the
-card's ``lora`` section records r, alpha, dropout and the target modules).
+a policy kind of :mod:`t2dist.policy.registry` (``svf``: singular-value scales, and cards
+written before LoRA existed have no ``kind`` and are SVF; ``lora``: ``z.safetensors`` holds
+the adapters' A and B). What a card records about the policy comes from the policy itself
+(``card_fields``).
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import t2dist
-from t2dist.lora import LoRAParametrization, lora_statistics
-from t2dist.svf.model import SVFModel
-from t2dist.svf.parametrization import Parametrization
-
-KINDS = ("svf", "lora")
+from t2dist.errors import UserError
+from t2dist.policy.base import Policy
+from t2dist.policy.registry import POLICIES, PolicyKindError
+from t2dist.policy.registry import card_kind as _card_kind
+from t2dist.policy.registry import parametrization_of as _parametrization_of
 
 Z_FILE = "z.safetensors"
 CARD_FILE = "card.json"
@@ -36,7 +37,7 @@ REQUIRED_CARD_FIELDS = (
 )
 
 
-class ExpertError(ValueError):
+class ExpertError(UserError, ValueError):
     """An expert that is malformed or belongs to another base model / target list."""
 
 
@@ -54,23 +55,23 @@ class Expert:
         return card_kind(self.card)
 
     @property
-    def parametrization(self) -> Parametrization | LoRAParametrization:
+    def parametrization(self):
         return parametrization_of(self.card)
 
 
 def card_kind(card: Mapping[str, Any]) -> str:
-    """``svf`` or ``lora`` (cards without ``kind`` predate LoRA: svf)."""
-    kind = card.get("kind", "svf")
-    if kind not in KINDS:
-        raise ExpertError(f"expert card kind {kind!r} is unknown; known kinds: {', '.join(KINDS)}")
-    return kind
+    """The card's policy kind (cards without ``kind`` predate LoRA: svf); an unknown kind is an ExpertError."""
+    try:
+        return _card_kind(card)
+    except PolicyKindError:
+        raise ExpertError(f"expert card kind {card.get('kind')!r} is unknown; known kinds: "
+                          f"{', '.join(sorted(POLICIES))}") from None
 
 
-def parametrization_of(card: Mapping[str, Any]) -> Parametrization | LoRAParametrization:
-    param = dict(card["parametrization"])
-    if card_kind(card) == "lora":
-        return LoRAParametrization(**param)
-    return Parametrization(**param)
+def parametrization_of(card: Mapping[str, Any]):
+    """What the card's tensors mean (an ExpertError for an unknown kind)."""
+    card_kind(card)
+    return _parametrization_of(card)
 
 
 def code_version() -> str:
@@ -87,25 +88,14 @@ def code_version() -> str:
     return version
 
 
-def make_card(svf: SVFModel, *, name: str, task: str, metrics: Mapping | None = None,
+def make_card(svf: Policy, *, name: str, task: str, metrics: Mapping | None = None,
               config: Mapping | None = None, base_model: str = "", **extra: Any) -> dict[str, Any]:
-    """The card of an expert of ``svf`` (an SVFModel or a LoRAModel)."""
-    kind = getattr(svf, "kind", "svf")
-    if kind == "lora":
-        p = svf.parametrization
-        extra = {"lora": {"r": p.r, "alpha": p.alpha, "dropout": p.dropout, "targets": list(svf.targets),
-                          "target_spec": svf.target_spec}, **extra}
+    """The card of an expert of the policy ``svf`` (its ``card_fields`` plus what the run knows)."""
     return {
         "name": name,
-        "kind": kind,
         "task": task,
-        "parametrization": svf.parametrization.to_dict(),
-        "targets": list(svf.targets),
-        "target_spec": svf.target_spec,
-        "rank": svf.rank,
-        "base_fingerprint": svf.fingerprint,
+        **svf.card_fields(),
         "base_model": base_model,
-        "num_z": svf.num_z,
         "metrics": dict(metrics or {}),
         "config": dict(config or {}),
         "code_version": code_version(),
@@ -163,10 +153,10 @@ def read_expert(path: str | os.PathLike) -> Expert:
     return Expert(z=z, card=card)
 
 
-def check_compatible(expert: Expert, svf: SVFModel, source: str = "expert") -> None:
+def check_compatible(expert: Expert, svf: Policy, source: str = "expert") -> None:
     """Refuse an expert made for another base model, policy kind, target list, rank or parametrization."""
     card = expert.card
-    kind, model_kind = card_kind(card), getattr(svf, "kind", "svf")
+    kind, model_kind = card_kind(card), svf.kind
     if kind != model_kind:
         raise ExpertError(f"{source} is a {kind} expert, but the model is set up for {model_kind} "
                           f"(policy.kind={model_kind}); set policy.kind={kind}")
@@ -182,12 +172,8 @@ def check_compatible(expert: Expert, svf: SVFModel, source: str = "expert") -> N
             f"(spec {svf.target_spec!r}, first {svf.targets[:1]})"
         )
     if card["rank"] != svf.rank:
-        what = "LoRA adapters" if kind == "lora" else "factors"
-        raise ExpertError(f"{source} has rank {card['rank']}, but the model's {what} have rank {svf.rank}")
-    if kind == "lora":
-        if not parametrization_of(card).same_function(svf.parametrization):
-            raise ExpertError(f"{source} uses LoRA {card['parametrization']}, the model {svf.parametrization.to_dict()}")
-    elif Parametrization(**card["parametrization"]) != svf.parametrization:
+        raise ExpertError(f"{source} has rank {card['rank']}, but the model's {kind} policy has rank {svf.rank}")
+    if not parametrization_of(card).same_function(svf.parametrization):
         raise ExpertError(
             f"{source} uses parametrization {card['parametrization']}, the model {svf.parametrization.to_dict()}"
         )
@@ -197,7 +183,7 @@ def check_compatible(expert: Expert, svf: SVFModel, source: str = "expert") -> N
         raise ExpertError(f"{source}: {exc}") from None
 
 
-def load_expert(path: str | os.PathLike, svf: SVFModel) -> Expert:
+def load_expert(path: str | os.PathLike, svf: Policy) -> Expert:
     """Read an expert and check that it belongs to ``svf``; its ``z`` is moved to the model's device."""
     expert = read_expert(path)
     check_compatible(expert, svf, source=f"expert {path}")
@@ -207,16 +193,5 @@ def load_expert(path: str | os.PathLike, svf: SVFModel) -> Expert:
 
 
 def z_statistics(z: Mapping[str, torch.Tensor], parametrization) -> dict[str, float]:
-    """Summary of the scales f(z) an expert applies (1.0 everywhere = neutral); LoRA: its weight changes."""
-    if isinstance(parametrization, LoRAParametrization):
-        return lora_statistics(z, parametrization)
-    scales = torch.cat([parametrization.scale(v.float()).flatten() for v in z.values()])
-    return {
-        "matrices": len(z),
-        "values": scales.numel(),
-        "scale_mean": float(scales.mean()),
-        "scale_std": float(scales.std()) if scales.numel() > 1 else 0.0,
-        "scale_min": float(scales.min()),
-        "scale_max": float(scales.max()),
-        "mean_abs_change": float((scales - 1).abs().mean()),
-    }
+    """Summary of what an expert changes (SVF: its scales f(z), 1.0 = neutral; LoRA: alpha/r·BA, 0 = neutral)."""
+    return parametrization.statistics(z)

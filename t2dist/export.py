@@ -1,8 +1,9 @@
 """Bake one expert into a plain Hugging Face checkpoint.
 
-``W' = W + U diag(S ⊙ (f(z) − 1)) Vᵀ`` is written into the target matrices (the same
-``merge_`` the rollout actors use; a LoRA expert gets ``W + alpha/r · B A`` and loses its
-peft layers), so any server that loads ``AutoModelForCausalLM``
+The policy's ``merged_model`` gives a plain HF model with the expert baked in (SVF:
+``W' = W + U diag(S ⊙ (f(z) − 1)) Vᵀ`` written into the target matrices by the same
+``merge_`` the rollout actors use; LoRA: a copy with ``W + alpha/r · B A`` and no peft
+layers), so any server that loads ``AutoModelForCausalLM``
 (vLLM, TGI, llama.cpp after conversion…) serves the expert with no t2dist code.  The
 directory also holds the tokenizer and ``t2dist_expert.json`` (the expert's card), and is
 written to a temporary sibling and renamed into place.
@@ -23,23 +24,15 @@ EXPERT_CARD_FILE = "t2dist_expert.json"
 
 def export_merged(svf, tokenizer, z: Mapping[str, torch.Tensor], card: Mapping[str, Any],
                   out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the base model with ``z`` merged in to ``out``; the model in ``svf`` is left unmerged."""
+    """Write the base model with ``z`` merged in to ``out``; the model in the policy ``svf`` is left unmerged."""
     out = check_export_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if getattr(svf, "kind", "svf") == "lora":
-            model = _lora_baked(svf, z)
-        else:
-            svf.merge_(z, ("export", card.get("name"), card.get("version")))
-            model = svf.model
-        try:
+        with svf.merged_model(z, ("export", card.get("name"), card.get("version"))) as model:
             if dtype is not None and dtype != next(model.parameters()).dtype:
                 model = _copy_to_dtype(model, dtype)
             model.save_pretrained(str(tmp), safe_serialization=True)
-        finally:
-            if model is svf.model:
-                svf.unmerge_()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         card = {k: v for k, v in card.items() if k != "history"}
@@ -59,21 +52,6 @@ def check_export_target(out: str | os.PathLike) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"export directory {out} exists and is not empty; choose another --out")
     return out
-
-
-def _lora_baked(lora, z: Mapping[str, torch.Tensor]):
-    """A copy of the base model with ``W + alpha/r · B A`` in each target and the peft layers removed."""
-    import copy
-
-    model = copy.deepcopy(lora.model)
-    with torch.no_grad():
-        for target in lora.targets:
-            layer = model.get_submodule(target)
-            base = layer.get_base_layer()
-            base.weight += lora.delta(target, z).to(base.weight.device, base.weight.dtype)
-            parent, _, child = target.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, base)
-    return model
 
 
 def _copy_to_dtype(model, dtype: torch.dtype):

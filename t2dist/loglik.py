@@ -27,12 +27,13 @@ from typing import Any, Sequence
 
 import torch
 
+from t2dist.errors import UserError
 from t2dist.rl.logprobs import completion_logprobs
 
 LETTERS = string.ascii_uppercase
 
 
-class LoglikError(ValueError):
+class LoglikError(UserError, ValueError):
     """The task's examples carry no option texts to rank."""
 
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from t2dist.atomic import atomic_dir
+from t2dist.errors import UserError
+from t2dist.hub import hub_reachable as _hub_reachable  # a module global: tests replace it
 
 TOY_NAME = "toy"
 ASSET_TOY = Path(__file__).resolve().parent / "assets" / "toy-base"
@@ -95,7 +95,7 @@ def gguf_model(name: str) -> GGUFModel | None:
     return next((m for m in GGUF_MODELS if name in m.names), None)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The configured model cannot be found or loaded."""
 
 
@@ -200,7 +200,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf_reader()
-    with atomic_dir(out, exists="keep", mode=0o755) as tmp:  # 0o755: the cache may be shared
+    with atomic_dir(out, exists="keep", mode=0o755) as tmp:  # 0o755: the cache may be shared; keep: the first wins
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF quantizer stays attached after dequantizing; save_pretrained would then
@@ -214,6 +214,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "t2dist_source.txt").write_text(f"converted from {gguf.name} (dequantized to float32)\n")
+    if not (out / "config.json").is_file():  # "keep" kept something that is not a converted model
+        raise ModelLoadError(f"{out} exists but holds no config.json; remove it to convert {gguf.name} again")
     return out
 
 
@@ -243,16 +245,6 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 # -- hub names ---------------------------------------------------------------------------
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    u = urlparse(endpoint)
-    try:
-        with socket.create_connection((u.hostname or "huggingface.co", u.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
 
 def _hf_cached(name: str) -> str | None:
     """The local snapshot of hub model ``name`` in the HF cache (with a config.json), or None."""

@@ -89,6 +89,20 @@ def test_cem_seeds_single_experts_and_keeps_them_on_ties():
     assert res.alpha.shape == (2, 5) and torch.equal(seen[1], torch.stack([torch.zeros(5), torch.ones(5)]))
 
 
+
+def test_cem_settings_have_one_source_the_run_config():
+    """CEM run without settings (``TwoPass.run``, ``cem_search``) uses the config's defaults: 50 shots, not 10."""
+    from t2dist.config import load_config
+
+    default = load_config(None, []).adapt.cem
+    assert CEMSettings() == default and CEMSettings().shots == 50
+    cfg = load_config(None, ["adapt.cem.shots=7", "adapt.cem.population=5"])
+    from t2dist.adapt.loading import cem_settings
+
+    assert cem_settings(cfg).shots == 7 and cem_settings(cfg).population == 5
+    with pytest.raises(ValueError, match="population"):
+        CEMSettings(population=1)
+
 # ----------------------------------------------------------------------------- models and experts
 @pytest.fixture(scope="module")
 def toy():

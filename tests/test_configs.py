@@ -69,7 +69,7 @@ def test_config_is_valid_and_resources_fit(path):
 def test_paper_recipe_matches_the_paper_and_shards(path):
     from transformers import AutoModelForCausalLM
 
-    from learner.sharding import check_shardable
+    from t2dist.svf.sharded import check_shardable
     from t2dist.svf.targets import select_targets
 
     cfg = load_config(path)

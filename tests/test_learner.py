@@ -14,6 +14,7 @@ from learner.group import free_port, global_normalizer, split_batch
 from t2dist.config import Config
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
+from tiny_models import save_char_llama
 
 P, N = 4, 3  # prompts per step, samples per prompt
 
@@ -22,19 +23,7 @@ P, N = 4, 3  # prompts per step, samples per prompt
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A randomly initialised tiny Llama + a char-level tokenizer, saved as an HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from t2dist.toy.tokenizer import build_char_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    mcfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(mcfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_char_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
 
 @pytest.fixture(scope="module")

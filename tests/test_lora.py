@@ -1,4 +1,4 @@
-"""The LoRA baseline policy (t2dist/lora.py): exactness, gradients, experts, and the distributed pipeline."""
+"""The LoRA baseline policy (t2dist/policy/lora.py): exactness, gradients, experts, and the distributed pipeline."""
 import json
 from pathlib import Path
 
@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 from t2dist.config import ConfigError, load_config
 from t2dist.experts import ExpertError, check_compatible, load_expert, make_card, read_expert, save_expert
-from t2dist.lora import LoRAModel
+from t2dist.policy.lora import LoRAModel
 from t2dist.svf.targets import TargetSpecError
 
 ROOT = Path(__file__).resolve().parent.parent

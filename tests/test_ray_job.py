@@ -1,4 +1,9 @@
-"""`ray job submit --working-dir . -- t2dist train ...` against a `ray start --head` cluster on loopback."""
+"""`ray job submit --working-dir . -- t2dist train ...` against a `ray start --head` cluster on loopback.
+
+Ray runs the job in a temporary copy of --working-dir that it deletes with its session, so a
+run with relative output paths must refuse there, and with ``output_root`` put them under it
+(issue 16).
+"""
 import json
 import os
 import socket
@@ -32,17 +37,32 @@ def test_ray_job_submit_runs_the_driver_on_a_head_node(tmp_path):
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
-        run_dir = tmp_path / "run"
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--", "t2dist", "train", "--config", "configs/demo.yaml", "rl.steps=3", "rl.prompts_per_step=8",
-             "rl.samples_per_prompt=4", "eval.limit=40", "train.eval_limit=40", f"run_dir={run_dir}",
-             f"svf.cache_dir={tmp_path / 'factors'}", f"registry.url={tmp_path / 'registry'}", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        def submit(*overrides):
+            return subprocess.run(
+                [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                 "--", "t2dist", "train", "--config", "configs/demo.yaml", "rl.steps=3", "rl.prompts_per_step=8",
+                 "rl.samples_per_prompt=4", "eval.limit=40", "train.eval_limit=40", *overrides, "--quiet"],
+                env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+        # relative outputs would land in Ray's temporary copy of --working-dir: refused before any actor starts
+        job = submit("run_dir=runs/lost", "registry.url=registry")
+        out = job.stdout + job.stderr
+        assert job.returncode != 0, out
+        for needle in ("temporary copy of --working-dir", "run_dir", "registry.url", "svf.cache_dir", "output_root"):
+            assert needle in out, needle
+        assert "Ray cluster" not in out  # it stopped before connecting, so before any actor
+
+        # with output_root, the same relative paths land under it and outlive the job
+        home = tmp_path / "home"
+        job = submit("run_dir=run", "registry.url=registry", f"output_root={home}")
         out = job.stdout + job.stderr
         assert job.returncode == 0, out
         assert "Ray cluster" in out and "succeeded" in out
+        run_dir = home / "run"
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == 3 and "final_accuracy" in summary
+        assert Path(summary["expert"]) == run_dir / "expert" and (run_dir / "expert" / "z.safetensors").is_file()
+        assert summary["published"]["registry"].startswith(str(home / "registry"))
+        assert any((home / ".cache" / "t2dist" / "factors").iterdir())  # svf.cache_dir's default, relative
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -3,6 +3,8 @@ the evaluator's champion rule, the registry CLI and the merged Hugging Face expo
 import json
 import multiprocessing as mp
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,17 @@ def s3_endpoint():
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+    # moto checks If-Match/If-None-Match and then writes, without a lock, in the server's request
+    # threads; S3 makes a conditional PUT atomic.  Serialise PUTs so the fake keeps S3's contract.
+    from moto.s3.responses import S3Response
+
+    put, lock = S3Response.put_object, threading.Lock()
+
+    def atomic_put(self, *a, **k):
+        with lock:
+            return put(self, *a, **k)
+
+    S3Response.put_object = atomic_put
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -193,6 +206,7 @@ def s3_endpoint():
                  region_name="us-east-1").create_bucket(Bucket="experts")
     yield endpoint
     server.stop()
+    S3Response.put_object = put
 
 
 def s3_options(endpoint: str) -> dict:
@@ -232,6 +246,104 @@ def test_s3_concurrent_publishers_use_conditional_puts(s3_endpoint):
         results = pool.starmap(_publish_many_s3, [(s3_endpoint, w, 5) for w in range(4)])
     reg = Registry("s3://experts/concurrent", s3_options(s3_endpoint))
     _check_concurrent(reg, [r for rs in results for r in rs], 4, 5)
+
+
+# -- the champion rule: compare-and-set under a race -----------------------------------------------
+RACERS = 8
+
+
+def _promote_racer(url: str, opts: dict | None, alias: str, score: float, barrier, delay: float) -> bool:
+    """One run: publish a candidate with validation score ``score``, then promote it at the same moment
+    as the others.  ``score_of`` reads a version's score from its card and takes ``delay`` (a re-scoring)."""
+    from t2dist.registry.champion import promote_if_better
+
+    reg = Registry(url, opts, create=True)
+    ref = reg.publish(z_of(score), fake_card(metrics={"val": score}))
+    version = int(ref.rsplit("@", 1)[1])
+
+    def score_of(v: int) -> float:
+        time.sleep(delay)  # the champion is re-scored: the window in which another run can move the alias
+        return reg.card(f"math@{v}")["metrics"]["val"]
+
+    barrier.wait()
+    return promote_if_better(reg, "math", version, score, score_of, alias=alias).promoted
+
+
+def _racer_main(*args) -> None:
+    import os
+
+    os._exit(0 if _promote_racer(*args) else 3)
+
+
+def _race(url: str, opts: dict | None, ctx, rounds: int = 3) -> None:
+    import random
+
+    rng = random.Random(17)
+    reg = Registry(url, opts, create=True)
+    for r in range(rounds):
+        alias = f"champ{r}"
+        scores = [round(rng.uniform(0.1, 0.9), 4) for _ in range(RACERS)]
+        assert len(set(scores)) == RACERS
+        barrier = ctx.Barrier(RACERS)
+        procs = [ctx.Process(target=_racer_main, args=(url, opts, alias, sc, barrier, 0.05)) for sc in scores]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode in (0, 3) for p in procs] == [True] * RACERS, [p.exitcode for p in procs]
+        versions = {reg.card(f"math@{v}")["metrics"]["val"]: v for v in reg.versions("math")}
+        champion = reg.aliases("math")[alias]
+        assert champion == versions[max(scores)], (r, scores, champion)  # the best one, every time
+        assert procs[scores.index(max(scores))].exitcode == 0  # ... and its run says it was promoted
+
+
+def test_champion_race_local(tmp_path):
+    _race(str(tmp_path / "reg"), None, mp.get_context("fork"))
+
+
+def test_champion_race_s3(s3_endpoint):
+    # spawn: fresh processes, no event loop inherited from the parent
+    _race("s3://experts/race", s3_options(s3_endpoint), mp.get_context("spawn"), rounds=2)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_alias_compare_and_set(where, tmp_path, request):
+    if where == "s3":
+        reg = Registry("s3://experts/cas", s3_options(request.getfixturevalue("s3_endpoint")), create=True)
+    else:
+        reg = Registry(tmp_path / "reg", create=True)
+    for i in range(3):
+        reg.publish(z_of(i), fake_card())
+    assert reg.read_alias("math", "champion") == (None, None)
+    assert reg.set_alias_if("math", "champion", 1, None)
+    assert not reg.set_alias_if("math", "champion", 2, None)  # exists already
+    v, token = reg.read_alias("math", "champion")
+    assert v == 1 and token
+    reg.set_alias("math", "champion", 1)  # rewritten (same version): the token is stale now
+    assert not reg.set_alias_if("math", "champion", 3, token)
+    v, token = reg.read_alias("math", "champion")
+    assert reg.set_alias_if("math", "champion", 3, token)
+    assert not reg.set_alias_if("math", "champion", 2, token)  # token of the previous state
+    assert reg.aliases("math") == {"champion": 3}
+    with pytest.raises(RegistryError, match="versions"):
+        reg.set_alias_if("math", "champion", 9, None)
+
+
+def test_champion_rule_not_comparable_leaves_alias(tmp_path):
+    from t2dist.registry.champion import NotComparable, promote_if_better
+
+    reg = Registry(tmp_path / "reg", create=True)
+    for i in range(2):
+        reg.publish(z_of(i), fake_card())
+    assert promote_if_better(reg, "math", 1, 0.5, lambda v: 0.0).promoted  # no champion yet
+
+    def other_base(v):
+        raise NotComparable("another base model")
+
+    d = promote_if_better(reg, "math", 2, 0.9, other_base)
+    assert not d.promoted and "not comparable" in d.reason and reg.aliases("math") == {"champion": 1}
+    d = promote_if_better(reg, "math", 2, 0.5, lambda v: (0.5, {"n": 10}))
+    assert not d.promoted and d.champion == 1 and d.details == {"n": 10}  # ties do not move it
 
 
 # -- evaluator: the champion rule ---------------------------------------------------------------

@@ -6,7 +6,8 @@ import torch
 
 from t2dist.rl.data import PromptStream
 from t2dist.rl.logprobs import completion_logprobs
-from t2dist.rl.losses import ADVANTAGES, KL_ESTIMATORS, aggregate, compute_advantages, policy_loss
+from t2dist.rl.losses import (ADVANTAGES, KL_ESTIMATORS, aggregate, compute_advantages, policy_loss, register_advantage,
+                              register_kl)
 from t2dist.tasks.base import Example
 from tiny_models import tiny_model
 
@@ -39,6 +40,22 @@ def test_kl_estimators_against_exact_kl():
     for est in KL_ESTIMATORS.values():
         assert float(est(logp, logp).abs().max()) == 0.0
 
+
+
+@pytest.mark.parametrize("registry, register, name", [(ADVANTAGES, register_advantage, "grpo"),
+                                                      (KL_ESTIMATORS, register_kl, "k3")])
+def test_registering_an_estimator_name_twice_fails_and_keeps_the_first(registry, register, name):
+    first = registry[name]
+    r = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    before = first(r) if registry is ADVANTAGES else first(r, torch.zeros_like(r))
+    with pytest.raises(ValueError, match=f"'{name}' is registered twice"):
+        register(name)(lambda *a: torch.zeros(()))
+    assert registry[name] is first
+    after = registry[name](r) if registry is ADVANTAGES else registry[name](r, torch.zeros_like(r))
+    assert torch.equal(before, after)
+    # a new name still registers (and is removed again: no process-wide state left behind)
+    register(f"{name}-test-only")(first)
+    assert registry.pop(f"{name}-test-only") is first
 
 def test_policy_gradient_is_reinforce():
     """grad of the loss = -(1/#tokens) Σ A_i ∇ log π(token) for token_mean."""

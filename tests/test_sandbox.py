@@ -6,6 +6,7 @@ attack worked; a containment failure therefore shows up as ``passed == True``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -294,6 +295,46 @@ def test_sandbox_view(pool):
     assert cwd == "/tmp"
     assert "T2DIST_TEST_SECRET" not in env and "VIRTUAL_ENV" not in env
     assert flags == "True 1 1"
+
+
+# ----------------------------------------------------------------------------- seccomp
+SECCOMP_PROBE = (
+    "import ctypes, os, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "def probe(name, *args):\n    r = getattr(libc, name)(*args)\n    print(name, r, ctypes.get_errno() if r < 0 else 0, flush=True)\n"
+    "pid = os.fork()\nif pid == 0:\n    probe('ptrace', 0, 0, 0, 0)\n    os._exit(0)\n"  # PTRACE_TRACEME, in a child
+    "os.waitpid(pid, 0)\n"
+    "probe('personality', 0xffffffff)\n"  # a query, harmless without a filter
+    "probe('syscall', 272, 0x10000000)\n"  # unshare(CLONE_NEWUSER)
+    "t = threading.Thread(target=print, args=('thread ok',))\nt.start()\nt.join()\n"
+    "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint('fork ok', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+)
+
+
+@needs_bwrap
+def test_seccomp_denies_calls_python_never_needs(pool):
+    assert pool.seccomp  # on by default in bubblewrap mode
+    r = pool.run(SECCOMP_PROBE)
+    assert r.status == "ok", r
+    lines = r.stdout.splitlines()
+    eperm = str(errno.EPERM)
+    assert lines[:3] == [f"ptrace -1 {eperm}", f"personality -1 {eperm}", f"syscall -1 {eperm}"], r.stdout
+    assert lines[3:] == ["thread ok", "fork ok 7"]  # ordinary programs still run
+    assert check_code(GOOD, TEST, pool).passed
+
+
+@needs_bwrap
+def test_without_seccomp_the_probe_calls_succeed():
+    """The probe can tell: without the filter ptrace(TRACEME) and personality() succeed."""
+    with SandboxPool(LIMITS, workers=1, seccomp=False) as p:
+        assert not p.seccomp
+        lines = p.run(SECCOMP_PROBE).stdout.splitlines()
+    assert lines[0] == "ptrace 0 0" and lines[1].startswith("personality ") and not lines[1].startswith(
+        "personality -1")
+
+
+def test_seccomp_filter_is_built_with_libseccomp():
+    prog = sbx.seccomp_program()
+    assert len(prog) % 8 == 0 and len(prog) > 8 * len(sbx.SECCOMP_DENY)  # one BPF instruction is 8 bytes
 
 
 # ----------------------------------------------------------------------------- rlimits-only mode

@@ -1,5 +1,5 @@
-"""Sharded SVF factors (learner/sharding.py): exactness against the unsharded single process, per-rank
-memory and bytes read, and the errors for work that does not split or a damaged factor cache."""
+"""Sharded SVF factors (t2dist/svf/sharded.py, built per rank by learner/sharding.py): exactness
+against the unsharded single process, per-rank memory and bytes read, and the errors for work that does not split or a damaged factor cache."""
 from __future__ import annotations
 
 import json
@@ -15,25 +15,15 @@ from t2dist.config import Config, ConfigError
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.svf.factors import FACTORS_FILE, FactorCacheError, load_factor_slices, read_meta
+from tiny_models import save_char_llama
 
 P, N = 4, 3
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from t2dist.toy.tokenizer import build_char_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-llama-shard")
-    tok = build_char_tokenizer()
-    torch.manual_seed(1)
-    mcfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(mcfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    """A randomly initialised tiny Llama + a char-level tokenizer, saved as an HF directory."""
+    return save_char_llama(tmp_path_factory.mktemp("tiny-llama-shard"), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +194,7 @@ def test_sharded_rank_restores_from_checkpoint_of_unsharded(ray_cluster, make_cf
 
 # -- bad input -----------------------------------------------------------------------------------
 def test_ranks_not_dividing_the_work_is_an_error_naming_the_keys(make_cfg):
-    from learner.sharding import check_shardable, target_shapes_from_config
+    from t2dist.svf.sharded import check_shardable, target_shapes_from_config
 
     cfg = make_cfg(ranks=3, shard_factors=True)
     shapes = target_shapes_from_config(cfg)  # from the config alone (meta device)

@@ -111,6 +111,21 @@ def test_suite_registered():
     assert {get_task(n).skill for n in UNSEEN} <= {"math", "code", "reasoning"}
 
 
+
+def test_registering_a_task_name_twice_fails_and_keeps_the_first():
+    from t2dist.tasks import register_task
+    from t2dist.tasks.synthetic import MathTask
+
+    before = dict(TASKS)
+
+    class Impostor(MathTask):
+        pass
+
+    with pytest.raises(ValueError, match="task 'math' is registered twice"):
+        register_task("math")(Impostor)
+    assert TASKS == before and TASKS["math"] is MathTask and MathTask.name == "math"
+    assert type(get_task("math")) is MathTask
+
 @pytest.mark.parametrize("name", SUITE)
 def test_splits_deterministic_disjoint_sized(name):
     a, b = get_task(name), get_task(name)

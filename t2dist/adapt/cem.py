@@ -17,40 +17,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from t2dist.config import CEMConfig
+
 Evaluator = Callable[[Sequence[torch.Tensor]], Sequence[float]]
 
 
-@dataclass
-class CEMSettings:
-    """Search settings; ``t2dist.config.CEMConfig`` holds the same fields for YAML runs."""
+#: The search settings are the ``adapt.cem`` section of the run config: one class, so its fields and
+#: defaults (50 shots: 10 overfit on the toy base) have one source.  ``CEMSettings(...)`` builds
+#: one by hand (validated like the YAML: ``population >= 2``, ``0 < elite_frac <= 1``, ...).
+CEMSettings = CEMConfig
 
-    population: int = 32
-    elite_frac: float = 0.2
-    iterations: int = 100
-    shots: int = 10
-    init_std: float = 0.5
-    per_matrix: bool = False
-    seed_experts: bool = True
-    patience: int = 5  # stop after this many iterations without a better best candidate
-    min_std: float = 1e-3  # ... or once the spread has collapsed below this
-    seed: int = 0
+MIN_STD = 1e-3  # the search also stops once the spread of every alpha has collapsed below this
 
-    def __post_init__(self):
-        if self.population < 2:
-            raise ValueError(f"adapt.cem.population must be >= 2, got {self.population}")
-        if not 0 < self.elite_frac <= 1:
-            raise ValueError(f"adapt.cem.elite_frac must be in (0, 1], got {self.elite_frac}")
-        if self.iterations < 1 or self.shots < 1:
-            raise ValueError("adapt.cem.iterations and adapt.cem.shots must be >= 1")
 
-    @property
-    def n_elite(self) -> int:
-        return max(1, math.ceil(self.elite_frac * self.population))
+def n_elite(s: CEMSettings) -> int:
+    """Candidates the next distribution is fit to: ``ceil(elite_frac * population)``, at least 1."""
+    return max(1, math.ceil(s.elite_frac * s.population))
 
 
 @dataclass
@@ -108,20 +95,20 @@ def cem_search(num_experts: int, evaluate: Evaluator, settings: CEMSettings | No
             if sc > best_score:
                 best_alpha, best_score, improved = c.clone(), sc, True
         order = sorted(range(len(cands)), key=lambda i: -scores[i])  # stable: earlier first on ties
-        elites = torch.stack([cands[i] for i in order[: s.n_elite]])
+        elites = torch.stack([cands[i] for i in order[: n_elite(s)]])
         mean = elites.mean(0)
         std = elites.std(0, unbiased=False) if len(elites) > 1 else std * 0.5
         rec = {"iteration": it, "best": best_score, "mean": sum(scores) / len(scores),
-               "elite_mean": sum(scores[i] for i in order[: s.n_elite]) / s.n_elite,
+               "elite_mean": sum(scores[i] for i in order[: n_elite(s)]) / n_elite(s),
                "std": float(std.mean()), "alpha_mean": [round(float(v), 4) for v in mean.reshape(num_experts, -1).mean(1)]}
         trace.append(rec)
         if log:
             log(f"cem {it}: best {best_score:.3f} pop-mean {rec['mean']:.3f} std {rec['std']:.3f}")
         since_best = 0 if improved else since_best + 1
-        if since_best >= s.patience or float(std.max()) < s.min_std:
+        if since_best >= s.patience or float(std.max()) < MIN_STD:
             break
     return CEMResult(best_alpha, best_score, it, evaluations, time.perf_counter() - t0, trace)
 
 
 def settings_dict(s: CEMSettings) -> dict:
-    return asdict(s)
+    return s.model_dump()

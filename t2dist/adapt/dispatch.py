@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from t2dist.errors import UserError
+
 # The toy base is pretrained on this template (t2dist.toy.corpus); keep it short: the
 # toy corpus packs documents into 64-token rows.
 DEFAULT_TEMPLATE = "Which task?\n{prompt}\nKind:"
@@ -25,7 +27,7 @@ SYNONYMS = {
 }
 
 
-class DispatchError(ValueError):
+class DispatchError(UserError, ValueError):
     """A bad dispatch template or category set (raised before any model work)."""
 
 

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 from t2dist.adapt.strategies import AdaptError, TwoPass, check_expert_set
 from t2dist.config import Config
 from t2dist.experts import Expert, ExpertError
+from t2dist.policy.registry import config_from_card
 
 
 def read_experts(refs: Sequence[str], registry: str | None = None) -> dict[str, Expert]:
@@ -54,24 +55,14 @@ def category_of(expert: Expert, ref: str = "") -> str:
     return expert.card.get("name") or ref
 
 
-def config_for(cfg: Config, card: Mapping) -> Config:
-    """``cfg`` with the SVF setup (targets, rank, parametrization) the experts were trained with."""
-    param = card["parametrization"]
-    svf = cfg.svf.model_copy(update={
-        "targets": card.get("target_spec") or cfg.svf.targets, "rank": card.get("rank"),
-        "parametrization": param.get("kind", cfg.svf.parametrization),
-        "max_mult": param.get("max_mult", cfg.svf.max_mult), "rescale": param.get("rescale", cfg.svf.rescale)})
-    return cfg.model_copy(update={"svf": svf})
-
-
 def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Expert | None = None,
                    verbose: bool = False) -> TwoPass:
-    """Load the base model with the experts' SVF setup and check every expert against it."""
-    from t2dist.runtime import load_svf
+    """Load the base model with the experts' policy setup and check every expert against it."""
+    from t2dist.runtime import load_policy
 
     check_expert_set(experts)
-    cfg = config_for(cfg, next(iter(experts.values())).card)
-    svf, tokenizer = load_svf(cfg, verbose=verbose)
+    cfg = config_from_card(cfg, next(iter(experts.values())).card)
+    svf, tokenizer = load_policy(cfg, verbose=verbose)
     device = next(svf.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
@@ -80,9 +71,5 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
 
 
 def cem_settings(cfg: Config):
-    from t2dist.adapt.cem import CEMSettings
-
-    c = cfg.adapt.cem
-    return CEMSettings(population=c.population, elite_frac=c.elite_frac, iterations=c.iterations, shots=c.shots,
-                       init_std=c.init_std, per_matrix=c.per_matrix, seed_experts=c.seed_experts,
-                       patience=c.patience, seed=c.seed)
+    """The CEM settings of a run: its ``adapt.cem`` section (``t2dist.adapt.cem.CEMSettings`` is that class)."""
+    return cfg.adapt.cem

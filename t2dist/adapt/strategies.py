@@ -22,9 +22,11 @@ import torch
 
 from t2dist.adapt.cem import CEMResult, CEMSettings, Evaluator, cem_search
 from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispatch_prompt, parse_label
+from t2dist.errors import UserError
 from t2dist.evaluation import wilson_interval
-from t2dist.experts import Expert, ExpertError, check_compatible
+from t2dist.experts import Expert, ExpertError, card_kind, check_compatible
 from t2dist.generation import generate
+from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
 from t2dist.tasks.base import Example, Task
 
@@ -32,7 +34,7 @@ STRATEGIES = ("prompt", "cls", "fewshot")
 DISPATCH_MAX_NEW_TOKENS = 10
 
 
-class AdaptError(ValueError):
+class AdaptError(UserError, ValueError):
     """Bad adaptation input (experts, strategy, task, shots); raised before any model work."""
 
 
@@ -42,9 +44,14 @@ def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
         raise AdaptError("adaptation needs at least one expert (adapt.experts / --experts)")
     items = list(experts.items())
     for name, e in items:
-        if e.card.get("kind", "svf") != "svf":
+        try:
+            mixable = policy_class(card_kind(e.card)).mixable
+        except ExpertError as exc:
+            raise AdaptError(f"expert {name!r}: {exc}") from None
+        if not mixable:
+            kinds = ", ".join(f"policy.kind={k}" for k, c in sorted(POLICIES.items()) if c.mixable)
             raise AdaptError(f"expert {name!r} is a {e.card.get('kind')} expert; self-adaptation dispatches and "
-                             "mixes SVF experts (z vectors of one base), so use experts trained with policy.kind=svf")
+                             f"mixes z vectors of one base linearly, so use experts trained with {kinds}")
     name0, e0 = items[0]
     for name, e in items[1:]:
         if e.card.get("base_fingerprint") != e0.card.get("base_fingerprint"):

@@ -16,7 +16,11 @@ Why it is safe without a lock server:
   is written last, as one object PUT (object stores) or a temp file + rename (local).
   Readers list only versions with a card, so a half-written version is never visible,
   and a z file that was damaged later is refused on load (the hash no longer matches).
-* **Aliases** are single small objects, replaced in one write.
+* **Aliases** are single small objects, replaced in one write.  Moving one on a decision
+  (the champion rule, :mod:`t2dist.registry.champion`) is a compare-and-set
+  (:meth:`Registry.set_alias_if`): an exclusive ``flock`` on a local disk, a conditional
+  ``If-Match: <ETag>`` PUT on S3, so two runs finishing together cannot both replace the
+  champion they compared against.
 
 A publisher that dies after claiming leaves a version without a card: invisible, and its
 number is not reused.
@@ -24,6 +28,7 @@ number is not reused.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +42,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from t2dist.atomic import atomic_write_bytes
+from t2dist.errors import UserError
 from t2dist.experts import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, read_expert
 
 CLAIM_FILE = ".claim"
@@ -45,7 +52,7 @@ REF_RE = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<version>[^@:]+)|:(?P<alias>[^@:]+
 DEFAULT_ALIAS = "champion"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A registry that cannot be used, or a reference to an expert it does not hold."""
 
 
@@ -152,13 +159,7 @@ class Registry:
     def _write_atomic(self, path: str, data: bytes) -> None:
         """Readers see the old object or the whole new one, never a part."""
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data)
         else:
             self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
@@ -340,12 +341,109 @@ class Registry:
         return out
 
     def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> None:
+        """Point ``alias`` at ``version`` unconditionally (an operator's ``promote``; see :meth:`set_alias_if`)."""
+        self._check_target(name, alias, version)
+        self._write_atomic(self._alias_path(name, alias), _alias_bytes(version, reason))
+
+    def _check_target(self, name: str, alias: str, version: int) -> None:
         check_name(alias, "alias")
         if version not in self.versions(name):
             raise RegistryError(f"cannot point {name}:{alias} at version {version}: "
                                 f"{name!r} has versions {self.versions(name) or 'none'} in {self.url}")
-        self._write_atomic(self._p(name, "aliases", f"{alias}.json"),
-                           json.dumps({"version": version, "set": _now(), "reason": reason}).encode())
+
+    def _alias_path(self, name: str, alias: str) -> str:
+        return self._p(check_name(name), "aliases", f"{check_name(alias, 'alias')}.json")
+
+    def read_alias(self, name: str, alias: str) -> tuple[int | None, str | None]:
+        """``(version, token)`` of ``alias`` now, ``(None, None)`` if unset; the token is for :meth:`set_alias_if`.
+
+        Local: the sha256 of the alias file's bytes.  S3: the object's ETag, from the same GET as
+        its content (so the token always belongs to the version returned).
+        """
+        path = self._alias_path(name, alias)
+        try:
+            data, token = (self._s3_get(path) if self._s3 else (self._read_local(path), None))
+        except FileNotFoundError:
+            return None, None
+        try:
+            version = int(json.loads(data)["version"])
+        except (ValueError, KeyError, TypeError):
+            raise RegistryError(f"{self.url}: alias {name}:{alias} is damaged") from None
+        return version, token or hashlib.sha256(data).hexdigest()
+
+    def set_alias_if(self, name: str, alias: str, version: int, token: str | None, reason: str = "") -> bool:
+        """Compare-and-set: point ``alias`` at ``version`` only if it is still what :meth:`read_alias`
+        returned with ``token`` (``None``: only if the alias does not exist).  False if it moved.
+
+        Local: under an exclusive ``flock`` on ``aliases/.<alias>.lock`` (released by the kernel if the
+        holder dies), re-read, compare, replace atomically.  S3: one conditional PUT, ``If-Match:
+        <ETag>`` (or ``If-None-Match: *`` to create), as the version claim does.  Other fsspec
+        stores have no conditional write here: refused with a RegistryError.
+        """
+        self._check_target(name, alias, version)
+        path, data = self._alias_path(name, alias), _alias_bytes(version, reason)
+        if self.local:
+            return self._cas_local(path, data, token)
+        if not self._s3:
+            raise RegistryError(f"registry {self.url}: moving an alias safely needs a local directory or S3 "
+                                "(conditional writes); use Registry.set_alias to move it unconditionally")
+        try:
+            if token is None:
+                self.fs.pipe_file(path, data, mode="create")
+            else:
+                self.fs.pipe_file(path, data, IfMatch=token)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        except OSError as exc:  # PreconditionFailed (412), ConditionalRequestConflict (409)
+            if any(k in str(exc) for k in ("Precondition", "412", "Conflict", "409")) or exc.errno == errno.EINVAL:
+                return False
+            raise
+        finally:
+            self._invalidate()
+        return True
+
+    @property
+    def _s3(self) -> bool:
+        return bool({"s3", "s3a"} & set(_protocols(self.fs)))
+
+    def _read_local(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _s3_get(self, path: str) -> tuple[bytes, str]:
+        """Content and ETag of one object, from a single GetObject."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get() -> tuple[bytes, str]:
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                raise
+            body = await resp["Body"].read()
+            return body, resp["ETag"]
+
+        return sync(self.fs.loop, get)
+
+    def _cas_local(self, path: str, data: bytes, token: str | None) -> bool:
+        import fcntl
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path)[:-5] + ".lock")
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = hashlib.sha256(self._read_local(path)).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != token:
+                return False
+            self._write_atomic(path, data)
+            return True
+        finally:
+            os.close(fd)  # releases the lock
 
     def remove_alias(self, name: str, alias: str) -> None:
         path = self._p(check_name(name), "aliases", f"{check_name(alias, 'alias')}.json")
@@ -371,6 +469,11 @@ class Registry:
                 pass
         # the claim stays: the number is never reused
         return f"{name}@{version}"
+
+
+def _alias_bytes(version: int, reason: str) -> bytes:
+    # a fresh nonce makes every write's bytes (hence sha256/ETag) unique, so a token never matches a later write
+    return json.dumps({"version": version, "set": _now(), "reason": reason, "nonce": uuid.uuid4().hex}).encode()
 
 
 def _protocols(fs) -> tuple[str, ...]:

@@ -13,18 +13,24 @@ ADVANTAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
 
-def register_advantage(name: str):
+def _register(registry: dict, kind: str, name: str):
     def wrap(fn):
-        ADVANTAGES[name] = fn
+        if name in registry:  # a silent overwrite would change every run's maths
+            raise ValueError(f"{kind} {name!r} is registered twice ({registry[name].__module__}.{registry[name].__name__} "
+                             f"and {fn.__module__}.{fn.__name__})")
+        registry[name] = fn
         return fn
     return wrap
+
+
+def register_advantage(name: str):
+    """Function decorator: ``@register_advantage("rloo")``; a name registered before is an error."""
+    return _register(ADVANTAGES, "advantage estimator", name)
 
 
 def register_kl(name: str):
-    def wrap(fn):
-        KL_ESTIMATORS[name] = fn
-        return fn
-    return wrap
+    """Function decorator: ``@register_kl("k3")``; a name registered before is an error."""
+    return _register(KL_ESTIMATORS, "KL estimator", name)
 
 
 @register_advantage("group_mean")

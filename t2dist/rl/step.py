@@ -9,11 +9,11 @@ from t2dist.config import RLConfig
 from t2dist.rl.logprobs import completion_logprobs
 from t2dist.rl.losses import aggregate, compute_advantages, policy_loss
 from t2dist.rl.rollout import RolloutBatch
-from t2dist.svf.model import SVFModel
+from t2dist.policy.base import Policy
 
 
 def rl_loss(
-    svf: SVFModel,
+    svf: Policy,
     z: Mapping[str, torch.Tensor],
     batch: RolloutBatch,
     cfg: RLConfig,
@@ -35,7 +35,7 @@ def rl_loss(
     if advantages is None:
         advantages = compute_advantages(batch.rewards, cfg.advantage)
     adv = advantages.reshape(-1)
-    device = next(svf.model.parameters()).device  # SVF factors and LoRA adapters live with the model
+    device = next(svf.model.parameters()).device  # every policy kind keeps its tensors with the model
     logp, mask, entropy = completion_logprobs(
         lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True
     )
@@ -54,8 +54,8 @@ def rl_loss(
 
 
 @torch.no_grad()
-def behaviour_logprobs(svf: SVFModel, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int) -> torch.Tensor:
+def behaviour_logprobs(svf: Policy, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int) -> torch.Tensor:
     """Per-token log-probs of the batch under ``z`` before any update (PPO's ``old_logp``)."""
-    device = next(svf.model.parameters()).device  # SVF factors and LoRA adapters live with the model
+    device = next(svf.model.parameters()).device  # every policy kind keeps its tensors with the model
     logp, _ = completion_logprobs(lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
     return logp

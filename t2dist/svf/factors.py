@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from t2dist.atomic import atomic_dir
+from t2dist.errors import UserError
 
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
@@ -42,7 +43,7 @@ class Factors:
         return Factors(*(t.to(device=device, dtype=dtype) for t in (self.U, self.S, self.V)))
 
 
-class FactorCacheError(RuntimeError):
+class FactorCacheError(UserError, RuntimeError):
     """A factor cache that belongs to another model, target list or rank, or is damaged."""
 
 
@@ -84,23 +85,17 @@ def cache_key(model_fingerprint: str, targets: list[str], rank: int | None) -> s
 
 
 def save_factors(path: str | os.PathLike, factors: dict[str, Factors], meta: dict) -> Path:
-    """Write the cache directory atomically (temporary name, then rename)."""
+    """Write the cache directory atomically (temporary name, then rename).
+
+    When another process wrote the same cache first, its copy is kept: it is equally valid.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tensors = {}
-        for name, f in factors.items():
-            tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"] = f.U, f.S, f.V
+    tensors = {}
+    for name, f in factors.items():
+        tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"] = f.U, f.S, f.V
+    with atomic_dir(path, exists="keep") as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / FACTORS_FILE))
         (tmp / META_FILE).write_text(json.dumps({**meta, "format": FORMAT_VERSION}, indent=2))
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race: its copy is equally valid
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

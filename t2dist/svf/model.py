@@ -6,7 +6,8 @@ For every target ``W = U diag(S) Vᵀ`` (possibly truncated) an expert gives a v
     W' = W + U diag(S' − S) Vᵀ,   S' = S ⊙ f(z)   (optionally rescaled)
 
 so neutral ``z`` gives ``W' = W`` exactly and truncated factors leave the residual of
-``W`` untouched.  Two execution paths share :meth:`SVFModel.delta`:
+``W`` untouched.  :class:`SVFModel` is the ``svf`` kind of the policy contract
+(:class:`t2dist.policy.base.Policy`); its two execution paths share :meth:`SVFModel.delta`:
 
 * :meth:`merge_` writes ``W'`` into the model's weights in place (for generation);
 * :meth:`forward` runs the model through ``torch.func.functional_call`` with ``W'(z)``
@@ -15,17 +16,17 @@ so neutral ``z`` gives ``W' = W`` exactly and truncated factors leave the residu
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import time
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from t2dist.policy.base import Z, card_fields_of, check_z_shapes, merged_in_place
 from t2dist.svf.factors import Factors, fingerprint as model_fingerprint, get_factors
 from t2dist.svf.parametrization import Parametrization
 from t2dist.svf.targets import select_targets
-
-Z = dict[str, torch.Tensor]
 
 
 class ZParams(nn.Module):
@@ -48,11 +49,47 @@ class ZParams(nn.Module):
                 p.copy_(z[n])
 
 
-class SVFModel:
-    """A base model with the SVF factors of its target matrices.
+class SVFKind:
+    """The class side of the ``svf`` kind, shared by :class:`SVFModel` and the learner's sharded SVF."""
 
-    Build one with :meth:`from_pretrained_model`; ``z`` dictionaries map target module
-    names to raw vectors of length ``rank`` of that target.
+    kind = "svf"
+    mixable = True  # z vectors of one base mix linearly (mix_z): self-adaptation works on them
+    shardable = True
+    stats_title = "z statistics (scale f(z); 1 = neutral):"
+
+    @staticmethod
+    def parametrization_from_config(cfg) -> Parametrization:
+        return Parametrization(cfg.svf.parametrization, cfg.svf.max_mult, cfg.svf.rescale)
+
+    @staticmethod
+    def parametrization_from_card(card: Mapping[str, Any]) -> Parametrization:
+        return Parametrization(**dict(card["parametrization"]))
+
+    @staticmethod
+    def config_overrides(card: Mapping[str, Any]) -> dict[str, Any]:
+        """``svf.targets``, ``svf.rank`` (None: full rank), the parametrization, of the card."""
+        p = card["parametrization"]
+        out = {"policy.kind": "svf", "svf.rank": card["rank"] or None, "svf.parametrization": p["kind"],
+               "svf.max_mult": p["max_mult"], "svf.rescale": bool(p["rescale"])}
+        if card.get("target_spec"):
+            out["svf.targets"] = card["target_spec"]
+        return out
+
+    def card_fields(self) -> dict[str, Any]:
+        return card_fields_of(self)
+
+    def z_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(self.factors[n].S.shape) for n in self.targets}
+
+    def check_z(self, z: Mapping[str, torch.Tensor]) -> None:
+        check_z_shapes(z, self.z_shapes())
+
+
+class SVFModel(SVFKind):
+    """A base model with the SVF factors of its target matrices (the ``svf`` policy kind).
+
+    Build one with :meth:`from_pretrained_model` or :meth:`from_config`; ``z`` dictionaries
+    map target module names to raw vectors of length ``rank`` of that target.
     """
 
     def __init__(
@@ -98,6 +135,20 @@ class SVFModel:
         factors, hit = get_factors(model, names, rank, cache_dir, model_fingerprint=fp, model_name=model_name)
         return cls(model, factors, parametrization, fingerprint=fp, rank=rank, target_spec=targets), hit
 
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg, verbose: bool = False) -> "SVFModel":
+        """``cfg.svf`` (targets, rank, parametrization, factor cache) applied to a loaded base model."""
+        t0 = time.perf_counter()
+        svf, hit = cls.from_pretrained_model(
+            model, targets=cfg.svf.targets, rank=cfg.svf.rank, parametrization=cls.parametrization_from_config(cfg),
+            cache_dir=cfg.svf.cache_dir, model_name=cfg.model.path,
+        )
+        if verbose:
+            how = "loaded from cache" if hit else ("computed and cached" if cfg.svf.cache_dir else "computed")
+            print(f"[t2dist] {cfg.model.path}: {len(svf.targets)} target matrices, {svf.num_z:,} z values, "
+                  f"factors {how} ({time.perf_counter() - t0:.1f}s)")
+        return svf
+
     # -- z vectors ----------------------------------------------------------------------
     @property
     def num_z(self) -> int:
@@ -111,20 +162,11 @@ class SVFModel:
     def neutral_z(self) -> Z:
         return self.init_z(1.0)
 
-    def check_z(self, z: Mapping[str, torch.Tensor]) -> None:
-        missing = [n for n in self.targets if n not in z]
-        extra = [n for n in z if n not in self.factors]
-        if missing or extra:
-            raise KeyError(f"z does not match the targets: missing {missing[:3]}, unexpected {extra[:3]}")
-        for n in self.targets:
-            if z[n].shape != self.factors[n].S.shape:
-                raise ValueError(f"z[{n!r}] has shape {tuple(z[n].shape)}, expected {tuple(self.factors[n].S.shape)}")
-
     # -- the adapted weights ------------------------------------------------------------
-    def delta(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        """``U diag(S' − S) Vᵀ`` in the compute dtype (differentiable in ``z``)."""
+    def delta(self, name: str, z: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``U diag(S' − S) Vᵀ`` of target ``name`` in the compute dtype (differentiable in ``z[name]``)."""
         f = self.factors[name]
-        d = self.parametrization.singular_values(f.S, z.to(f.S.device, self.compute_dtype)) - f.S
+        d = self.parametrization.singular_values(f.S, z[name].to(f.S.device, self.compute_dtype)) - f.S
         return (f.U * d) @ f.V.T
 
     def base_weight(self, name: str) -> torch.Tensor:
@@ -135,7 +177,7 @@ class SVFModel:
         out = {}
         for name in self.targets:
             w = self.base_weight(name)
-            out[f"{name}.weight"] = (w.to(self.compute_dtype) + self.delta(name, z[name])).to(w.dtype)
+            out[f"{name}.weight"] = (w.to(self.compute_dtype) + self.delta(name, z)).to(w.dtype)
         return out
 
     def forward(self, z: Mapping[str, torch.Tensor], **inputs) -> object:
@@ -153,7 +195,7 @@ class SVFModel:
             if name not in self._base:
                 self._base[name] = weight.detach().clone()
             base = self._base[name]
-            weight.copy_((base.to(self.compute_dtype) + self.delta(name, z[name])).to(weight.dtype))
+            weight.copy_((base.to(self.compute_dtype) + self.delta(name, z)).to(weight.dtype))
         self.merged_version = version
 
     @torch.no_grad()
@@ -162,6 +204,20 @@ class SVFModel:
         for name, base in self._base.items():
             self.model.get_submodule(name).weight.copy_(base)
         self.merged_version = None
+
+    def merged_model(self, z: Mapping[str, torch.Tensor], version: object = True):
+        """Context manager: ``self.model`` with ``W'(z)`` merged in, unmerged on exit (export)."""
+        return merged_in_place(self, z, version)
+
+    def memory(self) -> dict[str, int]:
+        """Resident bytes: factors, target weights, everything else (the unsharded learner reports these)."""
+        factors = sum(t.numel() * t.element_size() for f in self.factors.values() for t in (f.U, f.S, f.V))
+        targets = {id(self.model.get_submodule(n).weight) for n in self.targets}
+        tw = sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) in targets)
+        other = sum(p.numel() * p.element_size() for p in list(self.model.parameters()) + list(self.model.buffers())
+                    if id(p) not in targets)
+        return {"factor_bytes": factors, "target_weight_bytes": tw, "other_weight_bytes": other,
+                "factor_bytes_read": factors}
 
 
 def mix_z(zs: Sequence[Mapping[str, torch.Tensor]], alpha: torch.Tensor | Sequence[float]) -> Z:

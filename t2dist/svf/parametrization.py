@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 
@@ -51,3 +51,20 @@ class Parametrization:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def same_function(self, other: object) -> bool:
+        """Equal as maps from ``z`` to singular values (what an expert's card must match)."""
+        return self == other
+
+    def statistics(self, z: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Summary of the scales f(z) an expert applies (1.0 everywhere = neutral)."""
+        scales = torch.cat([self.scale(v.float()).flatten() for v in z.values()])
+        return {
+            "matrices": len(z),
+            "values": scales.numel(),
+            "scale_mean": float(scales.mean()),
+            "scale_std": float(scales.std()) if scales.numel() > 1 else 0.0,
+            "scale_min": float(scales.min()),
+            "scale_max": float(scales.max()),
+            "mean_abs_change": float((scales - 1).abs().mean()),
+        }

@@ -11,6 +11,8 @@ import re
 import torch
 from torch import nn
 
+from t2dist.errors import UserError
+
 # Module-name suffixes across Llama / Mistral / Qwen2 / Gemma (…_proj), GPT-2 / GPT-J /
 # GPT-NeoX / Falcon / Phi (fc_in, c_fc, dense_h_to_4h, …) and Mixtral experts (w1/w2/w3).
 PRESETS: dict[str, str] = {
@@ -24,7 +26,7 @@ PRESETS: dict[str, str] = {
 EXCLUDED = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output|score|classifier)$")
 
 
-class TargetSpecError(ValueError):
+class TargetSpecError(UserError, ValueError):
     """The target spec is not a preset, not a valid regex, or matches no linear layer."""
 
 

@@ -27,7 +27,7 @@ import string
 from functools import cached_property
 from typing import Sequence
 
-from t2dist.tasks.base import Example, Task, Verdict, check_split, register_task
+from t2dist.tasks.base import Example, Task, Verdict, check_split, get_task, register_task
 from t2dist.tasks.synthetic import SyntheticTask
 
 # Source task -> dispatch category.
@@ -90,8 +90,6 @@ class DispatchTask(Task):
 
     @cached_property
     def _splits(self) -> dict[str, list[Example]]:
-        from t2dist.tasks import get_task
-
         out = {}
         for split in ("train", "validation", "test"):
             exs = [self.wrap(e) for name in SOURCES for e in get_task(name).examples(split)]
@@ -111,8 +109,6 @@ class DispatchTask(Task):
 
         ``trap_fraction`` is ignored: the dispatch trap subset is a property of the prompt.
         """
-        from t2dist.tasks import get_task
-
         per = -(-n // len(SOURCES))
         exs = [self.wrap(e) for name in SOURCES for e in get_task(name).corpus_examples(per, seed=seed)]
         random.Random(f"dispatch/corpus/{seed}").shuffle(exs)
@@ -136,8 +132,6 @@ class MixedTask(Task):
 
     @cached_property
     def _splits(self) -> dict[str, list[Example]]:
-        from t2dist.tasks import get_task
-
         out = {}
         for split in ("train", "validation", "test"):
             per = [get_task(n).examples(split) for n in MIXED_SOURCES]
@@ -152,8 +146,6 @@ class MixedTask(Task):
         return self.verify_batch([completion], [example])[0]
 
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
-        from t2dist.tasks import get_task
-
         completions, examples = list(completions), list(examples)
         if len(completions) != len(examples):
             raise ValueError("completions and examples differ in length")

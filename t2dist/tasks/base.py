@@ -7,30 +7,12 @@ task is one class decorated with ``@register_task("name")``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+from t2dist.errors import UserError
+from t2dist.task_types import Example, Verdict
+
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One problem.  ``answer`` is the gold reference (a number, a letter, code)."""
-
-    task: str
-    prompt: str
-    answer: str
-    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What a verifier says about one completion."""
-
-    reward: float  # +1 correct, -1 wrong (the paper's reward)
-    correct: bool
-    parsed: str | None  # the answer the verifier read from the completion, None if unparsable
-    detail: str = ""
 
 
 class Task(ABC):
@@ -74,7 +56,7 @@ class Task(ABC):
         return [self.verify(c, e) for c, e in zip(completions, examples, strict=True)]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A task needs the model's chat template and the tokenizer has none."""
 
 
@@ -117,15 +99,17 @@ def register_task(name: str):
     return wrap
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(UserError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
-    """Instantiate a registered task by name, or fail naming the known ones."""
-    from t2dist import tasks as _all  # noqa: F401  (importing registers the built-in tasks)
+    """Instantiate a registered task by name, or fail naming the known ones.
 
+    Importing this module runs ``t2dist/tasks/__init__.py`` first, which registers the built-in
+    tasks, so they are all known here (no import of the package from inside, which was a cycle).
+    """
     if name not in TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](**kwargs)

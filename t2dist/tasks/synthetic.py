@@ -45,9 +45,8 @@ from functools import cached_property
 from typing import Any, Callable, Sequence
 
 from t2dist.tasks.base import Example, Task, Verdict, check_split, register_task
-
-# The verifiers import ``t2dist.tasks.base``; they are imported inside the verify
-# methods so that importing either package first works.
+from t2dist.verifiers.choice import check_choice
+from t2dist.verifiers.math import check_math
 
 TRAP_FRACTION = 0.3
 LETTERS = string.ascii_uppercase
@@ -168,8 +167,6 @@ class MathTask(_MathBase):
         return f"Q: {a}{op}{b}=\nA:", str(ans), {"trap_answer": str(trap_ans), "completion": f" {ans}\n"}
 
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.verifiers.math import check_math
-
         return check_math(completion, example.answer)
 
 
@@ -186,8 +183,6 @@ def _fmt_options(options: Sequence[str]) -> str:
 
 class _ChoiceMixin:
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.verifiers.choice import check_choice
-
         return check_choice(completion, example.answer, len(example.meta.get("options", "ABCD")))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import string
 
-from t2dist.tasks.base import Verdict
+from t2dist.task_types import Verdict
 
 
 def _letters(n_options: int) -> str:

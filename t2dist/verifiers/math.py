@@ -11,7 +11,7 @@ import re
 import threading
 from fractions import Fraction
 
-from t2dist.tasks.base import Verdict
+from t2dist.task_types import Verdict
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
 _PLAIN = re.compile(r"^\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)\s*\.?\s*$")

@@ -1,7 +1,7 @@
-"""The LoRA baseline policy: a peft LoRA adapter trained by the same RL pipeline as SVF.
+"""The ``lora`` policy kind: a peft LoRA adapter trained by the same RL pipeline as SVF.
 
-:class:`LoRAModel` is duck-type compatible with :class:`t2dist.svf.model.SVFModel` where
-the pipeline uses it, so that SVF and LoRA experts differ only in the parametrization:
+:class:`LoRAModel` implements the policy contract (:class:`t2dist.policy.base.Policy`),
+so that SVF and LoRA experts differ only in the parametrization:
 
 * the trainable tensors are a dict ``{parameter name: tensor}`` holding every adapter's
   ``lora_A`` (r × in) and ``lora_B`` (out × r) — what SVF calls ``z`` (``init_z``,
@@ -23,15 +23,18 @@ the KL reference and PPO's behaviour log-probs run without it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
+import time
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from t2dist.policy.base import card_fields_of, check_z_shapes
 from t2dist.svf.factors import fingerprint as model_fingerprint
 from t2dist.svf.targets import PRESETS, TargetSpecError, select_targets
 
@@ -60,9 +63,13 @@ class LoRAParametrization:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def same_function(self, other: "LoRAParametrization") -> bool:
+    def same_function(self, other: object) -> bool:
         """Equal as functions (dropout only matters while training)."""
-        return self.r == other.r and float(self.alpha) == float(other.alpha)
+        return isinstance(other, LoRAParametrization) and self.r == other.r and float(self.alpha) == float(other.alpha)
+
+    def statistics(self, z: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Summary of a LoRA expert: sizes and the norm of its weight changes (0 = neutral)."""
+        return lora_statistics(z, self)
 
 
 def target_pattern(spec: str) -> str:
@@ -84,6 +91,9 @@ class LoRAModel:
     """A base model with peft LoRA adapters on its target matrices (see the module docstring)."""
 
     kind = "lora"
+    mixable = False  # A and B of two experts do not mix linearly into a meaningful adapter
+    shardable = False
+    stats_title = "LoRA statistics (alpha/r·BA; 0 = neutral):"
 
     def __init__(self, model: nn.Module, targets: list[str], parametrization: LoRAParametrization, *,
                  fingerprint: str, target_spec: str = "", init_seed: int = 0):
@@ -125,6 +135,44 @@ class LoRAModel:
         return cls(model, names, LoRAParametrization(r=r, alpha=float(alpha), dropout=float(dropout)),
                    fingerprint=fp, target_spec=targets, init_seed=init_seed)
 
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg, verbose: bool = False) -> "LoRAModel":
+        """``cfg.lora`` applied to a loaded base model (A seeded by ``lora.init_seed``, else ``rl.seed``)."""
+        t0 = time.perf_counter()
+        lc = cfg.lora
+        lora = cls.from_pretrained_model(model, targets=lc.targets, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                                         init_seed=lc.init_seed if lc.init_seed is not None else cfg.rl.seed)
+        if verbose:
+            print(f"[t2dist] {cfg.model.path}: LoRA r={lc.r} on {len(lora.targets)} matrices, "
+                  f"{lora.num_z:,} trainable values ({time.perf_counter() - t0:.1f}s)")
+        return lora
+
+    @staticmethod
+    def parametrization_from_config(cfg) -> LoRAParametrization:
+        return LoRAParametrization(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+
+    @staticmethod
+    def parametrization_from_card(card: Mapping[str, Any]) -> LoRAParametrization:
+        return LoRAParametrization(**dict(card["parametrization"]))
+
+    @staticmethod
+    def config_overrides(card: Mapping[str, Any]) -> dict[str, Any]:
+        """``policy.kind=lora`` and the ``lora.*`` r/alpha/dropout/targets of the card."""
+        p = card["parametrization"]
+        out = {"policy.kind": "lora", "lora.r": p["r"], "lora.alpha": p["alpha"], "lora.dropout": p["dropout"]}
+        spec = card.get("lora", {}).get("target_spec") or card.get("target_spec")
+        if spec:
+            out["lora.targets"] = spec
+        return out
+
+    def card_fields(self) -> dict[str, Any]:
+        p = self.parametrization
+        return card_fields_of(self, lora={"r": p.r, "alpha": p.alpha, "dropout": p.dropout,
+                                          "targets": list(self.targets), "target_spec": self.target_spec})
+
+    def memory(self) -> dict[str, int]:
+        return {}
+
     # -- trainable tensors --------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -153,14 +201,11 @@ class LoRAModel:
             self._neutral = self.init_z()
         return self._neutral
 
+    def z_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
+
     def check_z(self, z: Mapping[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in z]
-        extra = [n for n in z if n not in self.shapes]
-        if missing or extra:
-            raise KeyError(f"LoRA tensors do not match the adapters: missing {missing[:3]}, unexpected {extra[:3]}")
-        for n in self.names:
-            if tuple(z[n].shape) != self.shapes[n]:
-                raise ValueError(f"LoRA tensor {n!r} has shape {tuple(z[n].shape)}, expected {self.shapes[n]}")
+        check_z_shapes(z, self.shapes)
 
     def delta(self, target: str, z: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``alpha/r · B A``: the weight change of one target (for tests and traffic comparisons)."""
@@ -205,6 +250,20 @@ class LoRAModel:
         """Back to the base model (B = 0)."""
         self.load_(self.neutral_z())
         self.merged_version = None
+
+    @contextlib.contextmanager
+    def merged_model(self, z: Mapping[str, torch.Tensor], version: object = True) -> Iterator[nn.Module]:
+        """A copy of the base model with ``W + alpha/r · B A`` in each target and the peft layers removed."""
+        self.check_z(z)
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for target in self.targets:
+                layer = model.get_submodule(target)
+                base = layer.get_base_layer()
+                base.weight += self.delta(target, z).to(base.weight.device, base.weight.dtype)
+                parent, _, child = target.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, base)
+        yield model
 
 
 def lora_statistics(z: Mapping[str, torch.Tensor], parametrization: LoRAParametrization) -> dict[str, float]:
