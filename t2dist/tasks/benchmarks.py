@@ -320,7 +320,7 @@ class ARC(BenchmarkTask):
     def to_example(self, rec: dict) -> Example:
         opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(rec["options"]))
         prompt = f"Question: {rec['question']}\n{opts}\n\n{self.INSTRUCTION}"
-        return Example(self.name, prompt, LETTERS[rec["gold"]], {"options": rec["options"]})
+        return Example(self.name, prompt, LETTERS[rec["gold"]], {"options": rec["options"], "question": rec["question"]})
 
     def verify(self, completion: str, example: Example) -> Verdict:
         from t2dist.verifiers.choice import check_choice
