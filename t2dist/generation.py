@@ -107,6 +107,17 @@ def _cut(tokenizer, ids: list[int], stop: Sequence[str], eos: set[int]) -> tuple
     return text[:cut], ids, True
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed torch's RNG for the block and restore the caller's RNG state after it (None: no seeding)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -130,10 +141,8 @@ def generate(
         return []
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    stop_ids = _stop_token_ids(tokenizer, stop)
-    end_ids = sorted(eos | set(stop_ids))
-    encoded = [list(x) for x in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    eos, end_ids = end_token_ids(tokenizer, stop)
+    encoded = encode_prompts(tokenizer, prompts)
 
     do_sample = temperature > 0
     gen_cfg = GenerationConfig(
@@ -151,38 +160,15 @@ def generate(
     items = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     order = sorted(range(len(items)), key=lambda k: -len(encoded[items[k][0]]))
     results: list[Completion | None] = [None] * len(items)
-
-    rng_ctx = contextlib.nullcontext()
-    if seed is not None:
-        devices = [device.index or 0] if device.type == "cuda" else []
-        rng_ctx = torch.random.fork_rng(devices=devices)
-    with rng_ctx:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed, device):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             rows = [encoded[items[k][0]] for k in chunk]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, ids in enumerate(rows):
-                input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                mask[r, width - len(ids) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen_cfg,
-            )
-            new = out[:, width:].tolist()
+            input_ids, mask = _left_pad(rows, pad, device)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg)
+            new = out[:, input_ids.shape[1]:].tolist()  # generate pads finished rows after their end token
             for r, k in enumerate(chunk):
-                ids = new[r]
-                # generate pads finished rows with pad_token_id after their end token
-                for j, t in enumerate(ids):
-                    if t in end_ids:
-                        ids = ids[: j + 1]
-                        break
-                text, kept, stopped = _cut(tokenizer, ids, stop, eos)
-                results[k] = Completion(items[k][0], text, list(rows[r]), kept, stopped)
+                results[k] = finish(tokenizer, items[k][0], rows[r], new[r], stop, eos, end_ids)
     return results  # type: ignore[return-value]
 
 
@@ -319,12 +305,7 @@ def generate_shared(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # stable: generate's row order
     per_chunk = max(1, batch_size // num_samples)
     results: list[Completion | None] = [None] * (len(encoded) * num_samples)
-    rng_ctx = contextlib.nullcontext()
-    if seed is not None:
-        rng_ctx = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
-    with rng_ctx:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed, device):
         for start in range(0, len(order), per_chunk):
             chunk = order[start: start + per_chunk]
             toks, lps = _decode_shared(model, [encoded[i] for i in chunk], num_samples, temperature=temperature,
