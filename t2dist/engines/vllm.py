@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -256,7 +257,9 @@ class VLLMEngine(RolloutEngine):
         self._tmp: str | None = None
         self.policy, self.tokenizer = (policy, tokenizer) if policy is not None else self._load_policy(cfg)
         self.factor_path = self._factor_path()
+        self._closing = threading.Event()
         self.llm = self._start()
+        _unblock_calls_on_death(self.llm, self._closing)
         self.on_gpu = self.cfg.model.device != "cpu" and torch.cuda.is_available()
         self.token_budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
         self.version = None
@@ -374,6 +377,8 @@ class VLLMEngine(RolloutEngine):
                 "workers": getattr(self, "worker_info", None)}
 
     def close(self) -> None:
+        if hasattr(self, "_closing"):
+            self._closing.set()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             try:
@@ -394,6 +399,44 @@ def _engine_call(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except EngineDeadError as exc:
         raise EngineDied(f"the vLLM engine process died: {exc}") from None
+
+
+def _unblock_calls_on_death(llm, closing: threading.Event) -> None:
+    """When the engine process dies, fail the calls waiting on it (else they wait forever).
+
+    vllm 0.32.0's sync client marks itself dead when its engine process exits, so the *next*
+    call raises ``EngineDeadError``; but a call already waiting (a ``collective_rpc`` future, or
+    ``generate`` reading its output queue) is never woken (seen: a rollout actor hung in
+    ``set_expert`` after its EngineCore was killed).  A thread waits on the process sentinels and
+    then keeps failing those futures and queues the error, so a rollout actor whose engine is
+    killed mid-call exits and is restarted (tests/test_engines_vllm_fault.py).  ``closing`` is
+    set by :meth:`VLLMEngine.close` (an exit on purpose).
+    """
+    from multiprocessing import connection
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = llm.llm_engine.engine_core
+    manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+    procs = list(getattr(manager, "processes", None) or [])
+    if not procs or not hasattr(client, "outputs_queue"):
+        return  # in-process engine core, or a client this hook does not know: nothing to watch
+
+    def watch():
+        connection.wait([p.sentinel for p in procs])
+        if closing.is_set():
+            return
+        client.resources.engine_dead = True
+        client.outputs_queue.put_nowait(EngineDeadError())
+        while not closing.is_set():  # also a call that registered its future just before the flag was set
+            for fut in list(getattr(client, "utility_results", {}).values()):
+                try:
+                    fut.set_exception(EngineDeadError())
+                except Exception:  # already answered
+                    pass
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True, name="t2dist-vllm-death-watch").start()
 
 
 def _logprob(entry, token: int) -> float:
