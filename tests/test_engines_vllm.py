@@ -106,18 +106,22 @@ def test_two_pass_and_cem_scoring_run_on_the_vllm_engine(engine, prompts):
     policy = engine.policy
     experts = {c: Expert(z=_z(policy, 0.3, 10 + i), card=make_card(policy, name=c, task=c, base_model="toy"))
                for i, c in enumerate(("math", "code"))}
-    on_vllm, on_hf = TwoPass(policy, engine.tokenizer, experts, engine=engine), TwoPass(policy, engine.tokenizer, experts)
+    on_vllm = TwoPass(policy, engine.tokenizer, experts, engine=engine)
+    on_hf = TwoPass(policy, engine.tokenizer, experts)
     labels = ["math", "code", "other"] * 8
     try:
         got = on_vllm.answer(ps[:24], labels, max_new_tokens=task.max_new_tokens, stop=task.stop)
+        on_vllm.answer(ps[:2], ["math", "math"], max_new_tokens=task.max_new_tokens, stop=task.stop)
         assert engine.version == ("expert", "math") and policy.merged_version is None  # vLLM did it, not HF
         ref = on_hf.answer(ps[:24], labels, max_new_tokens=task.max_new_tokens, stop=task.stop)
-        assert on_vllm.merges == 2 and sum(a == b for a, b in zip(got, ref)) >= 23  # >= 98% as the greedy test
+        assert on_vllm.merges == 3  # math, code, and math again
+        assert sum(a == b for a, b in zip(got, ref)) >= 23  # at most one of 24 differs (near-ties)
         assert len(set(got)) > 1
         zs = [e.z for e in on_vllm.experts.values()]
         alpha = torch.tensor([0.7, 0.4])
         shots = task.examples("test")[:20]
-        assert abs(score_alpha(engine, zs, alpha, task, shots) - score_alpha(on_hf.engine, zs, alpha, task, shots)) <= 0.05
+        scores = [score_alpha(e, zs, alpha, task, shots) for e in (engine, on_hf.engine)]
+        assert abs(scores[0] - scores[1]) <= 0.05
     finally:
         policy.unmerge_()
         engine.unset_z()

@@ -35,6 +35,7 @@ from t2dist.svf.model import mix_z
 from t2dist.tasks.base import Example, Task
 
 STRATEGIES = ("prompt", "cls", "fewshot")
+_UNKNOWN = object()
 DISPATCH_MAX_NEW_TOKENS = 10
 
 
@@ -149,7 +150,8 @@ class TwoPass:
         self.batch_size = batch_size
         self.categories = [*self.experts, OTHER]
         self.merges = 0
-        self._current: object = None  # which weights are merged in now (None: base)
+        # which weights the engine holds now (None: base); unknown at first (the engine may hold any z)
+        self._current: object = _UNKNOWN
 
     # -- weights ------------------------------------------------------------------------
     def use(self, key: object, z: Mapping[str, torch.Tensor] | None) -> None:
