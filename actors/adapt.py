@@ -2,8 +2,9 @@
 
 ``AdaptWorker`` is a :class:`actors.rollout.RolloutWorker` (same model loading, same
 resources) that also holds the experts' ``z`` vectors (kilobytes; sent once) and scores
-candidate α with its own merged ``W'`` (``t2dist.adapt.strategies.score_alpha``).  The
-driver (``t2dist/adapt_driver.py``) splits each CEM population over N of them.
+candidate α with ``W'`` composed in its engine (``t2dist.adapt.strategies.score_alpha``;
+the adaptation engine is ``eval.engine``, else ``rollout.engine``, with ``adapt.batch_size``).
+The driver (``t2dist/adapt_driver.py``) splits each CEM population over N of them.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from t2dist.tasks.base import Example
 
 
 class AdaptWorker(RolloutWorker):
+    role = "adapt"
+
+    def engine_choice(self, cfg) -> tuple[str, int]:
+        return cfg.eval.engine or cfg.rollout.engine, cfg.adapt.batch_size
+
     def set_experts(self, zs: Sequence[Mapping[str, torch.Tensor]]) -> int:
         """Keep the experts' z (in the driver's order); returns the number of experts."""
         for z in zs:
@@ -27,9 +33,7 @@ class AdaptWorker(RolloutWorker):
 
     def score_mixture(self, alpha: torch.Tensor, task: str, examples: Sequence[Example]) -> float:
         """Greedy accuracy of ``mix_z(experts, alpha)`` on ``examples`` of ``task``."""
-        return score_alpha(self.svf, self.tokenizer, self.expert_zs, alpha, get_task(task), examples,
-                           self.cfg.adapt.batch_size)
+        return score_alpha(self.engine, self.expert_zs, alpha, get_task(task), examples)
 
     def score_mixtures(self, alphas: Sequence[torch.Tensor], task: str, examples: Sequence[Example]) -> list[float]:
-        self.version = None  # the merged weights are a candidate's now, not a training z
         return [self.score_mixture(a, task, examples) for a in alphas]

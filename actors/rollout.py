@@ -57,11 +57,16 @@ class RolloutWorker:
             allow_rlimits_only=sb.allow_rlimits_only,
             seccomp=sb.seccomp,
         )
-        evaluator = self.role == "evaluator"
-        name = (cfg.eval.engine or cfg.rollout.engine) if evaluator else cfg.rollout.engine
-        self.engine = make_engine(cfg, name, batch_size=cfg.eval.batch_size if evaluator else cfg.rollout.batch_size)
+        name, batch_size = self.engine_choice(cfg)
+        self.engine = make_engine(cfg, name, batch_size=batch_size)
         self.svf, self.tokenizer = self.engine.policy, self.engine.tokenizer  # the policy: card, check_compatible
         self.task = get_task(cfg.task.name)
+
+    def engine_choice(self, cfg: Config) -> tuple[str, int]:
+        """The engine's name and batch size for this actor's role (the evaluator: ``eval.engine``)."""
+        if self.role == "evaluator":
+            return cfg.eval.engine or cfg.rollout.engine, cfg.eval.batch_size
+        return cfg.rollout.engine, cfg.rollout.batch_size
 
     @property
     def version(self) -> object:

@@ -53,6 +53,17 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def gemm_gflops(rows: int, r: int, cols: int, repeat: int = 8) -> float:
+    """This machine's float32 rate on one recomposition GEMM (``addmm``: rows × r times r × cols), best of ``repeat``."""
+    U, V, d, W = torch.randn(rows, r), torch.randn(cols, r), torch.randn(r), torch.randn(rows, cols)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.addmm(W, U, (V * d).T)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * r * cols / best / 1e9
+
+
 def _prompts(task, tok, n: int):
     return [task.prompt_for(e, tok) for e in task.examples("test")[:n]]
 
@@ -71,7 +82,8 @@ def bench_model(name: str, args) -> dict:
                              f"model.device={args.device}", f"model.dtype={args.dtype}",
                              f"rollout.vllm.tensor_parallel_size={args.tp}",
                              f"rollout.vllm.cpu_threads_bind={args.vllm_bind or f'0-{args.threads - 1}'}",
-                             f"rollout.vllm.max_num_batched_tokens={args.vllm_tokens}"])
+                             f"rollout.vllm.max_num_batched_tokens={args.vllm_tokens}",
+                             *([f"svf.rank={args.svf_rank}"] if args.svf_rank else [])])
     task = get_task(task_name)
     policy, tok = load_svf(cfg)  # the HF paths' model (on --device); the vLLM engine shares its factor cache
     t0 = time.perf_counter()
@@ -97,11 +109,15 @@ def bench_model(name: str, args) -> dict:
     ref = generate_shared(policy.model, tok, greedy_prompts, batch_size=64, **gkw)
     got = vl.generate(greedy_prompts, **gkw)
     agree = sum(a.completion_ids == b.completion_ids for a, b in zip(ref, got)) / len(ref)
-    ms = []
+    ms, parts = [], []
     for i in range(5):
         vl.set_z(_z(policy, seed=i + 1), ("update", i))
         ms.append(vl.last_update_ms)
+        parts.append(vl.last_update_detail)
     z_ms = statistics.median(ms)
+    rows_r_cols = sum(f.U.shape[0] * f.U.shape[1] * f.V.shape[0] for f in policy.factors.values())
+    f0 = next(iter(policy.factors.values()))
+    gflops = gemm_gflops(f0.U.shape[0], f0.U.shape[1], f0.V.shape[0])  # this process's threads (--threads)
     weights = [policy.model.get_submodule(n).weight for n in policy.targets]
     targets = sum(w.numel() * w.element_size() for w in weights)
     full = sum(p.numel() * p.element_size() for p in policy.model.parameters())
@@ -118,6 +134,11 @@ def bench_model(name: str, args) -> dict:
         "vllm_vs_hf": sec["hf"] / sec["vllm"], "shared_prefix_vs_hf": sec["hf"] / sec["shared"],
         "greedy_agreement": agree, "greedy_prompts": len(ref),
         "z_update_ms": z_ms, "z_update_share": z_ms / (1000 * sec["vllm"]),
+        "z_update_worker_ms": statistics.median(p["ms"] for p in parts),
+        "z_update_recompose_ms": statistics.median(p["recompose_ms"] for p in parts),
+        "z_update_repack_ms": statistics.median(p["repack_ms"] for p in parts),
+        "svf_rank": policy.rank, "z_update_gflop": 2 * rows_r_cols / 1e9, "fp32_gemm_gflops": gflops,
+        "z_update_gemm_bound_ms": 2 * rows_r_cols / 1e9 / gflops * 1000,
         "z_update_bytes": z_bytes, "target_weight_bytes": targets, "full_weight_bytes": full,
         "vllm_start_s": start_s, "seconds": sec,
     }
@@ -134,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy", type=int, default=200, help="toy greedy-agreement prompts")
     ap.add_argument("--greedy-smollm2", type=int, default=32, help="SmolLM2 greedy-agreement ARC prompts")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--svf-rank", type=int, help="svf.rank (truncated SVD; default: the config's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="model.device of the HF paths and the vLLM engine (cpu, cuda)")
     ap.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 on a GPU; z stays float32)")

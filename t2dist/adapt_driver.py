@@ -140,12 +140,12 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
 
     for col, task in tasks.items():
         tp.reset()
-        r = evaluate(tp.svf.model, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size)
+        r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine)
         put("Base", col, r.correct, r.n)
         log(f"Base {col}: {r.accuracy:.3f}")
         for cat, e in tp.experts.items():
             tp.use(("expert", cat), e.z)
-            r = evaluate(tp.svf.model, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size)
+            r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine)
             put(f"{cat} expert", col, r.correct, r.n)
             log(f"{cat} expert {col}: {r.accuracy:.3f}")
         for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls"), ("Few-shot", "fewshot")):

@@ -131,11 +131,20 @@ class Driver:
         """Send z to every actor and wait until each has recomposed W'; returns the seconds."""
         t0 = time.perf_counter()
         refs = [a.set_expert.remote(z_ref, version) for a in self.actors]
-        for ref in refs:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # a dead actor is restarted and re-synced by rollout()
+        for i, ref in enumerate(refs):
+            for attempt in range(self.cfg.train.max_actor_restarts + 1):
+                try:
+                    ray.get(ref)
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    # restarted with the base weights: sync it again, or its rollout would sample from W, not W'(z)
+                    if attempt == self.cfg.train.max_actor_restarts:
+                        raise TrainingError(f"rollout actor {i} died {attempt + 1} times: {exc}") from None
+                    self.restarts += 1
+                    print(f"[t2dist] rollout actor {i} died during the sync ({type(exc).__name__}); restarting it",
+                          flush=True)
+                    self._wait_alive(i)
+                    ref = self.actors[i].set_expert.remote(z_ref, version)
         return time.perf_counter() - t0
 
     def start_rollout(self, z_ref, version: int, examples, step: int) -> PendingRollout:

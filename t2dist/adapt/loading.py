@@ -57,17 +57,21 @@ def category_of(expert: Expert, ref: str = "") -> str:
 
 def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Expert | None = None,
                    verbose: bool = False) -> TwoPass:
-    """Load the base model with the experts' policy setup and check every expert against it."""
-    from t2dist.runtime import load_policy
+    """Load the base model with the experts' policy setup into the engine the config names
+    (``eval.engine``, else ``rollout.engine``) and check every expert against it."""
+    from t2dist.engines import make_engine
 
     check_expert_set(experts)
     cfg = config_from_card(cfg, next(iter(experts.values())).card)
-    svf, tokenizer = load_policy(cfg, verbose=verbose)
+    if verbose:
+        print(f"[t2dist] adaptation engine: {cfg.eval.engine or cfg.rollout.engine}", flush=True)
+    engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.adapt.batch_size)
+    svf, tokenizer = engine.policy, engine.tokenizer
     device = next(svf.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
     return TwoPass(svf, tokenizer, experts, template=cfg.adapt.template, cls_expert=cls_expert,
-                   batch_size=cfg.adapt.batch_size)
+                   batch_size=cfg.adapt.batch_size, engine=engine)
 
 
 def cem_settings(cfg: Config):

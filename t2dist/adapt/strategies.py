@@ -9,8 +9,13 @@ Strategies:
 
 A prompt labelled ``other`` (or with a category that has no expert) is answered by the
 base model.  Requests are grouped by label, so each expert's ``W'`` is composed once
-per batch (``svf.merge_`` is the expensive step on a real model), however the labels
+per batch (composing ``W'`` is the expensive step on a real model), however the labels
 interleave.
+
+Both passes and the CEM scoring talk to a rollout engine only
+(:class:`t2dist.engines.base.RolloutEngine`: ``set_z`` / ``unset_z`` / ``generate``), so they
+run on the engine the config names (``eval.engine``, else ``rollout.engine``: hf or vllm).
+Without an engine, :class:`TwoPass` wraps its SVF model in the HF engine (in this process).
 """
 from __future__ import annotations
 
@@ -25,12 +30,12 @@ from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispa
 from t2dist.errors import UserError
 from t2dist.evaluation import wilson_interval
 from t2dist.experts import Expert, ExpertError, card_kind, check_compatible
-from t2dist.generation import generate
 from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
 from t2dist.tasks.base import Example, Task
 
 STRATEGIES = ("prompt", "cls", "fewshot")
+_UNKNOWN = object()
 DISPATCH_MAX_NEW_TOKENS = 10
 
 
@@ -127,15 +132,17 @@ class TwoPass:
     """Dispatch and answer with a fixed set of experts over one SVF model.
 
     ``experts`` maps a category (``math``, ``code``, ``reasoning``) to its expert;
-    ``cls_expert`` is the classifier expert of the ``cls`` strategy.
+    ``cls_expert`` is the classifier expert of the ``cls`` strategy; ``engine`` the rollout
+    engine that generates (default: the HF engine over ``svf``).
     """
 
     def __init__(self, svf, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
-                 cls_expert: Expert | None = None, batch_size: int = 64):
+                 cls_expert: Expert | None = None, batch_size: int = 64, engine=None):
         check_expert_set(experts, svf)
         if cls_expert is not None:
             check_expert_set({**experts, "cls": cls_expert}, svf)
         self.svf, self.tokenizer = svf, tokenizer
+        self.engine = engine if engine is not None else hf_engine(svf, tokenizer, batch_size)
         # z in the model's target order (safetensors files do not keep the order; mix_z needs one)
         self.experts = {c: Expert({n: e.z[n] for n in svf.targets}, e.card) for c, e in experts.items()}
         self.cls_expert = cls_expert
@@ -143,7 +150,8 @@ class TwoPass:
         self.batch_size = batch_size
         self.categories = [*self.experts, OTHER]
         self.merges = 0
-        self._current: object = None  # which weights are merged in now (None: base)
+        # which weights the engine holds now (None: base); unknown at first (the engine may hold any z)
+        self._current: object = _UNKNOWN
 
     # -- weights ------------------------------------------------------------------------
     def use(self, key: object, z: Mapping[str, torch.Tensor] | None) -> None:
@@ -151,9 +159,9 @@ class TwoPass:
         if key == self._current:
             return
         if z is None:
-            self.svf.unmerge_()
+            self.engine.unset_z()
         else:
-            self.svf.merge_(z, version=key)
+            self.engine.set_z(z, key)
             self.merges += 1
         self._current = key
 
@@ -161,8 +169,7 @@ class TwoPass:
         self.use(None, None)
 
     def _generate(self, prompts: Sequence[str], max_new_tokens: int, stop=("\n",)) -> list[str]:
-        comps = generate(self.svf.model, self.tokenizer, list(prompts), temperature=0.0,
-                         max_new_tokens=max_new_tokens, stop=stop, batch_size=self.batch_size)
+        comps = self.engine.generate(list(prompts), temperature=0.0, max_new_tokens=max_new_tokens, stop=stop)
         return [c.text for c in comps]
 
     # -- first pass ---------------------------------------------------------------------
@@ -256,23 +263,29 @@ class TwoPass:
                         self.merges - merges0, cem)
 
 
-def score_alpha(svf, tokenizer, zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example],
-                batch_size: int = 64) -> float:
-    """Greedy accuracy of the mixture ``alpha`` of ``zs`` on ``shots`` (one composition of W').
+def hf_engine(svf, tokenizer, batch_size: int):
+    """The HF engine over an SVF model already loaded in this process (no config needed)."""
+    from t2dist.engines.hf import HFEngine
+
+    return HFEngine(None, policy=svf, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def score_alpha(engine, zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example]) -> float:
+    """Greedy accuracy of the mixture ``alpha`` of ``zs`` on ``shots`` (one composition of W', in ``engine``).
 
     Shared by the in-process evaluator and the rollout actors (``actors/adapt.py``).
     """
-    svf.merge_(mix_z(zs, alpha), version=("alpha", tuple(torch.as_tensor(alpha).flatten().tolist())))
-    comps = generate(svf.model, tokenizer, [task.format_prompt(e) for e in shots], temperature=0.0,
-                     max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=batch_size)
+    engine.set_z(mix_z(zs, alpha), ("alpha", tuple(torch.as_tensor(alpha).flatten().tolist())))
+    comps = engine.generate([task.format_prompt(e) for e in shots], temperature=0.0,
+                            max_new_tokens=task.max_new_tokens, stop=task.stop)
     verdicts = task.verify_batch([c.text for c in comps], list(shots))
     return sum(v.correct for v in verdicts) / max(1, len(verdicts))
 
 
 def score_mixture(tp: "TwoPass", zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example]) -> float:
-    tp._current = ("alpha", object())  # the merged weights are now this candidate's
+    tp._current = ("alpha", object())  # the engine's weights are now this candidate's
     tp.merges += 1
-    return score_alpha(tp.svf, tp.tokenizer, zs, alpha, task, shots, tp.batch_size)
+    return score_alpha(tp.engine, zs, alpha, task, shots)
 
 
 def pick_shots(task: Task, k: int, split: str = "train", seed: int = 0) -> list[Example]:

@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -141,6 +142,23 @@ class _Target:
         self.layer_name, self.block, self.U, self.S, self.V = layer_name, block, U, S, V
 
 
+def _recompose(out: torch.Tensor, base: torch.Tensor, t: _Target, d: torch.Tensor | None) -> None:
+    """``out = base + U diag(d) Vᵀ`` (``d = S' − S``; None: ``out = base``) in float32, as ``SVFModel.merge_``.
+
+    One GEMM of ``rows × r × cols`` (the lower bound of a z update: 2·rows·r·cols flops per
+    target); ``d`` scales the smaller of ``U``, ``V``.  ``addmm`` writes into ``out`` directly
+    when it is a contiguous float32 block (a row block of a fused weight is).
+    """
+    if d is None:
+        out.copy_(base)
+        return
+    a, b = (t.U, (t.V * d).T) if t.V.shape[0] < t.U.shape[0] else (t.U * d, t.V.T)
+    if out.dtype == torch.float32 and out.is_contiguous():
+        torch.addmm(base, a, b, out=out)
+    else:  # a bf16/fp16 base: compute in float32, round once
+        out.copy_(torch.addmm(base.float(), a, b))
+
+
 class SVFWorkerExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``): holds factors and base W, applies z."""
 
@@ -158,6 +176,8 @@ class SVFWorkerExtension:
         self._t2_layers: dict[str, torch.nn.Module] = {}
         self._t2_base: dict[str, torch.Tensor] = {}
         self._t2_targets: dict[str, _Target] = {}
+        self._t2_weight: dict[str, torch.Tensor] = {}  # per layer: the weight written last (recomposed in place)
+        self._t2_last: dict[str, torch.Tensor | None] = {}  # per target: the S' − S written last (None: base)
         plan = {t: _locate(model, t) for t in targets}
         mods = dict(model.named_modules())
         for layer_name in sorted({p[0] for p in plan.values()}):
@@ -181,6 +201,7 @@ class SVFWorkerExtension:
                                                         f.S.to(dev, torch.float32), V.to(dev, torch.float32).contiguous())
             base = torch.cat(blocks, dim=0 if parts[0][4] == "rows" else 1)
             self._t2_base[layer_name] = base.to(self._t2_device(layer), dtype).contiguous()
+            self._t2_weight[layer_name] = self._t2_base[layer_name].clone()  # W'(z) now (the base at start)
             self._t2_layers[layer_name] = layer
         return {"targets": len(self._t2_targets), "layers": len(self._t2_layers), "seconds": time.perf_counter() - t0,
                 "tp_rank": int(getattr(next(iter(self._t2_layers.values())), "tp_rank", 0)),
@@ -191,23 +212,36 @@ class SVFWorkerExtension:
         return layer.weight.device  # an emptied (prepacked) CPU weight still names its device
 
     @torch.no_grad()
-    def t2dist_set_z(self, z: dict | None) -> float:
-        """Write ``W'(z)`` (``z``: ``{target: float32 bytes}``; None: the base) into the layers; returns ms."""
+    def t2dist_set_z(self, z: dict | None) -> dict:
+        """Write ``W'(z)`` (``z``: ``{target: float32 bytes}``; None: the base) into the layers.
+
+        Only targets whose ``S' − S`` changed since the last call are recomposed, with one
+        ``addmm`` each straight into the layer's kept weight (no temporary ``ΔW``, no copy of
+        the fused weight); only their layers are repacked.  Returns the milliseconds spent.
+        """
         t0 = time.perf_counter()
-        per_layer: dict[str, list[tuple[_Target, torch.Tensor]]] = {}
+        changed: dict[str, list[tuple[_Target, torch.Tensor | None]]] = {}
         for name, t in self._t2_targets.items():
-            per_layer.setdefault(t.layer_name, [])
+            d = None
             if z is not None:
                 zt = torch.from_numpy(np.frombuffer(z[name], dtype=np.float32).copy()).to(t.S.device)
-                per_layer[t.layer_name].append((t, self._t2_param.singular_values(t.S, zt) - t.S))
-        for layer_name, items in per_layer.items():
-            base = self._t2_base[layer_name]
-            new = base.clone()
-            for t, d in items:  # delta form, in float32, as SVFModel.merge_
-                delta = (t.U * d) @ t.V.T
-                new[t.block] = (base[t.block].float() + delta).to(base.dtype)
-            self._t2_write(self._t2_layers[layer_name], new)
-        return (time.perf_counter() - t0) * 1000
+                d = self._t2_param.singular_values(t.S, zt) - t.S
+            last = self._t2_last.get(name)
+            if (d is None and last is None) or (d is not None and last is not None and torch.equal(d, last)):
+                continue
+            self._t2_last[name] = d
+            changed.setdefault(t.layer_name, []).append((t, d))
+        t1 = time.perf_counter()
+        for layer_name, items in changed.items():
+            base, w = self._t2_base[layer_name], self._t2_weight[layer_name]
+            for t, d in items:
+                _recompose(w[t.block], base[t.block], t, d)
+        t2 = time.perf_counter()
+        for layer_name in changed:
+            self._t2_write(self._t2_layers[layer_name], self._t2_weight[layer_name])
+        t3 = time.perf_counter()
+        return {"ms": (t3 - t0) * 1000, "recompose_ms": (t2 - t1) * 1000, "repack_ms": (t3 - t2) * 1000,
+                "targets": sum(len(v) for v in changed.values()), "layers": len(changed)}
 
     @staticmethod
     def _t2_write(layer, weight: torch.Tensor) -> None:
@@ -227,7 +261,7 @@ class SVFWorkerExtension:
         for n in names:
             t = self._t2_targets[n]
             layer = self._t2_layers[t.layer_name]
-            w = layer.weight if layer.weight.numel() else self._t2_base[t.layer_name]
+            w = layer.weight if layer.weight.numel() else self._t2_weight[t.layer_name]
             blk = w[t.block].detach().float().cpu().contiguous()
             out[n] = (list(blk.shape), blk.numpy().tobytes())
         return out
@@ -256,7 +290,9 @@ class VLLMEngine(RolloutEngine):
         self._tmp: str | None = None
         self.policy, self.tokenizer = (policy, tokenizer) if policy is not None else self._load_policy(cfg)
         self.factor_path = self._factor_path()
+        self._closing = threading.Event()
         self.llm = self._start()
+        _unblock_calls_on_death(self.llm, self._closing)
         self.on_gpu = self.cfg.model.device != "cpu" and torch.cuda.is_available()
         self.token_budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
         self.version = None
@@ -318,7 +354,7 @@ class VLLMEngine(RolloutEngine):
         self.policy.check_z(z)
         payload = {n: z[n].detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for n in self.policy.targets}
         t0 = time.perf_counter()
-        _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(payload,))
+        self.last_update_detail = _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(payload,))[0]
         _engine_call(self.llm.reset_prefix_cache)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
         self.version = version
@@ -374,6 +410,8 @@ class VLLMEngine(RolloutEngine):
                 "workers": getattr(self, "worker_info", None)}
 
     def close(self) -> None:
+        if hasattr(self, "_closing"):
+            self._closing.set()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             try:
@@ -394,6 +432,44 @@ def _engine_call(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except EngineDeadError as exc:
         raise EngineDied(f"the vLLM engine process died: {exc}") from None
+
+
+def _unblock_calls_on_death(llm, closing: threading.Event) -> None:
+    """When the engine process dies, fail the calls waiting on it (else they wait forever).
+
+    vllm 0.32.0's sync client marks itself dead when its engine process exits, so the *next*
+    call raises ``EngineDeadError``; but a call already waiting (a ``collective_rpc`` future, or
+    ``generate`` reading its output queue) is never woken (seen: a rollout actor hung in
+    ``set_expert`` after its EngineCore was killed).  A thread waits on the process sentinels and
+    then keeps failing those futures and queues the error, so a rollout actor whose engine is
+    killed mid-call exits and is restarted (tests/test_engines_vllm_fault.py).  ``closing`` is
+    set by :meth:`VLLMEngine.close` (an exit on purpose).
+    """
+    from multiprocessing import connection
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = llm.llm_engine.engine_core
+    manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+    procs = list(getattr(manager, "processes", None) or [])
+    if not procs or not hasattr(client, "outputs_queue"):
+        return  # in-process engine core, or a client this hook does not know: nothing to watch
+
+    def watch():
+        connection.wait([p.sentinel for p in procs])
+        if closing.is_set():
+            return
+        client.resources.engine_dead = True
+        client.outputs_queue.put_nowait(EngineDeadError())
+        while not closing.is_set():  # also a call that registered its future just before the flag was set
+            for fut in list(getattr(client, "utility_results", {}).values()):
+                try:
+                    fut.set_exception(EngineDeadError())
+                except Exception:  # already answered
+                    pass
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True, name="t2dist-vllm-death-watch").start()
 
 
 def _logprob(entry, token: int) -> float:
