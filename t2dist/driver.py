@@ -132,20 +132,23 @@ class Driver:
         t0 = time.perf_counter()
         refs = [a.set_expert.remote(z_ref, version) for a in self.actors]
         for i, ref in enumerate(refs):
-            for attempt in range(self.cfg.train.max_actor_restarts + 1):
-                try:
-                    ray.get(ref)
-                    break
-                except ray.exceptions.RayActorError as exc:
-                    # restarted with the base weights: sync it again, or its rollout would sample from W, not W'(z)
-                    if attempt == self.cfg.train.max_actor_restarts:
-                        raise TrainingError(f"rollout actor {i} died {attempt + 1} times: {exc}") from None
-                    self.restarts += 1
-                    print(f"[t2dist] rollout actor {i} died during the sync ({type(exc).__name__}); restarting it",
-                          flush=True)
-                    self._wait_alive(i)
-                    ref = self.actors[i].set_expert.remote(z_ref, version)
+            # restarted with the base weights: sync it again, or its rollout would sample from W, not W'(z)
+            self._get_or_redo(i, ref, lambda i=i: self.actors[i].set_expert.remote(z_ref, version), "during the sync")
         return time.perf_counter() - t0
+
+    def _get_or_redo(self, i: int, ref, redo, when: str):
+        """``ray.get(ref)``; when actor ``i`` died, wait for Ray's restart and ``redo()`` (a new ref) its work."""
+        for attempt in range(self.cfg.train.max_actor_restarts + 1):
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                if attempt == self.cfg.train.max_actor_restarts:
+                    raise TrainingError(f"rollout actor {i} died {attempt + 1} times: {exc}") from None
+                self.restarts += 1
+                print(f"[t2dist] rollout actor {i} died {when} ({type(exc).__name__}); restarting it and redoing its work",
+                      flush=True)
+                self._wait_alive(i)
+                ref = redo()
 
     def start_rollout(self, z_ref, version: int, examples, step: int) -> PendingRollout:
         """Split ``examples`` over the actors (z already synced) and start sampling; returns at once."""
@@ -158,22 +161,12 @@ class Driver:
 
     def finish_rollout(self, pending: PendingRollout) -> RolloutBatch:
         """Wait for every actor's share; a dead actor is restarted, re-synced, and its share redone."""
-        results = []
-        for i, ref in enumerate(pending.refs):
-            for attempt in range(self.cfg.train.max_actor_restarts + 1):
-                try:
-                    results.append(ray.get(ref))
-                    break
-                except ray.exceptions.RayActorError as exc:
-                    if attempt == self.cfg.train.max_actor_restarts:
-                        raise TrainingError(f"rollout actor {i} died {attempt + 1} times: {exc}") from None
-                    self.restarts += 1
-                    print(f"[t2dist] rollout actor {i} died ({type(exc).__name__}); restarting it and redoing its work",
-                          flush=True)
-                    self._wait_alive(i)
-                    self.actors[i].set_expert.remote(pending.z_ref, pending.version)  # restarted: base weights
-                    ref = self.actors[i].rollout.remote(pending.chunks[i], pending.seeds[i])
-        return RolloutBatch.concat(results)
+        def redo(i: int):
+            self.actors[i].set_expert.remote(pending.z_ref, pending.version)  # restarted: base weights
+            return self.actors[i].rollout.remote(pending.chunks[i], pending.seeds[i])
+
+        return RolloutBatch.concat([self._get_or_redo(i, ref, lambda i=i: redo(i), "while sampling")
+                                    for i, ref in enumerate(pending.refs)])
 
     def rollout(self, z_ref, version: int, examples, step: int) -> RolloutBatch:
         return self.finish_rollout(self.start_rollout(z_ref, version, examples, step))
