@@ -212,11 +212,35 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
+        _apply_gguf_special_tokens(tokenizer, gguf)
         tokenizer.save_pretrained(tmp)
         (tmp / "t2dist_source.txt").write_text(f"converted from {gguf.name} (dequantized to float32)\n")
     if not (out / "config.json").is_file():  # "keep" kept something that is not a converted model
         raise ModelLoadError(f"{out} exists but holds no config.json; remove it to convert {gguf.name} again")
     return out
+
+
+def gguf_add_bos(gguf: Path) -> bool | None:
+    """The GGUF's own ``tokenizer.ggml.add_bos_token`` flag (None when the file does not say)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+def _apply_gguf_special_tokens(tokenizer, gguf: Path) -> None:
+    """Make the converted tokenizer add BOS exactly when the GGUF says so.
+
+    transformers 5.19's GGUF tokenizer loader ignores ``tokenizer.ggml.add_bos_token`` (5.24 honours
+    it): Gemma-3's tokenizer then drops ``<bos>``, and the model, fed no BOS, answered "The capital of
+    Germany is" with " Paris. The capital of Germany" instead of " Berlin" (identical weights).
+    """
+    add_bos = gguf_add_bos(gguf)
+    if add_bos is None or not hasattr(tokenizer, "add_bos_token"):
+        return
+    tokenizer.add_bos_token = add_bos
+    if hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()
 
 
 def gguf_model_dir(spec: GGUFModel, cache_dir: str | os.PathLike | None = None) -> Path:

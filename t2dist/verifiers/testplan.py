@@ -362,8 +362,12 @@ def implicit_modules(tests: str) -> list[str]:
 
 
 def free_names(tests: str, keep_builtins: bool = False) -> list[str]:
-    """Names the tests read but never bind (and, unless ``keep_builtins``, that are not builtins)."""
-    tree = ast.parse(tests)
+    """Names the tests read but never bind (and, unless ``keep_builtins``, that are not builtins).
+    Raises :class:`TestSyntaxError` for tests that do not parse."""
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError) as exc:
+        raise TestSyntaxError(f"tests do not compile: {exc!r}") from None
     bound, loaded = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
