@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_checks import random_z, worker_vs_merge
 from t2dist.config import load_config
 from t2dist.engines.vllm import VLLMEngineError, vllm_available
 from t2dist.generation import generate_shared
@@ -19,9 +20,6 @@ OK, WHY = vllm_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OK, reason=WHY)]
 
 
-def _z(policy, spread: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return {k: v * (1 + spread * torch.randn(v.shape, generator=g)) for k, v in policy.neutral_z().items()}
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +42,15 @@ def prompts(engine):
 def test_w_prime_in_the_worker_equals_merge(engine):
     """Every target (q/k/v in qkv_proj, gate/up in gate_up_proj, o/down alone) equals SVFModel.merge_'s W'."""
     policy = engine.policy
-    z = _z(policy, 0.5, 0)
-    assert engine.set_z(z, version="a") == 4 * policy.num_z  # only z crosses: float32 per z value
-    got = engine.weights(policy.targets)
-    policy.merge_(z, "a")
-    try:
-        worst = max(float((got[n] - policy.model.get_submodule(n).weight).abs().max()) for n in policy.targets)
-        moved = min(float((policy.model.get_submodule(n).weight - policy._base[n]).abs().max()) for n in policy.targets)
-    finally:
-        policy.unmerge_()
+    z = random_z(policy, 0.5, 0)
+    worst, moved = worker_vs_merge(engine, z)  # also: only z crosses
     assert worst <= 1e-6 and moved > 1e-3  # exact, and z really changed every target
 
 
 def test_greedy_agrees_with_hf_on_200_toy_prompts(engine, prompts):
     task, ps = prompts
     policy = engine.policy
-    for version, z in (("neutral", None), ("b", _z(policy, 0.3, 1))):
+    for version, z in (("neutral", None), ("b", random_z(policy, 0.3, 1))):
         if z is None:
             engine.unset_z()
         else:
@@ -81,7 +72,7 @@ def test_sampling_returns_the_learners_logprobs(engine, prompts):
 
     task, ps = prompts
     policy = engine.policy
-    z = _z(policy, 0.3, 2)
+    z = random_z(policy, 0.3, 2)
     engine.set_z(z, "c")
     got = engine.generate(ps[:8], n=4, temperature=1.0, max_new_tokens=6, stop=task.stop, seed=5)
     assert [c.prompt_index for c in got] == [i for i in range(8) for _ in range(4)]
@@ -104,7 +95,7 @@ def test_two_pass_and_cem_scoring_run_on_the_vllm_engine(engine, prompts):
 
     task, ps = prompts
     policy = engine.policy
-    experts = {c: Expert(z=_z(policy, 0.3, 10 + i), card=make_card(policy, name=c, task=c, base_model="toy"))
+    experts = {c: Expert(z=random_z(policy, 0.3, 10 + i), card=make_card(policy, name=c, task=c, base_model="toy"))
                for i, c in enumerate(("math", "code"))}
     on_vllm = TwoPass(policy, engine.tokenizer, experts, engine=engine)
     on_hf = TwoPass(policy, engine.tokenizer, experts)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_checks import random_z, worker_vs_merge
 from t2dist.config import load_config
 from t2dist.engines.vllm import vllm_available
 from t2dist.generation import generate_shared
@@ -27,9 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OK, reason=WHY),
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _z(policy, spread: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return {k: v * (1 + spread * torch.randn(v.shape, generator=g)) for k, v in policy.neutral_z().items()}
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +45,8 @@ def engine(tmp_path_factory):
 def test_smollm2_w_prime_in_the_worker_equals_merge(engine):
     policy = engine.policy
     assert len(policy.targets) == 30 and any("gate_proj" in t for t in policy.targets)
-    z = _z(policy, 0.5, 0)
-    assert engine.set_z(z, version="a") == 4 * policy.num_z  # only z crosses
-    got = engine.weights(policy.targets)
-    policy.merge_(z, "a")
-    try:
-        worst = max(float((got[n] - policy.model.get_submodule(n).weight).abs().max()) for n in policy.targets)
-        moved = min(float((policy.model.get_submodule(n).weight - policy._base[n]).abs().max()) for n in policy.targets)
-    finally:
-        policy.unmerge_()
+    z = random_z(policy, 0.5, 0)
+    worst, moved = worker_vs_merge(engine, z)  # also: only z crosses
     assert worst <= 1e-6 and moved > 1e-3, (worst, moved)
 
 
@@ -63,7 +54,7 @@ def test_smollm2_greedy_arc_answers_agree_with_hf(engine):
     task = get_task("arc_easy")
     policy = engine.policy
     prompts = [task.prompt_for(e, engine.tokenizer) for e in task.examples("test")[:100]]
-    z = _z(policy, 0.1, 1)
+    z = random_z(policy, 0.1, 1)
     engine.set_z(z, "b")
     policy.merge_(z, "b")
     try:
