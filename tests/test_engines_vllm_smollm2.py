@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine_checks import random_z, worker_vs_merge
 from t2dist.config import load_config
