@@ -31,7 +31,7 @@ import torch
 
 from t2dist.config import Config
 from t2dist.rl.rollout import RolloutBatch
-from t2dist.rl.step import behaviour_logprobs, rl_loss
+from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
 from t2dist.svf.model import ZParams
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
@@ -54,9 +54,10 @@ class ZLoss(ZParams):
         self.rl_cfg = rl_cfg
         self.pad_id = pad_id
 
-    def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float, old_logp=None):
+    def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float, old_logp=None,
+                with_kl: bool = True):
         return rl_loss(self.svf, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
-                       advantages=advantages, normalizer=normalizer, old_logp=old_logp)
+                       advantages=advantages, normalizer=normalizer, old_logp=old_logp, with_kl=with_kl)
 
 
 def _micro_batches(batch: RolloutBatch, advantages: torch.Tensor, n: int) -> list[tuple[RolloutBatch, torch.Tensor]]:
@@ -246,8 +247,9 @@ class LearnerWorker:
             with torch.no_grad():
                 old = [behaviour_logprobs(self.engine.module.svf, self.engine.module.as_dict(), mb, pad_id=self.engine.module.pad_id)
                        for mb, _ in micro]
+        with_kl = kl_wanted(self.engine.module.rl_cfg, int(self.engine.global_steps) // epochs + 1)  # 1-based RL step
         for _ in range(epochs):
-            out = self._update(micro, old, normalizer)
+            out = self._update(micro, old, normalizer, with_kl)
         self._z = self._gather_z()
         keys = list(out["sums"])  # the same keys on every rank: one config, batches of one engine
         result = dict(zip(keys, self._global_sums([out["sums"][k] for k in keys])))
@@ -257,12 +259,12 @@ class LearnerWorker:
             torch.cuda.empty_cache()
         return result
 
-    def _update(self, micro, old, normalizer: float) -> dict:
-        """One optimizer step over the micro-batches of this rank's shard."""
-        sums = dict.fromkeys(STAT_KEYS, 0.0)
+    def _update(self, micro, old, normalizer: float, with_kl: bool = True) -> dict:
+        """One optimizer step over the micro-batches of this rank's shard (``kl`` only when ``with_kl``)."""
+        sums = dict.fromkeys([k for k in STAT_KEYS if with_kl or k != "kl"], 0.0)
         grad_norm = None
         for i, ((mb, madv), old_logp) in enumerate(zip(micro, old)):
-            loss, stats = self.engine(mb, madv, float(normalizer), old_logp)
+            loss, stats = self.engine(mb, madv, float(normalizer), old_logp, with_kl)
             # ``loss * world_size`` is a new tensor: engine.backward registers it as the loss of
             # this graph, which also switches off the 1/grad_accum scaling hook the engine's
             # forward put on ``loss`` (the global normalizer already counts every micro-batch).
@@ -272,7 +274,8 @@ class LearnerWorker:
             self.engine.step()
             sums["loss"] += float(loss.detach())
             for k in ("pg_loss", "kl", "entropy"):
-                sums[k] += stats.get(k, 0.0)
+                if k in sums:
+                    sums[k] += stats.get(k, 0.0)
             for k in BEHAVIOUR_KEYS:
                 if k in stats:  # summed over micro-batches: each is normalised by the global count
                     sums[k] = sums.get(k, 0.0) + stats[k]

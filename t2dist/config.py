@@ -86,6 +86,8 @@ class RLConfig(Section):
     lr: float = Field(1e-2, gt=0.0)
     beta: float = Field(0.0, ge=0.0, description="KL coefficient against the neutral model")
     kl_estimator: str = "k3"
+    kl_every: int = Field(1, ge=0, description="with rl.beta 0 the KL to the neutral model is only logged: compute "
+                          "it (one more forward, without grad) every k steps; 0: never. Every step when beta > 0")
     advantage: str = "group_mean"
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     clip_grad: float | None = Field(1.0, gt=0.0)

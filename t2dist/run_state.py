@@ -69,7 +69,7 @@ class BestTracker:
 # TensorBoard tag -> key of the step record (0.0 where a learner does not report the key)
 TB_SCALARS = {
     "train/reward_mean": "reward", "train/reward_std": "reward_std", "train/accuracy": "accuracy",
-    "train/kl": "kl", "train/loss": "loss", "train/entropy": "entropy", "train/grad_norm": "grad_norm",
+    "train/loss": "loss", "train/entropy": "entropy", "train/grad_norm": "grad_norm",
     "train/response_length": "response_length", "time/rollout_s": "rollout_s", "time/sync_s": "sync_s",
     "time/generate_s": "generate_s", "time/scoring_s": "scoring_s", "time/learner_s": "learner_s",
     "time/step_s": "step_s", "time/tokens_per_s": "tokens_per_s", "sync/bytes_per_step": "sync_bytes",
@@ -106,8 +106,9 @@ def step_record(step: int, batch: RolloutBatch, learner: Mapping[str, Any], time
     }
 
 
-# logged only when the learner reports them (the batch carries the rollout engine's log-probs)
+# logged only when the learner reports them (behaviour/*: the batch carries the rollout engine's log-probs)
 TB_OPTIONAL_SCALARS = {
+    "train/kl": "kl",  # absent on the steps rl.kl_every skips
     "behaviour/abs_dlogp": "behaviour_abs_dlogp", "behaviour/kl": "behaviour_kl",
     "behaviour/tis_weight": "tis_weight", "behaviour/tis_capped_frac": "tis_capped_frac",
 }
@@ -120,8 +121,9 @@ def tb_scalars(rec: Mapping[str, float]) -> dict[str, float]:
 
 
 def format_step(rec: Mapping[str, float], steps: int) -> str:
+    kl = f"{rec['kl']:.5f}" if "kl" in rec else "      -"  # rl.kl_every skipped this step's KL
     return (f"step {rec['step']:>4}/{steps}  reward {rec['reward']:+.3f}  acc {rec['accuracy']:.3f}  "
-            f"kl {rec.get('kl', 0.0):.5f}  len {rec['response_length']:.1f}  {rec['step_s']:.2f}s")
+            f"kl {kl}  len {rec['response_length']:.1f}  {rec['step_s']:.2f}s")
 
 
 @dataclass

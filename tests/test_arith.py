@@ -31,6 +31,23 @@ def test_splits_are_deterministic_disjoint_and_correct(name):
     assert [e.prompt for e in get_task(name, seed=1).examples("test")] != [e.prompt for e in a.examples("test")]
 
 
+def test_every_split_draws_the_same_mix():
+    """Splits by prompt hash: the 255 one-digit pairs are spread like the rest.  Drawing test first
+    (the toy suite's rule) gave test 142/400 one-digit pairs and train 60/1500: a held-out set easier
+    than what was trained on."""
+    task = get_task("arith")
+    share = {}
+    for split in ("train", "validation", "test"):
+        ex = task.examples(split)
+        share[split] = sum(e.meta["a"] < 10 and e.meta["b"] < 10 for e in ex) / len(ex)
+    assert 0.07 < share["train"] < 0.18 and 0.07 < share["test"] < 0.18, share
+    assert abs(share["train"] - share["test"]) < 0.04, share
+    # and the same operator mix (subtraction has fewer distinct prompts: a >= b)
+    for op in "+-*":
+        fr = {s: sum(e.meta["op"] == op for e in task.examples(s)) / len(task.examples(s)) for s in ("train", "test")}
+        assert abs(fr["train"] - fr["test"]) < 0.05, (op, fr)
+
+
 def test_difficulty_knob():
     small = [max(e.meta["a"], e.meta["b"]) for e in get_task("arith").examples("test")]
     hard = [min(e.meta["a"], e.meta["b"]) for e in get_task("arith_hard").examples("test")]

@@ -54,23 +54,27 @@ def small_cfg(tmp_path, *more):
                               f"registry.url={tmp_path / 'registry'}", *SMALL, *more])
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
-def test_one_rank_matches_train_local(cluster, tmp_path, epochs):
+@pytest.mark.parametrize("epochs,kl_every", [(1, 1), (2, 2)])
+def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every):
     """Same seed, data, one actor and one learner rank: z equals the single-process oracle
-    (also with two PPO-clipped updates per batch)."""
+    (also with two PPO-clipped updates per batch).  With ``rl.kl_every=2`` (beta 0) both compute
+    the KL to the neutral model, a forward of its own, on step 2 only; z is unchanged by it."""
     from t2dist.rl.local import train_local
     from t2dist.runtime import load_svf
     from t2dist.tasks import get_task
     from t2dist.train import train
 
     cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "train.checkpoint_every=3",
-                    f"rl.update_epochs={epochs}")
+                    f"rl.update_epochs={epochs}", f"rl.kl_every={kl_every}")
     train(cfg, progress=False)
     z_dist, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 3
+    kl_steps = [1, 2, 3] if kl_every == 1 else [2]
+    assert [h["step"] for h in state["history"] if "kl" in h] == kl_steps
     torch.set_num_threads(1)
     svf, tok = load_svf(cfg)
     local = train_local(cfg, svf, tok, get_task("math"), progress=False)
+    assert [h["step"] for h in local.history if "kl" in h] == kl_steps
     moved = max(float((local.z[n] - 1).abs().max()) for n in local.z)
     assert moved > 1e-3  # training really changed z
     for n in local.z:

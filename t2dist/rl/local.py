@@ -15,7 +15,7 @@ from tqdm import tqdm
 from t2dist.config import Config
 from t2dist.rl.data import PromptStream
 from t2dist.rl.rollout import rollout
-from t2dist.rl.step import behaviour_logprobs, rl_loss
+from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
 from t2dist.svf.model import SVFModel, ZParams
 from t2dist.tasks.base import Task
 
@@ -55,7 +55,8 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
         old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id) if rl.update_epochs > 1 else None
         for _ in range(rl.update_epochs):
             opt.zero_grad(set_to_none=True)
-            loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id, old_logp=old_logp)
+            loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id, old_logp=old_logp,
+                                  with_kl=kl_wanted(rl, step + 1))
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))
             opt.step()
@@ -72,7 +73,7 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             **stats,
         }
         history.append(rec)
-        bar.set_postfix(reward=f"{rec['reward']:+.2f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec.get('kl', 0):.4f}")
+        bar.set_postfix(reward=f"{rec['reward']:+.2f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}" if "kl" in rec else "-")
         if callback is not None:
             callback(step + 1, zp.detached(), rec)
     svf.unmerge_()

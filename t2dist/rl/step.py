@@ -12,6 +12,12 @@ from t2dist.rl.rollout import RolloutBatch
 from t2dist.policy.base import Policy
 
 
+def kl_wanted(cfg: RLConfig, step: int) -> bool:
+    """Whether the update of 1-based ``step`` computes the KL to the neutral model: always when it is
+    in the loss (``beta > 0``), else every ``kl_every`` steps, for the log only."""
+    return cfg.beta > 0 or (cfg.kl_every > 0 and step % cfg.kl_every == 0)
+
+
 def rl_loss(
     svf: Policy,
     z: Mapping[str, torch.Tensor],
@@ -26,7 +32,8 @@ def rl_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss of ``z`` on ``batch`` with the KL to the neutral model.
 
-    The reference log-probs come from the same model at neutral ``z`` (no second copy).
+    The reference log-probs come from the same model at neutral ``z`` (no second copy); that
+    forward is skipped when ``with_kl`` is false and ``cfg.beta`` is 0 (``stats`` has no ``kl`` then).
     ``advantages`` may be passed in when the batch is a shard of a larger one whose
     groups were already normalised; ``normalizer`` is the global token/sequence count.
     ``old_logp`` (from :func:`behaviour_logprobs`) turns on PPO's clipped ratio with

@@ -81,6 +81,7 @@ class ArithTask(SyntheticTask):
     skill = "math"
     chat = "auto"  # the chat template when the model has one, the plain Q/A text otherwise
     trap_fraction = 0.0  # no trap subset: every problem is an ordinary one
+    split_by = "hash"  # every split the same mix (see SyntheticTask.split_by)
     sizes = {"train": 1500, "validation": 200, "test": 400}
     max_new_tokens = 16  # room for "347 + 582 = 929" (digits are single tokens in SmolLM2 and Gemma)
     stop = ("\n",)

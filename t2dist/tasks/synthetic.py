@@ -39,6 +39,7 @@ what the verifier needs (``options`` for multiple choice, ``tests`` for code).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import string
 from functools import cached_property
@@ -62,6 +63,12 @@ class SyntheticTask(Task):
     sizes: dict[str, int] = {"train": 4000, "validation": 200, "test": 400}
     chat = "never"  # raw "Q: ...\nA:" text: the format the toy base was pretrained on, for any model
     trap_fraction: float = TRAP_FRACTION
+    # How a prompt's split is chosen.  "order": test is drawn first, then validation, then train, each
+    # rejecting prompts already taken (the toy suite; its bench results depend on it).  "hash": a
+    # prompt belongs to the split its hash falls in (shares proportional to ``sizes``), so every split
+    # samples the same distribution even when a part of it has few distinct prompts (``arith``: only
+    # 255 one-digit pairs, which "order" would give mostly to test).
+    split_by: str = "order"
 
     def __init__(self, seed: int | None = None):
         if seed is not None:
@@ -93,7 +100,7 @@ class SyntheticTask(Task):
             for trap in flags:
                 for _ in range(100_000):
                     ex = self.make_example(rng, trap)
-                    if ex.prompt not in seen:
+                    if ex.prompt not in seen and self._in_split(ex.prompt, split):
                         break
                 else:  # pragma: no cover - pools are sized to avoid this
                     raise RuntimeError(f"{self.name}: prompt pool exhausted for split {split}")
@@ -101,6 +108,21 @@ class SyntheticTask(Task):
                 examples.append(ex)
             out[split] = examples
         return out
+
+    def _in_split(self, prompt: str, split: str) -> bool:
+        if self.split_by == "order":
+            return True
+        if self.split_by != "hash":
+            raise ValueError(f"{self.name}: split_by must be 'order' or 'hash', not {self.split_by!r}")
+        h = int.from_bytes(hashlib.sha256(f"{self.name}/{self.seed}/{prompt}".encode()).digest()[:8], "big")
+        u, lo = h / 2**64, 0.0
+        total = sum(self.sizes.values())
+        for name in ("test", "validation", "train"):
+            hi = lo + self.sizes[name] / total
+            if lo <= u < hi or (name == "train" and u >= lo):
+                return name == split
+            lo = hi
+        return False
 
     def examples(self, split: str) -> list[Example]:
         check_split(split)
