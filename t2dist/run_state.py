@@ -102,7 +102,8 @@ def step_record(step: int, batch: RolloutBatch, learner: Mapping[str, Any], time
         "sync_bytes": sync_bytes,
         "tokens_per_s": batch.num_tokens / max(times.sync_s + times.rollout_s, 1e-9),
         "step_s": times.sync_s + times.rollout_s + times.learner_s,
-        **{k: v for k, v in learner.items() if isinstance(v, (int, float))},
+        # the learner's "step" counts optimizer steps (rl.update_epochs per RL step): kept apart
+        **{("optimizer_steps" if k == "step" else k): v for k, v in learner.items() if isinstance(v, (int, float))},
     }
 
 

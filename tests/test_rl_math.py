@@ -101,11 +101,23 @@ def test_ppo_clipping_stops_the_gradient_outside_the_trust_region():
     assert float(g.abs().sum()) == 0.0 and stats["clip_frac"] == 1.0
 
 
-def test_completion_logprobs_match_unpadded_computation():
+@pytest.mark.parametrize("honours_keep", [True, False])
+def test_completion_logprobs_match_unpadded_computation(honours_keep):
+    """Prompts of different lengths: the logits kept (``logits_to_keep``, from the shortest prompt's end
+    on) must line up with each row's completion; a model that ignores the argument works too."""
     model = tiny_model()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     comps = [[20, 21], [22, 23, 24, 25], [26]]
-    logp, mask, ent = completion_logprobs(lambda **kw: model(**kw), prompts, comps, pad_id=0, with_entropy=True)
+    kept = []
+
+    def forward(**kw):
+        kept.append(kw["logits_to_keep"])
+        if not honours_keep:
+            kw.pop("logits_to_keep")
+        return model(**kw)
+
+    logp, mask, ent = completion_logprobs(forward, prompts, comps, pad_id=0, with_entropy=True)
+    assert kept == [6 - 2 + 1]  # L = 2 + 4 (the longest row); from position 1 (the shortest prompt ends at 2)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     for i, (p, c) in enumerate(zip(prompts, comps)):
         ids = torch.tensor([p + c])

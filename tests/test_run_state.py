@@ -6,7 +6,7 @@ import torch
 
 from t2dist.config import ConfigError, load_config
 from t2dist.rl.rollout import RolloutBatch
-from t2dist.run_state import Best, BestTracker, RunState, StepTimes, step_record, tb_scalars
+from t2dist.run_state import Best, BestTracker, RunState, StepTimes, format_step, step_record, tb_scalars
 
 # state.json as the untyped dict of earlier versions wrote it (keys and nesting)
 OLD_STATE = {"step": 6, "position": 48, "best": {"accuracy": 0.55, "step": 4},
@@ -40,8 +40,10 @@ def _batch(rewards, correct, lengths):  # 2 prompts x 2 samples
 
 def test_tensorboard_scalars_derive_from_the_one_step_record():
     batch = _batch([1.0, 0.0, 1.0, 1.0], [True, False, True, True], [3, 5, 4, 4])
-    rec = step_record(7, batch, {"loss": 0.5, "kl": 0.01, "grad_norm": 2.0, "note": "x"},
+    rec = step_record(7, batch, {"loss": 0.5, "kl": 0.01, "grad_norm": 2.0, "note": "x", "step": 14},
                       StepTimes(sync_s=0.5, rollout_s=1.5, learner_s=2.0), sync_bytes=4096)
+    # the learner's optimizer-step count (2 per RL step with rl.update_epochs=2) is not the record's step
+    assert rec["optimizer_steps"] == 14
     assert rec["step"] == 7 and rec["reward"] == 0.75 and rec["accuracy"] == 0.75 and rec["response_length"] == 4.0
     assert rec["step_s"] == 4.0 and rec["tokens_per_s"] == 16 / 2.0 and "note" not in rec
     tb = tb_scalars(rec)
@@ -51,6 +53,8 @@ def test_tensorboard_scalars_derive_from_the_one_step_record():
     rec = step_record(7, batch, {"behaviour_abs_dlogp": 0.002, "behaviour_kl": 1e-6},
                       StepTimes(sync_s=0.5, rollout_s=1.5, learner_s=2.0), sync_bytes=0)
     tb = tb_scalars(rec)
+    assert "train/kl" not in tb  # a step rl.kl_every skipped logs no KL (not a false 0)
+    assert " kl       -  " in format_step(rec, 10)
     assert tb["behaviour/abs_dlogp"] == 0.002 and tb["behaviour/kl"] == 1e-6 and "behaviour/tis_weight" not in tb
 
 
