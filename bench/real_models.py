@@ -1,0 +1,129 @@
+"""Real-model runs through ``t2dist train`` (Ray actors, DeepSpeed learner), one row per (config, seed).
+
+    python bench/real_models.py --config configs/smollm2-arith.yaml --seeds 0 1 2
+    python bench/real_models.py --config configs/smollm2-arith.yaml --seeds 0 --adopt /work/runs/s0 --wall 1234
+    python bench/real_models.py --render                       # the markdown table from the JSON only
+
+Each run is the exact command recorded in its row (a subprocess, one after another, so every run
+has the machine to itself): ``t2dist train --config C rl.seed=S run_dir=... registry.url=...``.
+Its ``summary.json`` gives base and final test accuracy with 95% Wilson intervals (``eval.limit``
+held-out problems; the final z is the best on validation); the row's ``wall_seconds`` is the
+command's whole wall time (Ray start, model load, SVD, both test evaluations included), the
+number the issue's "≤ 30 min per run" goal is about.
+
+Rows go to ``bench/results/<date>-real-models.json`` (``--json``; rows of the same config, seed and
+method are replaced, others kept); the markdown table it prints is the one in the ``.md`` beside it.  ``--adopt DIR`` records a
+run that was started by hand with the same command (``--wall`` seconds as measured by ``time``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FIELDS = ("model", "task", "method", "seed", "base_accuracy", "base_ci_low", "base_ci_high", "final_accuracy",
+          "final_ci_low", "final_ci_high", "n_test", "wall_seconds", "steps", "samples_per_step", "config",
+          "command", "run_dir", "base_fingerprint")
+
+
+def default_json() -> Path:
+    return ROOT / "bench" / "results" / f"{_dt.date.today().isoformat()}-real-models.json"
+
+
+def train_command(config: str, seed: int, out: Path, overrides: list[str]) -> list[str]:
+    return ["t2dist", "train", "--config", config, f"rl.seed={seed}", "ray.address=local",
+            f"run_dir={out / f'seed{seed}'}", f"registry.url={out / 'registry'}", *overrides]
+
+
+def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: float) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    card = run_dir / "expert" / "card.json"
+    fingerprint = json.loads(card.read_text()).get("base_fingerprint") if card.is_file() else None
+    return {
+        "model": cfg["model"]["path"], "task": cfg["task"]["name"],
+        "method": f"t2dist train, {(cfg.get('policy') or {}).get('kind', 'svf')}",
+        "device": f"{os.cpu_count()} CPU cores" if cfg["model"]["device"] == "cpu" else cfg["model"]["device"],
+        "seed": seed,
+        "base_accuracy": summary["base_accuracy"], "base_ci_low": summary["base_ci"][0],
+        "base_ci_high": summary["base_ci"][1],
+        "final_accuracy": summary["final_accuracy"], "final_ci_low": summary["final_ci"][0],
+        "final_ci_high": summary["final_ci"][1],
+        "n_test": summary["n_test"], "wall_seconds": round(wall, 1), "steps": summary["steps"],
+        "samples_per_step": cfg["rl"]["prompts_per_step"] * cfg["rl"]["samples_per_prompt"],
+        "best_step": summary.get("best_step"), "last_accuracy": summary.get("last_accuracy"),
+        "config": config, "command": shlex.join(command), "run_dir": str(run_dir), "base_fingerprint": fingerprint,
+    }
+
+
+def save_rows(path: Path, new: list[dict]) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    key = lambda r: (r["config"], r["method"], r["seed"])  # noqa: E731
+    replaced = {key(r) for r in new}
+    rows = [r for r in rows if key(r) not in replaced] + new
+    rows.sort(key=lambda r: (r["model"], r["task"], r["method"], r["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| model | task | method | seed | base (95% CI) | final (95% CI) | gain | n | steps | wall |",
+             "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        gain = 100 * (r["final_accuracy"] - r["base_accuracy"])
+        lines.append(
+            f"| {r['model']} | {r['task']} | {r['method']} | {r['seed']} | {100 * r['base_accuracy']:.1f}% "
+            f"[{100 * r['base_ci_low']:.1f}–{100 * r['base_ci_high']:.1f}] | {100 * r['final_accuracy']:.1f}% "
+            f"[{100 * r['final_ci_low']:.1f}–{100 * r['final_ci_high']:.1f}] | {gain:+.1f} | {r['n_test']} | "
+            f"{r['steps']} | {r['wall_seconds'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--out", default=str(Path(os.environ.get("T2DIST_HOME", "runs")) / "real-models"),
+                    help="run directories go under OUT/<config name>/seedS")
+    ap.add_argument("--json", type=Path, default=default_json())
+    ap.add_argument("--adopt", type=Path, help="record this finished run directory instead of running")
+    ap.add_argument("--wall", type=float, help="with --adopt: the run's measured wall seconds")
+    ap.add_argument("--command", help="with --adopt: the exact command that ran (default: the one this script runs)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown table from the JSON")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    args = ap.parse_args(argv)
+
+    new = []
+    if not args.render:
+        if not args.config:
+            ap.error("--config is required unless --render")
+        out = Path(args.out).resolve() / Path(args.config).stem
+        for seed in args.seeds:
+            cmd = train_command(args.config, seed, out, args.overrides)
+            if args.adopt:
+                if args.wall is None:
+                    ap.error("--adopt needs --wall (the run's measured wall seconds)")
+                ran = shlex.split(args.command) if args.command else cmd
+                new.append(row_of(args.adopt, args.config, seed, ran, args.wall))
+                continue
+            print("$", shlex.join(cmd), flush=True)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            new.append(row_of(out / f"seed{seed}", args.config, seed, cmd, time.perf_counter() - t0))
+            save_rows(args.json, new[-1:])
+    rows = save_rows(args.json, new) if new else json.loads(args.json.read_text())["rows"]
+    print(render(rows))  # the table of bench/results/<date>-real-models.md
+
+
+if __name__ == "__main__":
+    main()
