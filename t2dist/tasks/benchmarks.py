@@ -30,7 +30,9 @@ others.  Ids: GSM8K and MATH hash the question text (the hub rows have no id), M
 HumanEval use ``task_id``, ARC its ``id``.
 
 Prompts are user messages for the model's chat template (``chat = "required"``: a model
-without one is an error before any generation).  Every task has :meth:`reference_completion`:
+without one is an error before any generation), except the multiple-choice ARC tasks
+(``chat = "auto"``): a base model without a template gets the plain frame
+``"Question: ...\nA. ...\nB. ...\nAnswer:"`` and answers with the letter (`` B``).  Every task has :meth:`reference_completion`:
 the gold solution written as a completion, which its verifier must accept (the ``--oracle``
 check of ``t2dist eval`` and the tests).
 """
@@ -302,6 +304,9 @@ class ARC(BenchmarkTask):
     skill = "reasoning"
     max_new_tokens = 32
     INSTRUCTION = "Answer with the letter of the correct option only."
+    # A model with a chat template (SmolLM2) gets ``example.prompt`` as its user turn, exactly as
+    # before; a base model (Gemma-3-270M) the plain frame of :meth:`plain_prompt`.
+    chat = "auto"
 
     @staticmethod
     def to_record(row: dict) -> dict:
@@ -322,9 +327,25 @@ class ARC(BenchmarkTask):
         prompt = f"Question: {rec['question']}\n{opts}\n\n{self.INSTRUCTION}"
         return Example(self.name, prompt, LETTERS[rec["gold"]], {"options": rec["options"], "question": rec["question"]})
 
+    def plain_prompt(self, example: Example) -> str:
+        """The prompt for a model without a chat template: the chat prompt's question and options,
+        then ``"Answer:"`` instead of the instruction, so a base model's next token is the letter
+        (`` B``), as in the few-shot MC format of ai2-olmo-eval."""
+        opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(example.meta["options"]))
+        return f"Question: {example.meta['question']}\n{opts}\nAnswer:"
+
+    def prompt_for(self, example: Example, tokenizer=None) -> str:
+        if getattr(tokenizer, "chat_template", None):
+            return super().prompt_for(example, tokenizer)
+        return self.plain_prompt(example)
+
     def verify(self, completion: str, example: Example) -> Verdict:
         from t2dist.verifiers.choice import check_choice
 
+        # A base model runs on past its letter into a new "Question: ... Answer: C" (no stop at a
+        # newline, which would change the chat model's completions): that next question's answer
+        # is not this one's.
+        completion = completion.split("\nQuestion:", 1)[0] if isinstance(completion, str) else completion
         return check_choice(completion, example.answer, len(example.meta["options"]))
 
     def reference_completion(self, example: Example) -> str:
