@@ -20,6 +20,17 @@ needs_gemma = pytest.mark.skipif(locate_gguf(GEMMA) is None, reason=f"needs {GEM
 # real-model config smoke tests (test_real_model_configs.py) train from the same caches
 
 
+def assert_same_logits_and_greedy(model, ref, ids, new_tokens: int) -> torch.Tensor:
+    """The converted ``model`` and the GGUF-loaded ``ref``: logits within 1e-4 and the same greedy tokens."""
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+        assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+        ga = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        gb = ref.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    assert ga.tolist() == gb.tolist()
+    return ga
+
+
 @needs_wheel
 def test_smollm2_converts_once_and_matches_the_gguf_model(smollm2_converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,12 +49,7 @@ def test_smollm2_converts_once_and_matches_the_gguf_model(smollm2_converted):
                                    add_generation_prompt=True)
     ids = tok(text, return_tensors="pt")["input_ids"]
     assert ids.tolist() == ref_tok(text, return_tensors="pt")["input_ids"].tolist()
-    with torch.no_grad():
-        a, b = model(ids).logits, ref(ids).logits
-        assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
-        ga = model.generate(ids, max_new_tokens=12, do_sample=False)
-        gb = ref.generate(ids, max_new_tokens=12, do_sample=False)
-    assert ga.tolist() == gb.tolist()
+    ga = assert_same_logits_and_greedy(model, ref, ids, new_tokens=12)
     answer = tok.decode(ga[0, ids.shape[1]:], skip_special_tokens=True)
     assert "5" in answer  # a real instruct model, not noise
 
@@ -118,12 +124,7 @@ def test_gemma3_converts_once_and_matches_the_gguf_model(gemma_converted, tmp_pa
     # the GGUF says add_bos_token: the converted tokenizer adds <bos> whatever transformers' GGUF loader does
     assert models.gguf_add_bos(gguf) is True
     assert ids[0].tolist() == [tok.bos_token_id] + ref_tok(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        a, b = model(ids).logits, ref(ids).logits
-        assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
-        ga = model.generate(ids, max_new_tokens=6, do_sample=False)
-        gb = ref.generate(ids, max_new_tokens=6, do_sample=False)
-    assert ga.tolist() == gb.tolist()
+    ga = assert_same_logits_and_greedy(model, ref, ids, new_tokens=6)
     assert "Berlin" in tok.decode(ga[0, ids.shape[1]:], skip_special_tokens=True)  # a real model, not noise
 
 
