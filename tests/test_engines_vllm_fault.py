@@ -2,9 +2,9 @@
 
 The toy demo config on a local Ray cluster, one rollout actor on ``rollout.engine=vllm``
 (the evaluator on hf: one vLLM start-up less, ~25 s idle, minutes on a loaded 2-core machine),
-one learner rank, 4 steps with a checkpoint every 2.  Once the step-2 checkpoint is written, a
-thread SIGKILLs the vLLM ``EngineCore`` process under the rollout actor (the only vLLM engine in
-this process tree).  The actor's next engine call raises ``EngineDied``, the actor exits, Ray
+one learner rank, 4 steps with a checkpoint every 2.  Right after the step-2 checkpoint is
+committed, the driver (a wrapped ``Checkpointer.save``) SIGKILLs the vLLM ``EngineCore`` process
+under the rollout actor (the only vLLM engine in this process tree).  The actor's next engine call raises ``EngineDied``, the actor exits, Ray
 restarts it (a fresh vLLM engine), the driver re-syncs z and redoes the step: the run ends with
 all 4 steps, one restart, and a z that moved.  Skipped where vllm does not import.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -43,26 +41,46 @@ def _engine_cores() -> list:
     return out
 
 
-def kill_engine_when_checkpointed(run_dir: Path, timeout: float = 900) -> list[int]:
-    """In a thread: once ``run_dir`` has a checkpoint, SIGKILL the vLLM engine processes; returns their pids."""
+def kill_engines_after_checkpoint(monkeypatch, step: int, seen: list[str]) -> list[int]:
+    """SIGKILL the vLLM engine processes right after the driver commits the step-``step`` checkpoint.
+
+    The kill runs inside the driver's ``Checkpointer.save``, before the next step starts, so it
+    cannot miss a fast run (a thread polling for the checkpoint did, on a fast CI machine, and
+    went on to kill the next test module's engine).  Returns the killed pids; when there was
+    nothing to kill, ``seen`` gets the process tree of that moment.
+    """
+    from t2dist.train import Checkpointer
+
     killed: list[int] = []
+    save = Checkpointer.save
 
-    def run():
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if latest_checkpoint(run_dir) is not None:
-                for p in _engine_cores():
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
-                if killed:
-                    return
-            time.sleep(0.05)
+    def save_then_kill(self, at_step, *args, **kwargs):
+        path = save(self, at_step, *args, **kwargs)
+        if at_step == step and not killed:
+            for p in _engine_cores():
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+            if not killed:
+                seen.append(_process_tree())
+        return path
 
-    threading.Thread(target=run, daemon=True).start()
+    monkeypatch.setattr(Checkpointer, "save", save_then_kill)
     return killed
 
 
-def test_killed_vllm_engine_restarts_the_actor_and_redoes_the_step(tmp_path):
+def _process_tree() -> str:
+    import psutil
+
+    names = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            names.append(f"{p.pid}:{p.name()}")
+        except psutil.Error:
+            pass
+    return ", ".join(names)
+
+
+def test_killed_vllm_engine_restarts_the_actor_and_redoes_the_step(tmp_path, monkeypatch):
     import ray
 
     from t2dist.train import train
@@ -76,12 +94,13 @@ def test_killed_vllm_engine_restarts_the_actor_and_redoes_the_step(tmp_path):
         "rollout.vllm.cpu_threads_bind=nobind", "eval.engine=hf", "rl.steps=4", "train.checkpoint_every=2",
         "train.eval_every=4", "rl.prompts_per_step=4", "rl.samples_per_prompt=4", "eval.limit=20",
         "train.eval_limit=20", "rl.lr=0.05"])
-    killed = kill_engine_when_checkpointed(run)
+    tree: list[str] = []
+    killed = kill_engines_after_checkpoint(monkeypatch, step=2, seen=tree)
     try:
         summary = train(cfg, progress=False)
     finally:
         ray.shutdown()
-    assert killed, "the test never killed a vLLM engine process"
+    assert killed, f"no vLLM EngineCore below this process after the step-2 checkpoint; processes: {tree}"
     assert summary["actor_restarts"] >= 1  # the actor died with its engine and was restarted
     assert summary["steps"] == 4
     state = json.loads((latest_checkpoint(run) / "state.json").read_text())
