@@ -61,13 +61,14 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return wilson_interval(k, n)
 
 
-def eval_tasks(model, tok, tasks, limit, split="test") -> dict:
+def eval_tasks(model, tok, tasks, limit, split="test", max_new_tokens: dict | None = None) -> dict:
+    """Greedy accuracy on each task; ``max_new_tokens`` maps a task to its budget (else the task's own)."""
     from t2dist.evaluation import evaluate
 
     out = {}
     for t in tasks:
         t0 = time.perf_counter()
-        r = evaluate(model, tok, t, split=split, limit=limit)
+        r = evaluate(model, tok, t, split=split, limit=limit, max_new_tokens=(max_new_tokens or {}).get(t))
         out[t] = {**r.as_dict(), "seconds": time.perf_counter() - t0}
     return out
 
@@ -146,15 +147,24 @@ def job_trl(job: dict) -> dict:
     from t2dist.tasks import get_task
 
     task = get_task(job["task"])
+    max_new = job.get("max_new_tokens") or task.max_new_tokens
+    budgets = {job["task"]: max_new}
     t_load = time.perf_counter()
     model, tok = load_model(job.get("model", "toy"))
     for p in model.parameters():
         p.requires_grad_(False)
+    base_eval = None
+    if job.get("eval_base"):  # the base on the same test problems, before any training (not timed)
+        t_base = time.perf_counter()
+        base_eval = eval_tasks(model, tok, job["eval_tasks"], job["eval_limit"], max_new_tokens=budgets)
+        t_load += time.perf_counter() - t_base
     # the task's stop string ends a completion, as in t2dist's generate (TRL masks after any eos id)
     eos = [tok.eos_token_id] + sorted(_stop_token_ids(tok, task.stop))
     model.generation_config.eos_token_id = eos
     examples = task.examples("train")
-    data = Dataset.from_dict({"prompt": [task.format_prompt(e) for e in examples], "idx": list(range(len(examples)))})
+    # the exact prompt text t2dist samples from (through the chat template for an instruct model); a
+    # plain-string prompt is not templated again by TRL
+    data = Dataset.from_dict({"prompt": [task.prompt_for(e, tok) for e in examples], "idx": list(range(len(examples)))})
 
     def reward(completions, idx, **_):
         texts = [c.split(task.stop[0])[0] if task.stop else c for c in completions]
@@ -175,7 +185,7 @@ def job_trl(job: dict) -> dict:
                 t0 = time.perf_counter()
                 was_training = model.training
                 model.eval()
-                r = evaluate(model, tok, val_task, split="validation", limit=job["val_limit"])
+                r = evaluate(model, tok, val_task, split="validation", limit=job["val_limit"], max_new_tokens=max_new)
                 if was_training:
                     model.train()
                 train_s = t0 - clock["start"] - clock["eval"]
@@ -186,7 +196,8 @@ def job_trl(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=P * N, num_generations=N, gradient_accumulation_steps=1,
-            steps_per_generation=1, max_completion_length=task.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+            steps_per_generation=1, max_completion_length=max_new, temperature=job.get("temperature", 1.0), top_p=1.0,
+            top_k=0,
             learning_rate=job["lr"], lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0,
             max_grad_norm=1.0, beta=0.0, scale_rewards="none", loss_type="dapo", num_iterations=1,
             max_steps=job["steps"], use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
@@ -205,11 +216,11 @@ def job_trl(job: dict) -> dict:
         wall = time.perf_counter() - t0 - clock["eval"]
         rss = peak_rss_mb()
         final = trainer.model.eval()
-        evals = eval_tasks(final, tok, job["eval_tasks"], job["eval_limit"])
+        evals = eval_tasks(final, tok, job["eval_tasks"], job["eval_limit"], max_new_tokens=budgets)
         rewards = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
     return {"train_seconds": wall, "load_seconds": load_s, "s_per_step": wall / job["steps"], "peak_rss_mb": rss,
             "trainable": trainable, "curve": curve, "seconds_to_final": seconds_to_final(curve), "eval": evals,
-            "reward_last": rewards[-1] if rewards else None, "trl": trl.__version__}
+            "reward_last": rewards[-1] if rewards else None, "trl": trl.__version__, "base_eval": base_eval}
 
 
 JOBS = {"base": job_base, "t2dist": job_t2dist, "trl": job_trl}

@@ -3,6 +3,7 @@
     python bench/real_models.py --config configs/smollm2-arith.yaml --seeds 0 1 2
     python bench/real_models.py --config configs/smollm2-arith.yaml --seeds 0 --adopt /work/runs/s0 --wall 1234
     python bench/real_models.py --render                       # the markdown table from the JSON only
+    python bench/real_models.py --trl --config configs/smollm2-arith-lora.yaml --seeds 1   # TRL's row
 
 Each run is the exact command recorded in its row (a subprocess, one after another, so every run
 has the machine to itself): ``t2dist train --config C rl.seed=S run_dir=... registry.url=...``.
@@ -10,6 +11,13 @@ Its ``summary.json`` gives base and final test accuracy with 95% Wilson interval
 held-out problems; the final z is the best on validation); the row's ``wall_seconds`` is the
 command's whole wall time (Ray start, model load, SVD, both test evaluations included), the
 number the issue's "≤ 30 min per run" goal is about.
+
+``--trl`` runs TRL's ``GRPOTrainer`` + peft LoRA instead (``bench/lora_vs_svf.py``'s TRL job, one
+process on all cores) with the config's model, task, prompts (the same chat-templated text),
+reward, temperature, steps, prompts × samples, lr and ``lora:`` settings; its final adapter (TRL has
+no best-on-validation pick) is scored on the same test problems.  Every row keeps its validation
+curve (``train.eval_every`` steps, ``train.eval_limit`` problems, with the training seconds up to
+each check), so :func:`seconds_to` can say how long t2dist took to reach TRL's final accuracy.
 
 Rows go to ``bench/results/<date>-real-models.json`` (``--json``; rows of the same config, seed and
 method are replaced, others kept); the markdown table it prints is the one in the ``.md`` beside it.  ``--adopt DIR`` records a
@@ -62,7 +70,62 @@ def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: floa
         "samples_per_step": cfg["rl"]["prompts_per_step"] * cfg["rl"]["samples_per_prompt"],
         "best_step": summary.get("best_step"), "last_accuracy": summary.get("last_accuracy"),
         "config": config, "command": shlex.join(command), "run_dir": str(run_dir), "base_fingerprint": fingerprint,
+        "train_seconds": summary.get("train_seconds"), "curve": t2dist_curve(run_dir),
     }
+
+
+def t2dist_curve(run_dir: Path) -> list[dict]:
+    """The run's validation checks, each with the summed step seconds up to it (evaluations overlap the steps)."""
+    from t2dist.checkpoint import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
+    elapsed, t = {}, 0.0
+    for h in state["history"]:
+        t += h["step_s"]
+        elapsed[h["step"]] = t
+    return [{"step": e["step"], "train_seconds": round(elapsed[e["step"]], 1), "val_accuracy": e["accuracy"]}
+            for e in state["evals"]]
+
+
+def seconds_to(curve: list[dict], accuracy: float) -> float | None:
+    """Training seconds until the first validation check at or above ``accuracy`` (None: never)."""
+    return next((c["train_seconds"] for c in curve if c["val_accuracy"] >= accuracy - 1e-9), None)
+
+
+def trl_job(config: str, seed: int, overrides: list[str]) -> dict:
+    """bench/lora_vs_svf.py's TRL job with ``config``'s (and ``overrides``') model, task, budget and LoRA settings."""
+    from t2dist.config import load_config
+
+    cfg = load_config(config, [f"rl.seed={seed}", *overrides])
+    lora, rl = cfg.lora, cfg.rl
+    return {"runner": "trl", "kind": "lora", "model": cfg.model.path, "task": cfg.task.name, "seed": seed,
+            "steps": rl.steps, "prompts": rl.prompts_per_step, "samples": rl.samples_per_prompt, "lr": rl.lr,
+            "temperature": rl.temperature, "max_new_tokens": cfg.task.max_new_tokens, "lora_r": lora.r,
+            "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": lora.targets,
+            "threads": os.cpu_count(), "eval_tasks": [cfg.task.name], "eval_limit": cfg.eval.limit,
+            "val_limit": cfg.train.eval_limit, "val_every": cfg.train.eval_every, "eval_base": True}
+
+
+def trl_row(config: str, seed: int, overrides: list[str], command: list[str]) -> dict:
+    """Run TRL GRPO + peft LoRA (a subprocess) and make its row."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lora_vs_svf import run_job, wilson
+
+    job = trl_job(config, seed, overrides)
+    t0 = time.perf_counter()
+    res = run_job(job, lambda m: print(m, flush=True))
+    if res is None:
+        raise SystemExit(f"the TRL run of {config} seed {seed} failed (see above)")
+    wall = time.perf_counter() - t0
+    base, final = res["base_eval"][job["task"]], res["eval"][job["task"]]
+    (b_lo, b_hi), (f_lo, f_hi) = wilson(base["correct"], base["n"]), wilson(final["correct"], final["n"])
+    return {"model": job["model"], "task": job["task"], "method": f"TRL {res['trl']} GRPO, lora",
+            "device": f"{os.cpu_count()} CPU cores", "seed": seed, "base_accuracy": base["accuracy"],
+            "base_ci_low": b_lo, "base_ci_high": b_hi, "final_accuracy": final["accuracy"], "final_ci_low": f_lo,
+            "final_ci_high": f_hi, "n_test": final["n"], "wall_seconds": round(wall, 1), "steps": job["steps"],
+            "samples_per_step": job["prompts"] * job["samples"], "train_seconds": round(res["train_seconds"], 1),
+            "trainable": res["trainable"], "curve": res["curve"], "config": config, "command": shlex.join(command),
+            "run_dir": None, "base_fingerprint": None}
 
 
 def save_rows(path: Path, new: list[dict]) -> list[dict]:
@@ -89,6 +152,24 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_vs_trl(rows: list[dict]) -> str:
+    """For each TRL row: how long each t2dist run of the same model and task took to reach TRL's final
+    validation accuracy, against TRL's training seconds (validation checks only; evaluation time excluded)."""
+    lines = []
+    for trl in (r for r in rows if r["method"].startswith("TRL") and r.get("curve")):
+        target, trl_s = trl["curve"][-1]["val_accuracy"], trl["train_seconds"]
+        lines.append(f"TRL ({trl['model']}, {trl['task']}, seed {trl['seed']}): final validation accuracy "
+                     f"{100 * target:.1f}% after {trl_s / 60:.1f} min of training.")
+        for r in rows:
+            if r["method"].startswith("t2dist") and (r["model"], r["task"]) == (trl["model"], trl["task"]) and r.get("curve"):
+                t = seconds_to(r["curve"], target)
+                checks = ", ".join(f"{c['step']}: {100 * c['val_accuracy']:.1f}%" for c in r["curve"])
+                reached = (f"reached it after {t / 60:.1f} min ({t / trl_s:.2f}x TRL's)" if t is not None
+                           else "never reached it")
+                lines.append(f"- {r['method']}, seed {r['seed']}: {reached}; validation by step: {checks}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config")
@@ -100,6 +181,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wall", type=float, help="with --adopt: the run's measured wall seconds")
     ap.add_argument("--command", help="with --adopt: the exact command that ran (default: the one this script runs)")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown table from the JSON")
+    ap.add_argument("--trl", action="store_true", help="run TRL GRPOTrainer + peft LoRA with the config's settings")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = ap.parse_args(argv)
 
@@ -109,6 +191,12 @@ def main(argv=None) -> None:
             ap.error("--config is required unless --render")
         out = Path(args.out).resolve() / Path(args.config).stem
         for seed in args.seeds:
+            if args.trl:
+                cmd = ["python", "bench/real_models.py", "--trl", "--config", args.config, "--seeds", str(seed),
+                       *args.overrides]
+                new.append(trl_row(args.config, seed, args.overrides, cmd))
+                save_rows(args.json, new[-1:])
+                continue
             cmd = train_command(args.config, seed, out, args.overrides)
             if args.adopt:
                 if args.wall is None:
@@ -123,6 +211,9 @@ def main(argv=None) -> None:
             save_rows(args.json, new[-1:])
     rows = save_rows(args.json, new) if new else json.loads(args.json.read_text())["rows"]
     print(render(rows))  # the table of bench/results/<date>-real-models.md
+    vs = render_vs_trl(rows)
+    if vs:
+        print("\n" + vs)
 
 
 if __name__ == "__main__":

