@@ -192,8 +192,8 @@ def main(argv=None) -> None:
         out = Path(args.out).resolve() / Path(args.config).stem
         for seed in args.seeds:
             if args.trl:
-                cmd = ["python", "bench/real_models.py", "--trl", "--config", args.config, "--seeds", str(seed),
-                       *args.overrides]
+                cmd = ["python", "bench/real_models.py", "--trl", "--config", args.config, *args.overrides,
+                       "--seeds", str(seed)]  # overrides before --seeds, which would take them as seeds
                 new.append(trl_row(args.config, seed, args.overrides, cmd))
                 save_rows(args.json, new[-1:])
                 continue

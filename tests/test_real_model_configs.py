@@ -63,7 +63,7 @@ class Case:
 
 CASES = {
     "smollm2-arith": Case("smollm2", 90, 2),      # gate/up/down of all 30 layers
-    "smollm2-arc_easy": Case("smollm2", 30, 2),
+    "smollm2-arc_easy": Case("smollm2", 90, 2),    # every MLP matrix, as arith
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
     "gemma3-arc_easy": Case("gemma3", 18, 2),
 }
