@@ -109,7 +109,7 @@ def trl_job(config: str, seed: int, overrides: list[str]) -> dict:
 def trl_row(config: str, seed: int, overrides: list[str], command: list[str]) -> dict:
     """Run TRL GRPO + peft LoRA (a subprocess) and make its row."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from lora_vs_svf import run_job, wilson
+    from lora_vs_svf import run_job
 
     job = trl_job(config, seed, overrides)
     t0 = time.perf_counter()
@@ -118,11 +118,10 @@ def trl_row(config: str, seed: int, overrides: list[str], command: list[str]) ->
         raise SystemExit(f"the TRL run of {config} seed {seed} failed (see above)")
     wall = time.perf_counter() - t0
     base, final = res["base_eval"][job["task"]], res["eval"][job["task"]]
-    (b_lo, b_hi), (f_lo, f_hi) = wilson(base["correct"], base["n"]), wilson(final["correct"], final["n"])
     return {"model": job["model"], "task": job["task"], "method": f"TRL {res['trl']} GRPO, lora",
             "device": f"{os.cpu_count()} CPU cores", "seed": seed, "base_accuracy": base["accuracy"],
-            "base_ci_low": b_lo, "base_ci_high": b_hi, "final_accuracy": final["accuracy"], "final_ci_low": f_lo,
-            "final_ci_high": f_hi, "n_test": final["n"], "wall_seconds": round(wall, 1), "steps": job["steps"],
+            "base_ci_low": base["ci_low"], "base_ci_high": base["ci_high"], "final_accuracy": final["accuracy"],
+            "final_ci_low": final["ci_low"], "final_ci_high": final["ci_high"], "n_test": final["n"], "wall_seconds": round(wall, 1), "steps": job["steps"],
             "samples_per_step": job["prompts"] * job["samples"], "train_seconds": round(res["train_seconds"], 1),
             "trainable": res["trainable"], "curve": res["curve"], "config": config, "command": shlex.join(command),
             "run_dir": None, "base_fingerprint": None}
