@@ -241,13 +241,15 @@ class LearnerWorker:
         """
         t0 = time.perf_counter()
         micro = _micro_batches(batch, advantages, self.grad_accum)
-        epochs = self.engine.module.rl_cfg.update_epochs
+        module = self.engine.module
+        epochs = module.rl_cfg.update_epochs
         old = [None] * len(micro)
         if epochs > 1:  # PPO: log-probs of the behaviour policy (z before this batch's updates)
             with torch.no_grad():
-                old = [behaviour_logprobs(self.engine.module.svf, self.engine.module.as_dict(), mb, pad_id=self.engine.module.pad_id)
+                old = [behaviour_logprobs(module.svf, module.as_dict(), mb, pad_id=module.pad_id,
+                                          share_prefix=module.rl_cfg.shared_prefix)
                        for mb, _ in micro]
-        with_kl = kl_wanted(self.engine.module.rl_cfg, int(self.engine.global_steps) // epochs + 1)  # 1-based RL step
+        with_kl = kl_wanted(module.rl_cfg, int(self.engine.global_steps) // epochs + 1)  # 1-based RL step
         for _ in range(epochs):
             out = self._update(micro, old, normalizer, with_kl)
         self._z = self._gather_z()

@@ -196,3 +196,37 @@ def test_mixing_global_and_per_matrix():
         assert torch.allclose(mixed[n], alpha[0, t] * za[n] + alpha[1, t] * zb[n])
     with pytest.raises(ValueError, match="shape"):
         mix_z([za, zb], [1.0])
+
+
+def test_bf16_delta_is_close_to_float64_svd_and_neutral_stays_exact():
+    """``svf.delta_dtype=bfloat16``: U, V and the change in bf16, W' = W + change in float32.  The change is
+    within bf16's rounding of the float64 one; at neutral z it is exactly zero, so the base stays bit-exact."""
+    model = tiny_model()
+    base = model(input_ids=IDS).logits
+    name = "model.layers.1.mlp.down_proj"
+    W = model.get_submodule(name).weight.detach().double().numpy().copy()
+    svf, _ = SVFModel.from_pretrained_model(model, delta_dtype=torch.bfloat16)
+    assert svf.factors[name].U.dtype == torch.bfloat16 and svf.factors[name].S.dtype == torch.float32
+    assert torch.equal(svf(svf.neutral_z(), input_ids=IDS).logits, base)
+    z = random_z(svf)
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)
+    change = U @ np.diag(S * z[name].double().numpy() - S) @ Vt
+    got = svf.delta(name, z)
+    assert got.dtype == torch.float32
+    err = np.abs(got.double().numpy() - change).max() / np.abs(change).max()
+    assert 1e-6 < err < 2e-2  # bf16 rounding (8 bits of mantissa), not float32's
+    svf.merge_(z)
+    assert (model(input_ids=IDS).logits - svf(z, input_ids=IDS).logits).abs().max() <= 1e-5
+    svf.unmerge_()
+    assert torch.equal(model(input_ids=IDS).logits, base)
+
+
+def test_delta_dtype_config_key():
+    from t2dist.config import ConfigError, load_config
+    from t2dist.svf.model import resolve_delta_dtype
+
+    model = tiny_model()
+    assert resolve_delta_dtype("auto", model) is None  # float32 on CPU
+    assert resolve_delta_dtype("bfloat16", model) is torch.bfloat16
+    with pytest.raises(ConfigError, match="svf.delta_dtype"):
+        load_config(None, ["svf.delta_dtype=float8"])

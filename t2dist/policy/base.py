@@ -22,7 +22,7 @@ its ``merge_``/``merged_model`` raise ``NotImplementedError``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ class Policy(Protocol):
         """The learning path: the HF model's output with ``z`` substituted, differentiable in ``z``."""
 
     def __call__(self, z: Mapping[str, torch.Tensor], **inputs) -> Any: ...
+
+    def bind(self, z: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+        """``forward`` with ``z`` fixed, for several model calls inside one backward pass (the learner's
+        shared-prefix forward calls the model for the prompts, then for the completions on their KV
+        cache): what depends on ``z`` alone (SVF's adapted weights) is computed once for all calls."""
 
     def delta(self, target: str, z: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The weight change ``W' − W`` that ``z`` makes to ``target`` (compute dtype)."""

@@ -233,6 +233,10 @@ class LoRAModel:
 
     __call__ = forward
 
+    def bind(self, z: Mapping[str, torch.Tensor]):
+        """``forward`` with ``z`` fixed (nothing to precompute: the adapters are applied per call)."""
+        return lambda **inputs: self.forward(z, **inputs)
+
     @torch.no_grad()
     def load_(self, z: Mapping[str, torch.Tensor]) -> None:
         for n in self.names:

@@ -52,7 +52,7 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             max_new_tokens=cfg.task.max_new_tokens, seed=step_seed(rl.seed, step),
         )
         t1 = time.perf_counter()
-        old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id) if rl.update_epochs > 1 else None
+        old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id, share_prefix=rl.shared_prefix) if rl.update_epochs > 1 else None
         for _ in range(rl.update_epochs):
             opt.zero_grad(set_to_none=True)
             loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id, old_logp=old_logp,

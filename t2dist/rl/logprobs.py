@@ -1,4 +1,16 @@
-"""Per-token log-probabilities of sampled completions under a model."""
+"""Per-token log-probabilities of sampled completions under a model.
+
+Two ways to the same numbers (equal to float tolerance, gradients included):
+
+* packed (:func:`completion_logprobs` with ``share_prefix=False``): one forward over
+  ``prompt + completion`` for every sequence;
+* shared prefix (``share_prefix=True``, the RL learner's default, ``rl.shared_prefix``): every
+  *distinct* prompt runs once with ``use_cache``, its KV cache is indexed out to its samples
+  (differentiably: the gradient of every sample flows back into the prompt's keys and values),
+  and only the completion tokens run on top of it.  With GRPO's groups of samples per prompt this
+  is most of the learner's work saved: SmolLM2 arith (8 prompts × 4 samples, a ~43-token chat
+  prompt, ~10 completion tokens) goes from ~1,700 token positions a step to ~660.
+"""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -14,13 +26,7 @@ def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[
     Returns ``input_ids (B, L)``, ``attention_mask (B, L)``, ``starts`` (index of each
     completion's first token) and ``lengths`` (completion lengths).
     """
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        att[i, : len(s)] = 1
+    ids, att = _right_pad([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)], pad_id)
     starts = torch.tensor([len(p) for p in prompt_ids])
     lengths = torch.tensor([len(c) for c in completion_ids])
     return ids.to(device), att.to(device), starts, lengths
@@ -33,8 +39,14 @@ def completion_logprobs(
     pad_id: int,
     device=None,
     with_entropy: bool = False,
+    share_prefix: bool = False,
 ):
     """Log-probabilities ``(B, T)`` of each completion token, its mask, and optionally the entropy.
+
+    ``share_prefix``: run each distinct prompt once and the completions on its KV cache
+    (:func:`shared_prefix_logits`); ``forward`` is then called twice and must accept
+    ``use_cache``, ``past_key_values`` and ``position_ids`` as a Hugging Face causal LM does.
+    Otherwise (packed):
 
     Only the logits that predict completion tokens are computed (``logits_to_keep``: the
     positions from the shortest prompt's end on) and go through ``log_softmax``.  The LM head of a
@@ -42,6 +54,9 @@ def completion_logprobs(
     completion tokens is 5x the work of the kept positions, more than all 30 layers below it.
     A model whose forward ignores ``logits_to_keep`` returns every position; both work.
     """
+    if share_prefix:
+        logits, targets, mask = shared_prefix_logits(forward, prompt_ids, completion_ids, pad_id, device)
+        return _token_logprobs(logits, targets, mask, with_entropy)
     ids, att, starts, lengths = pack(prompt_ids, completion_ids, pad_id, device)
     L = ids.shape[1]
     keep = L - int(starts.min()) + 1 if len(starts) else L  # logits from position min(start) - 1 on
@@ -55,12 +70,64 @@ def completion_logprobs(
     mask = (offs.unsqueeze(0) < lengths.unsqueeze(1)).to(ids.device)
     pos = pos.to(ids.device)
     rows = torch.arange(B, device=ids.device).unsqueeze(1)
-    sel = logits[rows, pos - first].float()  # (B, T, V)
-    logsm = torch.log_softmax(sel, dim=-1)
+    sel = logits[rows, pos - first]  # (B, T, V)
     tgt_pos = (starts.unsqueeze(1) + offs.unsqueeze(0)).clamp(max=ids.shape[1] - 1).to(ids.device)
-    targets = ids[rows, tgt_pos]
+    return _token_logprobs(sel, ids[rows, tgt_pos], mask, with_entropy)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, with_entropy: bool):
+    """``log p(target)`` per position of ``(B, T, V)`` logits (zero where ``mask`` is 0), and the entropy."""
+    logsm = torch.log_softmax(logits.float(), dim=-1)
     logp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
     if not with_entropy:
         return logp, mask
     entropy = -(logsm.exp() * logsm).sum(-1) * mask
     return logp, mask, entropy
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int):
+    """``ids (B, L)`` right-padded with ``pad_id`` and the ``attention_mask`` (1 on real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        att[i, : len(s)] = 1
+    return ids, att
+
+
+def shared_prefix_logits(forward: Forward, prompt_ids: Sequence[Sequence[int]],
+                         completion_ids: Sequence[Sequence[int]], pad_id: int, device=None):
+    """The ``(B, T, V)`` logits that predict each completion token, each distinct prompt computed once.
+
+    Pass 1 runs the distinct prompts *left*-padded with ``use_cache`` and explicit
+    ``position_ids`` (so every prompt ends at the same cache index and the distance between two
+    real tokens is the same as in the packed forward: sliding-window layers see the same
+    tokens); its last logits predict completion token 0.  Its cache is then indexed out to the B
+    rows (``Cache.batch_select_indices``: plain tensor indexing, so differentiable) and pass 2
+    runs the completions on it, each row's positions continuing after its own prompt.  Pass 2
+    feeds all but the last completion token (whose logits would predict nothing), except when
+    every completion is one token long: then it feeds that token, so the number of model calls
+    never depends on the data (the sharded learner's ranks run collectives in every call).
+    Returns ``logits, targets (B, T), mask (B, T)``.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    rows = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids])
+    p_ids, p_att = _right_pad([p[::-1] for p in index], pad_id)
+    p_ids, p_att = p_ids.flip(1), p_att.flip(1)  # left-padded
+    p_len = p_att.sum(1)
+    p_pos = (p_att.cumsum(1) - 1).clamp(min=0)
+    out = forward(input_ids=p_ids.to(device), attention_mask=p_att.to(device), position_ids=p_pos.to(device),
+                  logits_to_keep=1, use_cache=True)
+    head = out.logits[:, -1]  # (U, V): after each prompt's last token
+    cache = out.past_key_values
+    cache.batch_select_indices(rows.to(head.device))
+    targets, mask = _right_pad(completion_ids, pad_id)
+    T = targets.shape[1]
+    fed = targets[:, : max(T - 1, 1)]
+    att = torch.cat([p_att[rows], mask[:, : fed.shape[1]]], dim=1)
+    pos = p_len[rows].unsqueeze(1) + torch.arange(fed.shape[1]).unsqueeze(0)
+    out2 = forward(input_ids=fed.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
+                   past_key_values=cache, use_cache=True)
+    logits = torch.cat([head[rows.to(head.device)].unsqueeze(1), out2.logits[:, : T - 1]], dim=1)
+    return logits, targets.to(logits.device), mask.bool().to(logits.device)

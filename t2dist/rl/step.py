@@ -43,14 +43,15 @@ def rl_loss(
         advantages = compute_advantages(batch.rewards, cfg.advantage)
     adv = advantages.reshape(-1)
     device = next(svf.model.parameters()).device  # every policy kind keeps its tensors with the model
+    share = cfg.shared_prefix
     logp, mask, entropy = completion_logprobs(
-        lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True
+        svf.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True, share_prefix=share
     )
     ref_logp = None
     if with_kl or cfg.beta > 0:
         with torch.no_grad():
-            neutral = svf.neutral_z()
-            ref_logp, _ = completion_logprobs(lambda **kw: svf(neutral, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
+            ref_logp, _ = completion_logprobs(svf.bind(svf.neutral_z()), batch.prompt_ids, batch.completion_ids,
+                                              pad_id, device, share_prefix=share)
     loss, stats = policy_loss(
         logp, mask, adv.to(device), ref_logp=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
         agg=cfg.loss_agg, normalizer=normalizer, old_logp=old_logp,
@@ -63,8 +64,10 @@ def rl_loss(
 
 
 @torch.no_grad()
-def behaviour_logprobs(svf: Policy, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int) -> torch.Tensor:
+def behaviour_logprobs(svf: Policy, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int,
+                       share_prefix: bool = False) -> torch.Tensor:
     """Per-token log-probs of the batch under ``z`` before any update (PPO's ``old_logp``)."""
     device = next(svf.model.parameters()).device  # every policy kind keeps its tensors with the model
-    logp, _ = completion_logprobs(lambda **kw: svf(z, **kw), batch.prompt_ids, batch.completion_ids, pad_id, device)
+    logp, _ = completion_logprobs(svf.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device,
+                                  share_prefix=share_prefix)
     return logp

@@ -85,6 +85,13 @@ class SVFKind:
         check_z_shapes(z, self.z_shapes())
 
 
+def resolve_delta_dtype(name: str, model: nn.Module) -> torch.dtype | None:
+    """``svf.delta_dtype`` as a dtype for ``model`` (None: the compute dtype); auto is bfloat16 on a GPU."""
+    if name == "auto":
+        return torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
+    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+
+
 class SVFModel(SVFKind):
     """A base model with the SVF factors of its target matrices (the ``svf`` policy kind).
 
@@ -101,6 +108,7 @@ class SVFModel(SVFKind):
         fingerprint: str,
         rank: int | None = None,
         target_spec: str = "",
+        delta_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.parametrization = parametrization
@@ -112,6 +120,10 @@ class SVFModel(SVFKind):
         # factors and deltas are computed in float32 (float64 for a float64 model, e.g. gradcheck)
         self.compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.factors = {n: f.to(device=first.device, dtype=self.compute_dtype) for n, f in factors.items()}
+        # the change U diag(S' - S) V^T may be built in a cheaper dtype (svf.delta_dtype); S, z and W' stay as they are
+        self.delta_dtype = delta_dtype or self.compute_dtype
+        if self.delta_dtype != self.compute_dtype:
+            self.factors = {n: Factors(f.U.to(self.delta_dtype), f.S, f.V.to(self.delta_dtype)) for n, f in self.factors.items()}
         for p in model.parameters():
             p.requires_grad_(False)
         self._base: dict[str, torch.Tensor] = {}  # copies of the original W, made on first merge_
@@ -128,12 +140,14 @@ class SVFModel(SVFKind):
         parametrization: Parametrization = Parametrization(),
         cache_dir: str | None = None,
         model_name: str = "",
+        delta_dtype: torch.dtype | None = None,
     ) -> tuple["SVFModel", bool]:
         """Select targets, then load factors from the cache or decompose. Returns ``(svf, cache_hit)``."""
         names = select_targets(model, targets)
         fp = model_fingerprint(model)
         factors, hit = get_factors(model, names, rank, cache_dir, model_fingerprint=fp, model_name=model_name)
-        return cls(model, factors, parametrization, fingerprint=fp, rank=rank, target_spec=targets), hit
+        return cls(model, factors, parametrization, fingerprint=fp, rank=rank, target_spec=targets,
+                   delta_dtype=delta_dtype), hit
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg, verbose: bool = False) -> "SVFModel":
@@ -141,7 +155,7 @@ class SVFModel(SVFKind):
         t0 = time.perf_counter()
         svf, hit = cls.from_pretrained_model(
             model, targets=cfg.svf.targets, rank=cfg.svf.rank, parametrization=cls.parametrization_from_config(cfg),
-            cache_dir=cfg.svf.cache_dir, model_name=cfg.model.path,
+            cache_dir=cfg.svf.cache_dir, model_name=cfg.model.path, delta_dtype=resolve_delta_dtype(cfg.svf.delta_dtype, model),
         )
         if verbose:
             how = "loaded from cache" if hit else ("computed and cached" if cfg.svf.cache_dir else "computed")
@@ -167,7 +181,7 @@ class SVFModel(SVFKind):
         """``U diag(S' − S) Vᵀ`` of target ``name`` in the compute dtype (differentiable in ``z[name]``)."""
         f = self.factors[name]
         d = self.parametrization.singular_values(f.S, z[name].to(f.S.device, self.compute_dtype)) - f.S
-        return (f.U * d) @ f.V.T
+        return ((f.U * d.to(f.U.dtype)) @ f.V.T).to(self.compute_dtype)
 
     def base_weight(self, name: str) -> torch.Tensor:
         return self._base[name] if name in self._base else self.model.get_submodule(name).weight
@@ -185,6 +199,12 @@ class SVFModel(SVFKind):
         return functional_call(self.model, self.adapted_weights(z), args=(), kwargs=inputs, strict=False)
 
     __call__ = forward
+
+    def bind(self, z: Mapping[str, torch.Tensor]):
+        """``forward`` with ``z`` fixed; ``W'(z)`` is built once, however often the result is called
+        (90 SmolLM2 MLP matrices are ~90 GFLOP to rebuild, more than a shared-prefix pass)."""
+        weights = self.adapted_weights(z)
+        return lambda **inputs: functional_call(self.model, weights, args=(), kwargs=inputs, strict=False)
 
     @torch.no_grad()
     def merge_(self, z: Mapping[str, torch.Tensor], version: object = True) -> None:

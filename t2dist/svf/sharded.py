@@ -337,6 +337,10 @@ class ShardedSVF(SVFKind):
 
     __call__ = forward
 
+    def bind(self, z: Mapping[str, torch.Tensor]):
+        """``forward`` with ``z`` fixed; each call announces its own token count to the other ranks."""
+        return lambda **inputs: self.forward(z, **inputs)
+
     def merge_(self, *a, **k):
         raise NotImplementedError("a sharded learner model never generates; rollout actors hold a full SVFModel")
 
