@@ -5,5 +5,6 @@ from t2dist.tasks import synthetic  # noqa: F401,E402  (registers the synthetic 
 from t2dist.tasks import benchmarks  # noqa: F401,E402  (gsm8k, mbpp, humaneval, hendrycks_math, arc_*)
 from t2dist.tasks import adaptation  # noqa: F401,E402  (caps, dispatch, mixed: the self-adaptation stage)
 from t2dist.tasks import arith  # noqa: F401,E402  (arith, arith_hard: multi-digit arithmetic for real models)
+from t2dist.tasks import arc_text  # noqa: F401,E402  (arc_easy_text: ARC-Easy answered with the option text)
 
 __all__ = ["SPLITS", "TASKS", "Example", "Task", "Verdict", "get_task", "register_task"]

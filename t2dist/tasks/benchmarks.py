@@ -95,14 +95,18 @@ class BenchmarkTask(Task):
     def fractions(self) -> dict[str, float]:
         return TRANSFER_FRACTIONS if self.transfer else TRAIN_FRACTIONS
 
+    #: the task whose records and splits this one shares (another prompt format of the same data)
+    records_of: ClassVar[str | None] = None
+
     @cached_property
     def _loaded(self) -> tuple[dict[str, list[Example]], str]:
-        records, where = load_records(self.name, self.source, type(self).to_record, self.data_file)
+        name = self.records_of or self.name
+        records, where = load_records(name, self.source, type(self).to_record, self.data_file)
         splits: dict[str, list[Example]] = {s: [] for s in ("train", "validation", "test")}
         for rec in sorted(records, key=lambda r: str(r["id"])):
             ex = self.to_example(rec)
             ex.meta["id"] = rec["id"]
-            splits[split_of(self.name, str(rec["id"]), self.fractions)].append(ex)
+            splits[split_of(name, str(rec["id"]), self.fractions)].append(ex)
         return splits, where
 
     @property
