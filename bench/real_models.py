@@ -3,6 +3,7 @@
     python bench/real_models.py --config configs/smollm2-arith.yaml --seeds 0 1 2
     python bench/real_models.py --config configs/smollm2-arith.yaml --seeds 0 --adopt /work/runs/s0 --wall 1234
     python bench/real_models.py --render                       # the markdown table from the JSON only
+    python bench/real_models.py --test-curve --config configs/smollm2-arith.yaml --seeds 0 2   # checkpoints on test
     python bench/real_models.py --trl --config configs/smollm2-arith-lora.yaml --seeds 1   # TRL's row
 
 Each run is the exact command recorded in its row (a subprocess, one after another, so every run
@@ -87,6 +88,35 @@ def t2dist_curve(run_dir: Path) -> list[dict]:
             for e in state["evals"]]
 
 
+def test_curve(run_dir: Path) -> list[dict]:
+    """Every kept checkpoint's z scored on the run's test problems (greedy, ``eval.limit`` of them), with
+    the summed step seconds up to it: the test-set counterpart of the validation curve, in one process.
+    The run must keep its checkpoints (``train.checkpoint_every`` = ``train.eval_every``,
+    ``train.keep_checkpoints`` >= the number of checks)."""
+    from t2dist.checkpoint import latest_checkpoint, load_checkpoint
+    from t2dist.config import load_config
+    from t2dist.evaluation import evaluate
+    from t2dist.runtime import load_policy
+    from t2dist.tasks import get_task
+
+    cfg = load_config(run_dir / "config.json")
+    policy, tok = load_policy(cfg)
+    task = get_task(cfg.task.name)
+    history = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["history"]
+    elapsed = {h["step"]: sum(g["step_s"] for g in history if g["step"] <= h["step"]) for h in history}
+    out = []
+    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+        z, state = load_checkpoint(ckpt)
+        policy.merge_(z)
+        res = evaluate(policy.model, tok, task, split=cfg.eval.split, limit=cfg.eval.limit,
+                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.task.max_new_tokens)
+        policy.unmerge_()
+        out.append({"step": state["step"], "train_seconds": round(elapsed[state["step"]], 1),
+                    "test_accuracy": res.accuracy})
+        print(f"  {run_dir.name} step {state['step']}: test {100 * res.accuracy:.1f}%", flush=True)
+    return out
+
+
 def seconds_to(curve: list[dict], accuracy: float) -> float | None:
     """Training seconds until the first validation check at or above ``accuracy`` (None: never)."""
     return next((c["train_seconds"] for c in curve if c["val_accuracy"] >= accuracy - 1e-9), None)
@@ -166,6 +196,17 @@ def render_vs_trl(rows: list[dict]) -> str:
                 reached = (f"reached it after {t / 60:.1f} min ({t / trl_s:.2f}x TRL's)" if t is not None
                            else "never reached it")
                 lines.append(f"- {r['method']}, seed {r['seed']}: {reached}; validation by step: {checks}")
+        tested = [r for r in rows if r.get("test_curve") and (r["model"], r["task"]) == (trl["model"], trl["task"])]
+        if tested:
+            target = trl["final_accuracy"]
+            lines.append(f"TRL's final test accuracy {100 * target:.1f}% (n={trl['n_test']}), against t2dist's checkpoints on "
+                         "the same test problems:")
+        for r in tested:
+            hit = next((c["train_seconds"] for c in r["test_curve"] if c["test_accuracy"] >= target - 1e-9), None)
+            checks = ", ".join(f"{c['step']}: {100 * c['test_accuracy']:.1f}%" for c in r["test_curve"])
+            reached = (f"reached it after {hit / 60:.1f} min ({hit / trl_s:.2f}x TRL's)" if hit is not None
+                       else "never reached it")
+            lines.append(f"- {r['method']}, seed {r['seed']}: {reached}; test by step: {checks}")
     return "\n".join(lines)
 
 
@@ -181,11 +222,19 @@ def main(argv=None) -> None:
     ap.add_argument("--command", help="with --adopt: the exact command that ran (default: the one this script runs)")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown table from the JSON")
     ap.add_argument("--trl", action="store_true", help="run TRL GRPOTrainer + peft LoRA with the config's settings")
+    ap.add_argument("--test-curve", action="store_true",
+                    help="score the kept checkpoints of the config's recorded seeds on the test problems")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = ap.parse_args(argv)
 
     new = []
-    if not args.render:
+    if args.test_curve:
+        rows = json.loads(args.json.read_text())["rows"]
+        for r in rows:
+            if r["config"] == args.config and r["seed"] in args.seeds and r.get("run_dir"):
+                r["test_curve"] = test_curve(Path(r["run_dir"]))
+                new.append(r)
+    elif not args.render:
         if not args.config:
             ap.error("--config is required unless --render")
         out = Path(args.out).resolve() / Path(args.config).stem
