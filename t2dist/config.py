@@ -102,7 +102,7 @@ class RLConfig(Section):
     seed: int = 0
     shared_prefix: bool = Field(
         True, description="learner forward: each distinct prompt once, its KV cache shared by its samples "
-                          "(t2dist/rl/logprobs.py; same numbers as one packed forward, ~2.5x fewer token positions "
+                          "(t2dist/rl/logprobs.py; same numbers as one packed forward, ~2.8x fewer token positions "
                           "on SmolLM2 arith); false: prompt + completion of every sample in one forward")
     behaviour_correction: Literal["none", "tis"] = Field(
         "none", description="tis: weight each token's policy gradient by the truncated importance ratio "

@@ -32,6 +32,10 @@ def rl_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss of ``z`` on ``batch`` with the KL to the neutral model.
 
+    With ``cfg.shared_prefix`` each distinct prompt of the batch runs once and its samples' completions
+    run on its KV cache (:func:`t2dist.rl.logprobs.shared_prefix_logits`; the same numbers as the
+    packed forward, ~2.8x fewer token positions on SmolLM2 arith); ``svf.bind`` builds what depends on
+    ``z`` once for both of its passes.
     The reference log-probs come from the same model at neutral ``z`` (no second copy); that
     forward is skipped when ``with_kl`` is false and ``cfg.beta`` is 0 (``stats`` has no ``kl`` then).
     ``advantages`` may be passed in when the batch is a shard of a larger one whose
