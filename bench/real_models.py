@@ -173,11 +173,12 @@ def render(rows: list[dict]) -> str:
              "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         gain = 100 * (r["final_accuracy"] - r["base_accuracy"])
+        wall = "—" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.1f} min"  # None: see the row's note
         lines.append(
             f"| {r['model']} | {r['task']} | {r['method']} | {r['seed']} | {100 * r['base_accuracy']:.1f}% "
             f"[{100 * r['base_ci_low']:.1f}–{100 * r['base_ci_high']:.1f}] | {100 * r['final_accuracy']:.1f}% "
             f"[{100 * r['final_ci_low']:.1f}–{100 * r['final_ci_high']:.1f}] | {gain:+.1f} | {r['n_test']} | "
-            f"{r['steps']} | {r['wall_seconds'] / 60:.1f} min |")
+            f"{r['steps']} | {wall} |")
     return "\n".join(lines)
 
 
