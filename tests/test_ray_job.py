@@ -40,17 +40,18 @@ def test_ray_job_submit_runs_the_driver_on_a_head_node(tmp_path):
     try:
         def submit(*overrides):
             # `ray start` returns before the node's job agent is up; under load the first submissions
-            # are refused with "No available agent to submit job" (HTTP 500): the job never started
-            for _attempt in range(30):
+            # are refused with "No available agent to submit job" (HTTP 500): the job never started.
+            # Retry for up to 5 minutes (30 tries were not enough on 2 cores shared with a training run)
+            deadline = time.monotonic() + 300
+            while True:
                 job = subprocess.run(
                     [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
                      "--", "t2dist", "train", "--config", "configs/demo.yaml", "rl.steps=3", "rl.prompts_per_step=8",
                      "rl.samples_per_prompt=4", "eval.limit=40", "train.eval_limit=40", *overrides, "--quiet"],
                     env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-                if "No available agent" not in job.stdout + job.stderr:
+                if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
                     return job
                 time.sleep(2)
-            return job
 
         # relative outputs would land in Ray's temporary copy of --working-dir: refused before any actor starts
         job = submit("run_dir=runs/lost", "registry.url=registry")
