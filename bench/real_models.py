@@ -80,12 +80,18 @@ def t2dist_curve(run_dir: Path) -> list[dict]:
     from t2dist.checkpoint import latest_checkpoint
 
     state = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
-    elapsed, t = {}, 0.0
-    for h in state["history"]:
-        t += h["step_s"]
-        elapsed[h["step"]] = t
+    elapsed = step_seconds(state["history"])
     return [{"step": e["step"], "train_seconds": round(elapsed[e["step"]], 1), "val_accuracy": e["accuracy"]}
             for e in state["evals"]]
+
+
+def step_seconds(history: list[dict]) -> dict[int, float]:
+    """``{step: summed step seconds up to and including it}`` from a run state's per-step history."""
+    elapsed, t = {}, 0.0
+    for h in history:
+        t += h["step_s"]
+        elapsed[h["step"]] = t
+    return elapsed
 
 
 def test_curve(run_dir: Path) -> list[dict]:
@@ -103,7 +109,7 @@ def test_curve(run_dir: Path) -> list[dict]:
     policy, tok = load_policy(cfg)
     task = get_task(cfg.task.name)
     history = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["history"]
-    elapsed = {h["step"]: sum(g["step_s"] for g in history if g["step"] <= h["step"]) for h in history}
+    elapsed = step_seconds(history)
     out = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
         z, state = load_checkpoint(ckpt)
