@@ -155,8 +155,9 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
                 t0 = time.perf_counter()
                 cem = run_fewshot(tp, cfg, task, log=None)
                 t1 = time.perf_counter()
-                a = tp.answer_with(("mixture", col), tp.mixed_z(cem.alpha), [task.format_prompt(e) for e in exs[col]],
-                                   task.max_new_tokens, task.stop)
+                a = tp.answer_with(("mixture", col), tp.mixed_z(cem.alpha),
+                                   [task.prompt_for(e, tp.tokenizer) for e in exs[col]],
+                                   settings=[task.generation_for(e) for e in exs[col]])
                 t2 = time.perf_counter()
                 ok = [v.correct for v in task.verify_batch(a, exs[col])]
                 put(row, col, sum(ok), len(ok), first_pass_s=t1 - t0, second_pass_s=t2 - t1,
@@ -169,8 +170,8 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
                 first_pass_s=run.first_pass_s, second_pass_s=run.second_pass_s, merges=run.merges,
                 labels={c: run.labels.count(c) for c in sorted(set(run.labels))})
             log(f"{row} {col}: {run.accuracy:.3f} dispatch {run.dispatch_accuracy:.3f}")
-    # dispatch accuracy on the 4-way dispatch test set (incl. "other")
-    disp = get_task("dispatch", template=cfg.adapt.template)
+    # dispatch accuracy on the dispatch task's test set (the toy's is 4-way, incl. "other")
+    disp = get_task(cfg.adapt.dispatch_task, template=tp.template)
     dex = [e for e in disp.examples(split)][:limit]
     srcs = [Example(e.meta["source_task"], e.meta["source_prompt"], "", {}) for e in dex]
     extra = {}
@@ -185,8 +186,11 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
 
 def format_table(res: dict, columns: Sequence[str], dispatch4: dict, n4: int, cfg: Config) -> str:
     c = cfg.adapt.cem
-    lines = [f"# Self-adaptation on the synthetic suite ({_dt.date.today().isoformat()})", "",
-             f"Toy base `{cfg.model.path}`; accuracy on the test split (greedy) with 95% Wilson intervals. "
+    toy = cfg.adapt.dispatch_task == "dispatch"
+    where = "the synthetic suite" if toy else f"`{cfg.model.path}`"
+    lines = [f"# Self-adaptation on {where} ({_dt.date.today().isoformat()})", "",
+             f"{'Toy base' if toy else 'Base'} `{cfg.model.path}`; accuracy on the test split (greedy) with 95% "
+             f"Wilson intervals. "
              f"Few-shot: CEM, population {c.population}, elites {c.elite_frac}, ≤{c.iterations} iterations "
              f"(patience {c.patience}), {c.shots} shots from {c.shots_split}, init std {c.init_std}, "
              f"{'per-matrix' if c.per_matrix else 'per-expert'} α, single experts "
@@ -197,8 +201,9 @@ def format_table(res: dict, columns: Sequence[str], dispatch4: dict, n4: int, cf
         lines.append(f"| {row} | " + " | ".join(_cell(cols[k]["correct"], cols[k]["n"]) if k in cols else "–"
                                                  for k in columns) + " |")
     lines += ["", "First pass (dispatch, or the CEM search for Few-shot):", "",
-              "| method | " + " | ".join(f"{k} dispatch acc" for k in columns) + " | 4-way dispatch acc (incl. other, n="
-              f"{n4}) | " + " | ".join(f"{k} first/second pass time" for k in columns) + " |",
+              "| method | " + " | ".join(f"{k} dispatch acc" for k in columns)
+              + (" | 4-way dispatch acc (incl. other, n=" if toy else f" | {cfg.adapt.dispatch_task} acc (n=")
+              + f"{n4}) | " + " | ".join(f"{k} first/second pass time" for k in columns) + " |",
               "|---|" + "---|" * (2 * len(columns) + 1)]
     for row in ("Prompt", "Cls-expert", "Few-shot"):
         if row not in res:

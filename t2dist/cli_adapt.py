@@ -9,7 +9,7 @@ from t2dist.atomic import atomic_write_text
 
 COMMANDS = {
     "adapt": "two-pass inference with registry experts: dispatch by prompt or classifier expert, or few-shot CEM mixing",
-    "adapt-table": "write the markdown table Base / single experts / Prompt / Cls-expert / Few-shot on the synthetic suite",
+    "adapt-table": "write the markdown table Base / single experts / Prompt / Cls-expert / Few-shot (the toy suite, or a real model's)",
 }
 REGISTRY_HELP = "registry URL or directory (default $T2DIST_REGISTRY or ./registry); experts may also be directories"
 
@@ -60,6 +60,7 @@ def cmd_adapt(args) -> int:
     from t2dist.adapt.strategies import AdaptError
     from t2dist.adapt_driver import publish_mixture, run_fewshot, setup
     from t2dist.tasks import get_task
+    from t2dist.tasks.base import apply_chat_template
 
     cfg, refs, cls_ref = _cfg(args)
     strategy = cfg.adapt.strategy
@@ -80,14 +81,16 @@ def cmd_adapt(args) -> int:
     if args.prompt is not None:
         prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
         max_new = task.max_new_tokens if task else 16
+        # the second pass sees the prompt as the task (or the dispatch question) meets the chat template
+        answer_prompt = apply_chat_template(prompt, tp.tokenizer, task.chat if task else tp.chat)
         if strategy == "fewshot":
             cem = run_fewshot(tp, cfg, task, log=lambda m: print(m, file=sys.stderr))
             label = "mixture"
-            text = tp.answer_with("mixture", tp.mixed_z(cem.alpha), [prompt], max_new)[0]
+            text = tp.answer_with("mixture", tp.mixed_z(cem.alpha), [answer_prompt], max_new)[0]
             out["alpha"] = cem.alpha.tolist()
         else:
             label = tp.classify([prompt], strategy)[0]
-            text = tp.answer([prompt], [label], max_new)[0]
+            text = tp.answer([answer_prompt], [label], max_new)[0]
         print(f"[{label}] {text}")
         out.update(prompt=prompt, label=label, completion=text)
     else:
@@ -100,8 +103,9 @@ def cmd_adapt(args) -> int:
             settings = cem_settings(cfg)
             if cfg.adapt.actors > 0:
                 cem = run_fewshot(tp, cfg, task, settings, log=lambda m: print(m, file=sys.stderr))
-                prompts = [task.format_prompt(e) for e in exs]
-                texts = tp.answer_with("mixture", tp.mixed_z(cem.alpha), prompts, task.max_new_tokens, task.stop)
+                prompts = [task.prompt_for(e, tp.tokenizer) for e in exs]
+                texts = tp.answer_with("mixture", tp.mixed_z(cem.alpha), prompts,
+                                       settings=[task.generation_for(e) for e in exs])
                 ok = [v.correct for v in task.verify_batch(texts, exs)]
                 from t2dist.adapt.strategies import AdaptRun
 

@@ -1,0 +1,146 @@
+"""The real-model two-pass: the word task, ``mixed_real`` / ``dispatch_real``, per-example generation
+settings and the first pass through a chat template (a recording engine, the toy SVF model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2dist.adapt.dispatch import parse_label
+from t2dist.adapt.strategies import TwoPass
+from t2dist.evaluation import generate_grouped
+from t2dist.experts import Expert, make_card
+from t2dist.generation import Completion
+from t2dist.svf.model import SVFModel
+from t2dist.tasks import get_task
+from t2dist.tasks.adaptation_real import REAL_SOURCES, REAL_TEMPLATE, REAL_TOKENS
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_toy():
+    """The toy SVF model and its tokenizer given a chat template (the toy tokenizer has none)."""
+    from t2dist.models import load_model
+
+    torch.set_num_threads(1)
+    model, tok = load_model("toy")
+    svf, _ = SVFModel.from_pretrained_model(model, targets="mlp", cache_dir=None, model_name="toy")
+    chat = type(tok).from_pretrained(tok.name_or_path)
+    chat.chat_template = TEMPLATE
+    chat.pad_token = chat.pad_token or chat.eos_token
+    return svf, chat
+
+
+# ----------------------------------------------------------------------------- the word task
+def test_alphabetical_answer_is_the_earlier_word_and_only_one_word_may_be_named():
+    task = get_task("alphabetical")
+    test, val, train = (task.examples(s) for s in ("test", "validation", "train"))
+    assert (len(test), len(val), len(train)) == (400, 200, 1500)
+    assert not {e.prompt for e in test} & {e.prompt for e in train + val}
+    for e in test:
+        a, b = e.meta["words"]
+        assert a[0] != b[0] and e.answer == sorted([a, b])[0] and f"{a} or {b}?" in e.prompt
+    e = next(x for x in test if x.answer == x.meta["words"][1])  # the right word is the second one
+    a, b = e.meta["words"]
+    assert task.verify(f" {b}", e).correct and task.verify(f"The answer is {b.upper()}.", e).correct
+    assert not task.verify(f" {a}", e).correct
+    assert task.verify(f" {a} or {b}", e).parsed is None  # both named: no answer, even with the right one in it
+    assert task.verify(f" {b}s", e).parsed is None  # a longer word is not the word
+    assert task.verify(f" xyz\n{b}", e).parsed is None  # only the first line counts
+    assert all(task.verify(task.reference_completion(x), x).correct for x in test)
+
+
+# ----------------------------------------------------------------------------- mixed_real / dispatch_real
+def test_mixed_real_writes_generates_and_scores_each_example_as_its_source_task(chat_toy):
+    _, tok = chat_toy
+    mixed = get_task("mixed_real")
+    exs = mixed.examples("test")
+    assert [e.task for e in exs[:3]] == list(REAL_SOURCES) and len(exs) == 3 * 400
+    for e in exs[:30]:
+        src = get_task(e.task)
+        assert mixed.prompt_for(e, tok) == src.prompt_for(e, tok) == f"<user>{src.format_prompt(e)}<assistant>"
+        assert mixed.generation_for(e) == (REAL_TOKENS[e.task], tuple(src.stop))
+    assert mixed.generation_for(exs[1])[0] == 1  # ARC-Easy: one letter, as its expert was trained
+    answers = [" " + e.answer for e in exs[:30]]
+    want = [get_task(e.task).verify(a, e).correct for a, e in zip(answers, exs[:30])]
+    assert [v.correct for v in mixed.verify_batch(answers, exs[:30])] == want and all(want)
+
+
+def test_dispatch_real_asks_about_the_users_text_and_reads_synonyms():
+    task = get_task("dispatch_real")
+    assert task.categories == ("math", "reasoning", "words", "other") and task.chat == "auto"
+    test = task.examples("test")
+    assert {e.answer for e in test} == {"math", "reasoning", "words"} and len(test) == 400 + 1150 + 400
+    for e in test[:20]:
+        src = get_task(e.meta["source_task"])
+        assert e.answer == REAL_SOURCES[src.name]
+        assert e.prompt == REAL_TEMPLATE.format(prompt=e.meta["source_prompt"])
+    assert not task.heldout_prompts() & {e.prompt for e in task.examples("train")}
+    arc = next(e for e in test if e.answer == "reasoning")
+    assert task.verify(" Science.", arc).correct and task.verify("This is a science question.", arc).correct
+    assert not task.verify(" math", arc).correct
+    words = next(e for e in test if e.answer == "words")
+    assert task.verify(" Words", words).correct and task.verify(" spelling", words).correct
+    assert parse_label(" science", ("math", "code", "reasoning", "other")) == "reasoning"
+
+
+def test_generate_grouped_calls_once_per_setting_and_keeps_the_order():
+    calls = []
+
+    def gen(ps, n, stop):
+        calls.append((list(ps), n, stop))
+        return [f"{p}/{n}" for p in ps]
+
+    settings = [(3, ("\n",)), (1, ("\n",)), (3, ("\n",)), (3, ()), (1, ("\n",))]
+    out = generate_grouped(gen, list("abcde"), settings)
+    assert out == ["a/3", "b/1", "c/3", "d/3", "e/1"]
+    assert sorted((tuple(p), n, s) for p, n, s in calls) == sorted(
+        [(("a", "c"), 3, ("\n",)), (("b", "e"), 1, ("\n",)), (("d",), 3, ())])
+
+
+# ----------------------------------------------------------------------------- the two passes
+class RecordingEngine:
+    """Answers the dispatch question with the source's category and records every generate call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls: list[tuple[object, list[str], int]] = []
+        self.z = None
+
+    def set_z(self, z, key=None):
+        self.z = key
+
+    def unset_z(self):
+        self.z = None
+
+    def generate(self, prompts, *, temperature=0.0, max_new_tokens=32, stop=("\n",), **kw):
+        self.calls.append((self.z, list(prompts), max_new_tokens))
+        out = []
+        for i, p in enumerate(prompts):
+            if p.startswith("<user>Is this question"):
+                text = " Science" if "Question:" in p else " words" if "alphabetical" in p else " math"
+            else:
+                text = " x"
+            out.append(Completion(i, text, [], []))
+        return out
+
+
+def test_two_pass_asks_through_the_chat_template_and_answers_with_each_sources_limits(chat_toy):
+    svf, tok = chat_toy
+    experts = {c: Expert(z=svf.neutral_z(), card=make_card(svf, name=c, task=t, base_model="toy"))
+               for t, c in REAL_SOURCES.items()}
+    engine = RecordingEngine(tok)
+    tp = TwoPass(svf, tok, experts, template=REAL_TEMPLATE, engine=engine, chat="auto")
+    task = get_task("mixed_real")
+    exs = task.examples("test")[:9]
+    run = tp.run(task, exs, "prompt")
+    assert run.labels == [REAL_SOURCES[e.task] for e in exs] == run.gold_labels
+    first = engine.calls[0]
+    assert first[0] is None  # the base model answers the dispatch question
+    assert first[1] == [f"<user>{REAL_TEMPLATE.format(prompt=task.format_prompt(e))}<assistant>" for e in exs]
+    seconds = {(z[1], n): ps for z, ps, n in engine.calls[1:]}  # (expert category, max_new_tokens) -> prompts
+    want = {(REAL_SOURCES[e.task], REAL_TOKENS[e.task]) for e in exs}
+    assert set(seconds) == want and len(engine.calls) == 1 + len(want)
+    for e in exs:
+        assert task.prompt_for(e, tok) in seconds[(REAL_SOURCES[e.task], REAL_TOKENS[e.task])]
