@@ -38,6 +38,8 @@ def add_parsers(sub) -> None:
     _common(p)
     p.add_argument("--columns", default="math_mc,code3,mixed", help="tasks (columns) of the table")
     p.add_argument("--limit", type=int, help="only the first N test examples of each column")
+    p.add_argument("--strategies", default="prompt,cls,fewshot",
+                   help="two-pass rows after Base and the single experts (fewshot's CEM is the slow one)")
     p.add_argument("--out", required=True, help="markdown file to write (a .json with the raw numbers beside it)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
@@ -148,7 +150,8 @@ def cmd_adapt_table(args) -> int:
 
     cfg, refs, cls_ref = _cfg(args)
     cols = [c for c in args.columns.split(",") if c]
-    md, raw = adaptation_table(cfg, refs, cls_ref, args.registry, cols, limit=args.limit)
+    strategies = [s for s in args.strategies.split(",") if s]
+    md, raw = adaptation_table(cfg, refs, cls_ref, args.registry, cols, limit=args.limit, strategies=strategies)
     out = Path(args.out)
     atomic_write_text(out, md)
     atomic_write_text(out.with_suffix(".json"), json.dumps(raw, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""The real-model two-pass: the word task, ``mixed_real`` / ``dispatch_real``, per-example generation
+"""The real-model two-pass: the sentiment and word tasks, ``mixed_real`` / ``dispatch_real``, per-example generation
 settings and the first pass through a chat template (a recording engine, the toy SVF model)."""
 from __future__ import annotations
 
@@ -32,7 +32,30 @@ def chat_toy():
     return svf, chat
 
 
-# ----------------------------------------------------------------------------- the word task
+# ----------------------------------------------------------------------------- the third tasks
+def test_sentiment_labels_follow_every_clause_and_only_one_label_may_be_named():
+    from t2dist.tasks.sentiment import NEGATIVE, POSITIVE
+
+    task = get_task("sentiment")
+    test, val, train = (task.examples(s) for s in ("test", "validation", "train"))
+    assert (len(test), len(val), len(train)) == (400, 200, 1500)
+    assert not {e.prompt for e in test} & {e.prompt for e in train + val}
+    assert 0.4 < sum(e.answer == "positive" for e in test) / 400 < 0.6 and 0.3 < sum(e.meta["negated"] for e in test) / 400
+    for e in test:  # independently: each clause's adjective, flipped by "not", gives the label
+        review = e.prompt.split("\n")[0].removeprefix("Review: ").rstrip(".").lower()
+        for part in review.split(" and "):
+            words = part.split()
+            polarity = words[-1] in POSITIVE
+            assert polarity != (words[-1] in NEGATIVE)
+            assert (polarity != ("not" in words)) == (e.answer == "positive"), e.prompt
+    e = test[0]
+    other = "negative" if e.answer == "positive" else "positive"
+    assert task.verify(f" This review is {e.answer.upper()}.", e).correct and not task.verify(f" {other}", e).correct
+    assert task.verify(" positive or negative", e).parsed is None  # echoing the question is no answer
+    assert task.verify(f" {e.answer}ly", e).parsed is None and task.verify(f" fine\n{e.answer}", e).parsed is None
+    assert all(task.verify(task.reference_completion(x), x).correct for x in test)
+
+
 def test_alphabetical_answer_is_the_earlier_word_and_only_one_word_may_be_named():
     task = get_task("alphabetical")
     test, val, train = (task.examples(s) for s in ("test", "validation", "train"))
@@ -69,9 +92,9 @@ def test_mixed_real_writes_generates_and_scores_each_example_as_its_source_task(
 
 def test_dispatch_real_asks_about_the_users_text_and_reads_synonyms():
     task = get_task("dispatch_real")
-    assert task.categories == ("math", "reasoning", "words", "other") and task.chat == "auto"
+    assert task.categories == ("math", "reasoning", "sentiment", "other") and task.chat == "auto"
     test = task.examples("test")
-    assert {e.answer for e in test} == {"math", "reasoning", "words"} and len(test) == 400 + 1150 + 400
+    assert {e.answer for e in test} == {"math", "reasoning", "sentiment"} and len(test) == 400 + 1150 + 400
     for e in test[:20]:
         src = get_task(e.meta["source_task"])
         assert e.answer == REAL_SOURCES[src.name]
@@ -80,8 +103,8 @@ def test_dispatch_real_asks_about_the_users_text_and_reads_synonyms():
     arc = next(e for e in test if e.answer == "reasoning")
     assert task.verify(" Science.", arc).correct and task.verify("This is a science question.", arc).correct
     assert not task.verify(" math", arc).correct
-    words = next(e for e in test if e.answer == "words")
-    assert task.verify(" Words", words).correct and task.verify(" spelling", words).correct
+    review = next(e for e in test if e.answer == "sentiment")
+    assert task.verify(" Review", review).correct and task.verify(" sentiment", review).correct
     assert parse_label(" science", ("math", "code", "reasoning", "other")) == "reasoning"
 
 
@@ -119,7 +142,7 @@ class RecordingEngine:
         out = []
         for i, p in enumerate(prompts):
             if p.startswith("<user>Is this question"):
-                text = " Science" if "Question:" in p else " words" if "alphabetical" in p else " math"
+                text = " Science" if "Question:" in p else " review" if "Review:" in p else " math"
             else:
                 text = " x"
             out.append(Completion(i, text, [], []))

@@ -25,8 +25,8 @@ SYNONYMS = {
     "programming": "code", "coding": "code", "python": "code", "program": "code",
     "logic": "reasoning", "choice": "reasoning", "multiple": "reasoning",
     "science": "reasoning", "scientific": "reasoning",  # ARC-Easy's grade-school science (dispatch_real)
-    "word": "words", "language": "words", "spelling": "words", "alphabet": "words", "alphabetical": "words",
-    "english": "words", "vocabulary": "words",
+    "review": "sentiment", "reviews": "sentiment", "opinion": "sentiment", "feelings": "sentiment",
+    "emotion": "sentiment", "emotions": "sentiment",  # a review's sentiment (dispatch_real)
 }
 
 

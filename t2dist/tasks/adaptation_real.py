@@ -9,8 +9,11 @@ source task        category    prompt                                           
 =================  ==========  ==================================================  ==============
 ``arith``          math        ``Q: What is 47 * 6?\\nA:``                           12
 ``arc_easy``       reasoning   a grade-school science question, options A-D       1 (the letter)
-``alphabetical``   words       ``Q: Which word comes first in alphabetical ...``    12
+``sentiment``      sentiment   ``Review: The soup was not fresh.\nIs this ...``     8
 =================  ==========  ==================================================  ==============
+
+(The word task ``alphabetical`` was the first third kind; its expert gained too little to show
+anything, see :mod:`t2dist.tasks.words`.)
 
 ``mixed_real``: the three tasks' examples of one split interleaved (test: 3 x 400; ARC-Easy's
 1150 cut to 400 by the round-robin).  Each example is written (:meth:`prompt_for`, the model's chat
@@ -27,16 +30,16 @@ from __future__ import annotations
 from t2dist.tasks.adaptation import DispatchTask, MixedTask
 from t2dist.tasks.base import Example, get_task, register_task
 
-REAL_SOURCES: dict[str, str] = {"arith": "math", "arc_easy": "reasoning", "alphabetical": "words"}
-# New tokens per source: what the experts were trained with (configs/smollm2-{arith,arc_easy,alphabetical}.yaml).
-REAL_TOKENS: dict[str, int] = {"arith": 12, "arc_easy": 1, "alphabetical": 12}
-REAL_TEMPLATE = ("Is this question about math, science or words? Answer with one word: math, science or words."
+REAL_SOURCES: dict[str, str] = {"arith": "math", "arc_easy": "reasoning", "sentiment": "sentiment"}
+# New tokens per source: what the experts were trained with (configs/smollm2-{arith,arc_easy,sentiment}.yaml).
+REAL_TOKENS: dict[str, int] = {"arith": 12, "arc_easy": 1, "sentiment": 8}
+REAL_TEMPLATE = ("Is this question about math, science or a review? Answer with one word: math, science or review."
                  "\n\n{prompt}")
 
 
 @register_task("mixed_real")
 class RealMixedTask(MixedTask):
-    """arith, ARC-Easy and alphabetical examples interleaved, each as its own task writes and checks it."""
+    """arith, ARC-Easy and sentiment examples interleaved, each as its own task writes and checks it."""
 
     chat = "auto"
     max_new_tokens = max(REAL_TOKENS.values())
@@ -54,7 +57,7 @@ class RealMixedTask(MixedTask):
 
 @register_task("dispatch_real")
 class RealDispatchTask(DispatchTask):
-    """Name the kind of a real-model prompt: math, reasoning (science) or words."""
+    """Name the kind of a real-model prompt: math, reasoning (science) or sentiment (a review)."""
 
     chat = "auto"  # the dispatch question is a user turn of the model's chat template
     max_new_tokens = 8

@@ -1,8 +1,9 @@
 """A word task for real models: which of two words comes first in alphabetical order (``alphabetical``).
 
-The two-pass self-adaptation on a real model needs experts of *different kinds* (math, science
-questions, and a third one), each a task the small model can learn by RL.  This is the third:
-an everyday word skill, unlike arithmetic and ARC-Easy, with a plain answer.
+Built as the third kind of task of the real-model two-pass (math, science questions, words); it
+did not serve: SmolLM2-135M-Instruct went from 42.0% to 45.5% (n=400) in 60 steps of
+``configs/smollm2-alphabetical.yaml``.  The expert learned to answer "X comes first in alphabetical
+order" but not to pick X: the model cannot order two words.  ``sentiment`` took its place.
 
 Prompt ``"Q: Which word comes first in alphabetical order: river or apple?\\nA:"`` -> ``apple``.
 The two words never share a first letter, so the first letters decide (SmolLM2-135M-Instruct
