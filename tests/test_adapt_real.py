@@ -141,7 +141,7 @@ class RecordingEngine:
         self.calls.append((self.z, list(prompts), max_new_tokens))
         out = []
         for i, p in enumerate(prompts):
-            if p.startswith("<user>Is this question"):
+            if p.startswith("<user>What kind of text"):
                 text = " Science" if "Question:" in p else " review" if "Review:" in p else " math"
             else:
                 text = " x"
@@ -154,14 +154,20 @@ def test_two_pass_asks_through_the_chat_template_and_answers_with_each_sources_l
     experts = {c: Expert(z=svf.neutral_z(), card=make_card(svf, name=c, task=t, base_model="toy"))
                for t, c in REAL_SOURCES.items()}
     engine = RecordingEngine(tok)
-    tp = TwoPass(svf, tok, experts, template=REAL_TEMPLATE, engine=engine, chat="auto")
+    disp = get_task("dispatch_real")
+    tp = TwoPass(svf, tok, experts, template=REAL_TEMPLATE, engine=engine, chat="auto",
+                 answer_prefix=disp.answer_prefix)
     task = get_task("mixed_real")
     exs = task.examples("test")[:9]
     run = tp.run(task, exs, "prompt")
     assert run.labels == [REAL_SOURCES[e.task] for e in exs] == run.gold_labels
     first = engine.calls[0]
     assert first[0] is None  # the base model answers the dispatch question
-    assert first[1] == [f"<user>{REAL_TEMPLATE.format(prompt=task.format_prompt(e))}<assistant>" for e in exs]
+    assert first[2] == disp.max_new_tokens == 4  # the label is the first word after "It is a"
+    want = [f"<user>{REAL_TEMPLATE.format(prompt=task.format_prompt(e))}<assistant>{disp.answer_prefix}" for e in exs]
+    assert first[1] == want
+    # exactly the text the classifier expert was trained on (dispatch_real's own prompt)
+    assert want == [disp.prompt_for(disp.wrap(e), tok) for e in exs]
     seconds = {(z[1], n): ps for z, ps, n in engine.calls[1:]}  # (expert category, max_new_tokens) -> prompts
     want = {(REAL_SOURCES[e.task], REAL_TOKENS[e.task]) for e in exs}
     assert set(seconds) == want and len(engine.calls) == 1 + len(want)

@@ -71,8 +71,10 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
     device = next(svf.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
+    disp = get_task(cfg.adapt.dispatch_task)  # how the first-pass question is asked
     return TwoPass(svf, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
-                   batch_size=cfg.adapt.batch_size, engine=engine, chat=get_task(cfg.adapt.dispatch_task).chat)
+                   batch_size=cfg.adapt.batch_size, engine=engine, chat=disp.chat, answer_prefix=disp.answer_prefix,
+                   dispatch_max_new_tokens=disp.max_new_tokens)
 
 
 def dispatch_template(cfg: Config) -> str:

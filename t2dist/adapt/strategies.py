@@ -137,7 +137,8 @@ class TwoPass:
     """
 
     def __init__(self, svf, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
-                 cls_expert: Expert | None = None, batch_size: int = 64, engine=None, chat: str = "never"):
+                 cls_expert: Expert | None = None, batch_size: int = 64, engine=None, chat: str = "never",
+                 answer_prefix: str = "", dispatch_max_new_tokens: int = DISPATCH_MAX_NEW_TOKENS):
         check_expert_set(experts, svf)
         if cls_expert is not None:
             check_expert_set({**experts, "cls": cls_expert}, svf)
@@ -148,6 +149,8 @@ class TwoPass:
         self.cls_expert = cls_expert
         self.template = check_template(template)
         self.chat = chat  # how the dispatch question meets the chat template (Task.chat's modes)
+        self.answer_prefix = answer_prefix  # the start of the model's answer, written for it ("It is a")
+        self.dispatch_max_new_tokens = dispatch_max_new_tokens
         self.batch_size = batch_size
         self.categories = [*self.experts, OTHER]
         self.merges = 0
@@ -185,8 +188,8 @@ class TwoPass:
         else:
             raise AdaptError(f"classify: strategy {strategy!r} has no first pass; use prompt or cls")
         questions = [apply_chat_template(dispatch_prompt(p, self.template), self.tokenizer, self.chat, "dispatch")
-                     for p in prompts]
-        texts = self._generate(questions, DISPATCH_MAX_NEW_TOKENS)
+                     + self.answer_prefix for p in prompts]
+        texts = self._generate(questions, self.dispatch_max_new_tokens)
         return [parse_label(t, self.categories) for t in texts]
 
     # -- second pass --------------------------------------------------------------------

@@ -77,6 +77,10 @@ class DispatchTask(Task):
     max_new_tokens = 10
     chat = "never"  # raw text, the format the toy base was pretrained on
     sources: dict[str, str] = SOURCES  # source task -> its category
+    answer_prefix = ""  # written after the question (and the chat template's assistant header) for the model
+
+    def prompt_for(self, example: Example, tokenizer=None) -> str:
+        return super().prompt_for(example, tokenizer) + self.answer_prefix
 
     def __init__(self, template: str | None = None):
         from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, check_template

@@ -22,7 +22,8 @@ trained with, above) and verified exactly as its source task does it, so a singl
 on its part of ``mixed_real`` what it scores on its own task.
 
 ``dispatch_real``: the same tasks' prompts wrapped in :data:`REAL_TEMPLATE`, a question the model
-answers through its chat template; the answer is the category.  It trains the classifier expert
+answers through its chat template after the written start :data:`REAL_ANSWER_PREFIX` ("It is a");
+the answer is the category (``science`` and ``review`` read as ``reasoning`` and ``sentiment``).  It trains the classifier expert
 (``configs/smollm2-dispatch.yaml``) and measures both first passes.
 """
 from __future__ import annotations
@@ -33,8 +34,12 @@ from t2dist.tasks.base import Example, get_task, register_task
 REAL_SOURCES: dict[str, str] = {"arith": "math", "arc_easy": "reasoning", "sentiment": "sentiment"}
 # New tokens per source: what the experts were trained with (configs/smollm2-{arith,arc_easy,sentiment}.yaml).
 REAL_TOKENS: dict[str, int] = {"arith": 12, "arc_easy": 1, "sentiment": 8}
-REAL_TEMPLATE = ("Is this question about math, science or a review? Answer with one word: math, science or review."
-                 "\n\n{prompt}")
+# The question, and the start of the answer written for the model (after the chat template's assistant
+# header): SmolLM2 names the kind of 91% of 90 validation prompts (30 per kind) this way.  Asked
+# "Is this question about math, science or a review? Answer with one word" without a written
+# start, it answered every ARC-Easy question with an option instead (67%); other wordings: 33-74%.
+REAL_TEMPLATE = "What kind of text is this: a math problem, a science question, or a review?\n\nText:\n{prompt}"
+REAL_ANSWER_PREFIX = "It is a"
 
 
 @register_task("mixed_real")
@@ -60,7 +65,8 @@ class RealDispatchTask(DispatchTask):
     """Name the kind of a real-model prompt: math, reasoning (science) or sentiment (a review)."""
 
     chat = "auto"  # the dispatch question is a user turn of the model's chat template
-    max_new_tokens = 8
+    answer_prefix = REAL_ANSWER_PREFIX
+    max_new_tokens = 4  # " science question." - the first word is the label
     sources = REAL_SOURCES
 
     @staticmethod
