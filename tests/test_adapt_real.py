@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from t2dist.adapt.dispatch import parse_label
+from t2dist.adapt.loading import first_pass
 from t2dist.adapt.strategies import TwoPass
 from t2dist.evaluation import generate_grouped
 from t2dist.experts import Expert, make_card
@@ -155,8 +156,7 @@ def test_two_pass_asks_through_the_chat_template_and_answers_with_each_sources_l
                for t, c in REAL_SOURCES.items()}
     engine = RecordingEngine(tok)
     disp = get_task("dispatch_real")
-    tp = TwoPass(svf, tok, experts, template=REAL_TEMPLATE, engine=engine, chat="auto",
-                 answer_prefix=disp.answer_prefix)
+    tp = TwoPass(svf, tok, experts, template=REAL_TEMPLATE, engine=engine, **first_pass(disp))  # as build_two_pass
     task = get_task("mixed_real")
     exs = task.examples("test")[:9]
     run = tp.run(task, exs, "prompt")
@@ -173,3 +173,17 @@ def test_two_pass_asks_through_the_chat_template_and_answers_with_each_sources_l
     assert set(seconds) == want and len(engine.calls) == 1 + len(want)
     for e in exs:
         assert task.prompt_for(e, tok) in seconds[(REAL_SOURCES[e.task], REAL_TOKENS[e.task])]
+
+
+def test_config_names_a_bad_dispatch_task_or_template_before_any_model_work():
+    from t2dist.adapt.loading import dispatch_template
+    from t2dist.config import ConfigError, load_config
+
+    cfg = load_config(None, ["adapt.dispatch_task=dispatch_real"])
+    assert dispatch_template(cfg) == REAL_TEMPLATE  # null template: the dispatch task's own
+    assert dispatch_template(load_config(None, [])) == get_task("dispatch").template
+    assert dispatch_template(load_config(None, ["adapt.template=Kind of {prompt}?"])) == "Kind of {prompt}?"
+    with pytest.raises(ConfigError, match="adapt.dispatch_task.*dispatch, dispatch_real"):
+        load_config(None, ["adapt.dispatch_task=mixed_real"])
+    with pytest.raises(ConfigError, match="adapt.template"):
+        load_config(None, ["adapt.template=no field"])

@@ -71,10 +71,16 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
     device = next(svf.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
-    disp = get_task(cfg.adapt.dispatch_task)  # how the first-pass question is asked
     return TwoPass(svf, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
-                   batch_size=cfg.adapt.batch_size, engine=engine, chat=disp.chat, answer_prefix=disp.answer_prefix,
-                   dispatch_max_new_tokens=disp.max_new_tokens)
+                   batch_size=cfg.adapt.batch_size, engine=engine, **first_pass(get_task(cfg.adapt.dispatch_task)))
+
+
+def first_pass(dispatch_task) -> dict:
+    """How :class:`TwoPass` asks the first-pass question: as the dispatch task writes its prompts
+    (chat mode, the written start of the answer, new tokens), so the classifier expert sees
+    exactly what it was trained on."""
+    return {"chat": dispatch_task.chat, "answer_prefix": dispatch_task.answer_prefix,
+            "dispatch_max_new_tokens": dispatch_task.max_new_tokens}
 
 
 def dispatch_template(cfg: Config) -> str:

@@ -199,7 +199,7 @@ class TwoPass:
 
         ``settings``: one ``(max_new_tokens, stop)`` per prompt (``Task.generation_for``), else
         ``max_new_tokens`` and ``stop`` for all."""
-        settings = list(settings) if settings is not None else [(max_new_tokens, tuple(stop))] * len(prompts)
+        settings = per_prompt(settings, len(prompts), max_new_tokens, stop)
         out: list[str | None] = [None] * len(prompts)
         groups: dict[str, list[int]] = {}
         for i, lab in enumerate(labels):
@@ -212,8 +212,7 @@ class TwoPass:
                 self.use(None, None)
             else:
                 self.use(("expert", lab), self.experts[lab].z)
-            texts = generate_grouped(lambda ps, n, st: self._generate(ps, n, st), [prompts[i] for i in idx],
-                                     [settings[i] for i in idx])
+            texts = generate_grouped(self._generate, [prompts[i] for i in idx], [settings[i] for i in idx])
             for i, t in zip(idx, texts):
                 out[i] = t
         return out  # type: ignore[return-value]
@@ -229,8 +228,7 @@ class TwoPass:
                     settings: Sequence[tuple[int, tuple[str, ...]]] | None = None) -> list[str]:
         """Answer every prompt with ``z`` (``settings`` as in :meth:`answer`)."""
         self.use(key, z)
-        settings = list(settings) if settings is not None else [(max_new_tokens, tuple(stop))] * len(prompts)
-        return generate_grouped(lambda ps, n, st: self._generate(ps, n, st), list(prompts), settings)
+        return generate_grouped(self._generate, list(prompts), per_prompt(settings, len(prompts), max_new_tokens, stop))
 
     # -- few-shot -----------------------------------------------------------------------
     def mixture_evaluator(self, task: Task, shots: Sequence[Example]) -> Evaluator:
@@ -278,6 +276,11 @@ class TwoPass:
         return AdaptRun(strategy, labels, texts, [v.correct for v in verdicts],
                         [gold_category(e, self.categories) for e in examples], t1 - t0, t2 - t1,
                         self.merges - merges0, cem)
+
+
+def per_prompt(settings, n: int, max_new_tokens: int, stop) -> list[tuple[int, tuple[str, ...]]]:
+    """``settings`` as a list, or ``(max_new_tokens, stop)`` for each of ``n`` prompts when it is None."""
+    return list(settings) if settings is not None else [(max_new_tokens, tuple(stop))] * n
 
 
 def hf_engine(svf, tokenizer, batch_size: int):
