@@ -126,58 +126,77 @@ def _cell(k: int, n: int) -> str:
     return f"{k / n:.3f} [{lo:.3f}–{hi:.3f}]"
 
 
+def by_task(correct: Sequence[bool], examples: Sequence[Example]) -> dict[str, list[int]]:
+    """``{source task: [right, n]}`` of a column whose examples come from several tasks (``mixed_real``)."""
+    out: dict[str, list[int]] = {}
+    for ok, e in zip(correct, examples, strict=True):
+        k = out.setdefault(e.task, [0, 0])
+        k[0] += bool(ok)
+        k[1] += 1
+    return out
+
+
+def _fewshot_cell(tp: TwoPass, cfg: Config, task: Task, col: str, exs: Sequence[Example]) -> dict:
+    t0 = time.perf_counter()
+    cem = run_fewshot(tp, cfg, task, log=None)
+    t1 = time.perf_counter()
+    a = tp.answer_with(("mixture", col), tp.mixed_z(cem.alpha), [task.prompt_for(e, tp.tokenizer) for e in exs],
+                       settings=[task.generation_for(e) for e in exs])
+    t2 = time.perf_counter()
+    ok = [v.correct for v in task.verify_batch(a, list(exs))]
+    return {"correct_list": ok, "first_pass_s": t1 - t0, "second_pass_s": t2 - t1,
+            "alpha": [round(x, 3) for x in cem.alpha.flatten().tolist()][:12], "cem_iterations": cem.iterations,
+            "shots_score": cem.score}
+
+
 def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, registry: str | None,
                      columns: Sequence[str] = ("math_mc", "code3", "mixed"), split: str = "test",
-                     limit: int | None = None, log=print) -> tuple[str, dict]:
-    """Rows Base, each single expert, Prompt, Cls-expert, Few-shot; columns ``columns``."""
-    tp = setup(cfg, refs, cls_ref, registry, "cls" if cls_ref else "prompt", verbose=True)
+                     limit: int | None = None, log=print,
+                     strategies: Sequence[str] = ("prompt", "cls", "fewshot")) -> tuple[str, dict]:
+    """Rows Base, each single expert, then Prompt, Cls-expert, Few-shot (those in ``strategies``);
+    columns ``columns``.  A column mixing several tasks also records each task's share (``by_task``)."""
+    unknown = [s for s in strategies if s not in ("prompt", "cls", "fewshot")]
+    if unknown:
+        raise AdaptError(f"unknown strategies {unknown}; known: prompt, cls, fewshot")
+    tp = setup(cfg, refs, cls_ref, registry, "cls" if cls_ref and "cls" in strategies else "prompt", verbose=True)
     tasks = {c: get_task(c) for c in columns}
     exs = {c: tasks[c].examples(split)[:limit] for c in columns}
     res: dict[str, dict[str, dict]] = {}
 
-    def put(row, col, correct, n, **extra):
-        res.setdefault(row, {})[col] = {"correct": correct, "n": n, "accuracy": correct / n, **extra}
+    def put(row, col, correct: Sequence[bool], **extra):
+        n, k = len(correct), sum(map(bool, correct))
+        cell = {"correct": k, "n": n, "accuracy": k / n, **extra}
+        if len({e.task for e in exs[col]}) > 1:
+            cell["by_task"] = by_task(correct, exs[col])
+        res.setdefault(row, {})[col] = cell
+        log(f"{row} {col}: {k / n:.3f}" + (f" dispatch {extra['dispatch_accuracy']:.3f}"
+                                           if extra.get("dispatch_accuracy") is not None else ""))
 
     for col, task in tasks.items():
-        tp.reset()
-        r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine)
-        put("Base", col, r.correct, r.n)
-        log(f"Base {col}: {r.accuracy:.3f}")
-        for cat, e in tp.experts.items():
-            tp.use(("expert", cat), e.z)
-            r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine)
-            put(f"{cat} expert", col, r.correct, r.n)
-            log(f"{cat} expert {col}: {r.accuracy:.3f}")
+        for row, key, z in [("Base", None, None), *((f"{c} expert", ("expert", c), e.z) for c, e in tp.experts.items())]:
+            tp.use(key, z)
+            r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine,
+                         records=True)
+            put(row, col, [rec["correct"] for rec in r.records])
         for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls"), ("Few-shot", "fewshot")):
-            if strat == "cls" and tp.cls_expert is None:
+            if (strat == "cls" and tp.cls_expert is None) or strat not in strategies:
                 continue
             if strat == "fewshot":
-                t0 = time.perf_counter()
-                cem = run_fewshot(tp, cfg, task, log=None)
-                t1 = time.perf_counter()
-                a = tp.answer_with(("mixture", col), tp.mixed_z(cem.alpha), [task.format_prompt(e) for e in exs[col]],
-                                   task.max_new_tokens, task.stop)
-                t2 = time.perf_counter()
-                ok = [v.correct for v in task.verify_batch(a, exs[col])]
-                put(row, col, sum(ok), len(ok), first_pass_s=t1 - t0, second_pass_s=t2 - t1,
-                    alpha=[round(x, 3) for x in cem.alpha.flatten().tolist()][:12], cem_iterations=cem.iterations,
-                    shots_score=cem.score)
-                log(f"{row} {col}: {sum(ok) / len(ok):.3f} (alpha {cem.alpha.tolist()}, {cem.iterations} it)")
+                cell = _fewshot_cell(tp, cfg, task, col, exs[col])
+                put(row, col, cell.pop("correct_list"), **cell)
                 continue
             run = tp.run(task, exs[col], strat)
-            put(row, col, sum(run.correct), run.n, dispatch_accuracy=run.dispatch_accuracy,
-                first_pass_s=run.first_pass_s, second_pass_s=run.second_pass_s, merges=run.merges,
+            put(row, col, run.correct, dispatch_accuracy=run.dispatch_accuracy, first_pass_s=run.first_pass_s,
+                second_pass_s=run.second_pass_s, merges=run.merges,
                 labels={c: run.labels.count(c) for c in sorted(set(run.labels))})
-            log(f"{row} {col}: {run.accuracy:.3f} dispatch {run.dispatch_accuracy:.3f}")
-    # dispatch accuracy on the 4-way dispatch test set (incl. "other")
-    disp = get_task("dispatch", template=cfg.adapt.template)
+    # dispatch accuracy on the dispatch task's test set (the toy's is 4-way, incl. "other")
+    disp = get_task(cfg.adapt.dispatch_task, template=tp.template)
     dex = [e for e in disp.examples(split)][:limit]
-    srcs = [Example(e.meta["source_task"], e.meta["source_prompt"], "", {}) for e in dex]
     extra = {}
     for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls")):
-        if strat == "cls" and tp.cls_expert is None:
+        if (strat == "cls" and tp.cls_expert is None) or strat not in strategies:
             continue
-        labels = tp.classify([s.prompt for s in srcs], strat)
+        labels = tp.classify([e.meta["source_prompt"] for e in dex], strat)
         extra[row] = sum(lab == e.answer for lab, e in zip(labels, dex)) / len(dex)
     md = format_table(res, columns, extra, len(dex), cfg)
     return md, {"results": res, "dispatch_4way": extra, "n_dispatch": len(dex)}
@@ -185,20 +204,24 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
 
 def format_table(res: dict, columns: Sequence[str], dispatch4: dict, n4: int, cfg: Config) -> str:
     c = cfg.adapt.cem
-    lines = [f"# Self-adaptation on the synthetic suite ({_dt.date.today().isoformat()})", "",
-             f"Toy base `{cfg.model.path}`; accuracy on the test split (greedy) with 95% Wilson intervals. "
-             f"Few-shot: CEM, population {c.population}, elites {c.elite_frac}, ≤{c.iterations} iterations "
-             f"(patience {c.patience}), {c.shots} shots from {c.shots_split}, init std {c.init_std}, "
-             f"{'per-matrix' if c.per_matrix else 'per-expert'} α, single experts "
-             f"{'seeded' if c.seed_experts else 'not seeded'}.", "",
+    toy = cfg.adapt.dispatch_task == "dispatch"
+    where = "the synthetic suite" if toy else f"`{cfg.model.path}`"
+    cem = (f" Few-shot: CEM, population {c.population}, elites {c.elite_frac}, ≤{c.iterations} iterations "
+           f"(patience {c.patience}), {c.shots} shots from {c.shots_split}, init std {c.init_std}, "
+           f"{'per-matrix' if c.per_matrix else 'per-expert'} α, single experts "
+           f"{'seeded' if c.seed_experts else 'not seeded'}.") if "Few-shot" in res else ""
+    lines = [f"# Self-adaptation on {where} ({_dt.date.today().isoformat()})", "",
+             f"{'Toy base' if toy else 'Base'} `{cfg.model.path}`; accuracy on the test split (greedy) with 95% "
+             f"Wilson intervals.{cem}", "",
              "n per column: " + ", ".join(f"{k} {next(iter(res.values()))[k]['n']}" for k in columns) + ".", "",
              "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row, cols in res.items():
         lines.append(f"| {row} | " + " | ".join(_cell(cols[k]["correct"], cols[k]["n"]) if k in cols else "–"
                                                  for k in columns) + " |")
     lines += ["", "First pass (dispatch, or the CEM search for Few-shot):", "",
-              "| method | " + " | ".join(f"{k} dispatch acc" for k in columns) + " | 4-way dispatch acc (incl. other, n="
-              f"{n4}) | " + " | ".join(f"{k} first/second pass time" for k in columns) + " |",
+              "| method | " + " | ".join(f"{k} dispatch acc" for k in columns)
+              + (" | 4-way dispatch acc (incl. other, n=" if toy else f" | {cfg.adapt.dispatch_task} acc (n=")
+              + f"{n4}) | " + " | ".join(f"{k} first/second pass time" for k in columns) + " |",
               "|---|" + "---|" * (2 * len(columns) + 1)]
     for row in ("Prompt", "Cls-expert", "Few-shot"):
         if row not in res:
@@ -214,4 +237,18 @@ def format_table(res: dict, columns: Sequence[str], dispatch4: dict, n4: int, cf
         lines += ["", "Few-shot α (experts in the order given): " + "; ".join(
             f"{k}: {v['alpha']} ({v['cem_iterations']} iterations, shots accuracy {v['shots_score']:.2f})"
             for k, v in fs.items())]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + by_task_lines(res, columns)) + "\n"
+
+
+def by_task_lines(res: dict, columns: Sequence[str]) -> list[str]:
+    """One table per column that mixes tasks: each row's accuracy on each source task's part."""
+    lines: list[str] = []
+    for col in columns:
+        srcs = next((cells[col]["by_task"] for cells in res.values() if "by_task" in cells.get(col, {})), None)
+        if not srcs:
+            continue
+        lines += ["", f"{col} by source task:", "", "| method | " + " | ".join(srcs) + " |", "|---|" + "---|" * len(srcs)]
+        for row, cells in res.items():
+            bt = cells.get(col, {}).get("by_task", {})
+            lines.append(f"| {row} | " + " | ".join(_cell(*bt[t]) if t in bt else "–" for t in srcs) + " |")
+    return lines

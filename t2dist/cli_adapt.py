@@ -9,7 +9,7 @@ from t2dist.atomic import atomic_write_text
 
 COMMANDS = {
     "adapt": "two-pass inference with registry experts: dispatch by prompt or classifier expert, or few-shot CEM mixing",
-    "adapt-table": "write the markdown table Base / single experts / Prompt / Cls-expert / Few-shot on the synthetic suite",
+    "adapt-table": "write the markdown table Base / single experts / Prompt / Cls-expert / Few-shot (the toy suite, or a real model's)",
 }
 REGISTRY_HELP = "registry URL or directory (default $T2DIST_REGISTRY or ./registry); experts may also be directories"
 
@@ -38,6 +38,8 @@ def add_parsers(sub) -> None:
     _common(p)
     p.add_argument("--columns", default="math_mc,code3,mixed", help="tasks (columns) of the table")
     p.add_argument("--limit", type=int, help="only the first N test examples of each column")
+    p.add_argument("--strategies", default="prompt,cls,fewshot",
+                   help="two-pass rows after Base and the single experts (fewshot's CEM is the slow one)")
     p.add_argument("--out", required=True, help="markdown file to write (a .json with the raw numbers beside it)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
@@ -60,6 +62,7 @@ def cmd_adapt(args) -> int:
     from t2dist.adapt.strategies import AdaptError
     from t2dist.adapt_driver import publish_mixture, run_fewshot, setup
     from t2dist.tasks import get_task
+    from t2dist.tasks.base import apply_chat_template
 
     cfg, refs, cls_ref = _cfg(args)
     strategy = cfg.adapt.strategy
@@ -80,14 +83,16 @@ def cmd_adapt(args) -> int:
     if args.prompt is not None:
         prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
         max_new = task.max_new_tokens if task else 16
+        # the second pass sees the prompt as the task (or the dispatch question) meets the chat template
+        answer_prompt = apply_chat_template(prompt, tp.tokenizer, task.chat if task else tp.chat)
         if strategy == "fewshot":
             cem = run_fewshot(tp, cfg, task, log=lambda m: print(m, file=sys.stderr))
             label = "mixture"
-            text = tp.answer_with("mixture", tp.mixed_z(cem.alpha), [prompt], max_new)[0]
+            text = tp.answer_with("mixture", tp.mixed_z(cem.alpha), [answer_prompt], max_new)[0]
             out["alpha"] = cem.alpha.tolist()
         else:
             label = tp.classify([prompt], strategy)[0]
-            text = tp.answer([prompt], [label], max_new)[0]
+            text = tp.answer([answer_prompt], [label], max_new)[0]
         print(f"[{label}] {text}")
         out.update(prompt=prompt, label=label, completion=text)
     else:
@@ -100,8 +105,9 @@ def cmd_adapt(args) -> int:
             settings = cem_settings(cfg)
             if cfg.adapt.actors > 0:
                 cem = run_fewshot(tp, cfg, task, settings, log=lambda m: print(m, file=sys.stderr))
-                prompts = [task.format_prompt(e) for e in exs]
-                texts = tp.answer_with("mixture", tp.mixed_z(cem.alpha), prompts, task.max_new_tokens, task.stop)
+                prompts = [task.prompt_for(e, tp.tokenizer) for e in exs]
+                texts = tp.answer_with("mixture", tp.mixed_z(cem.alpha), prompts,
+                                       settings=[task.generation_for(e) for e in exs])
                 ok = [v.correct for v in task.verify_batch(texts, exs)]
                 from t2dist.adapt.strategies import AdaptRun
 
@@ -144,7 +150,8 @@ def cmd_adapt_table(args) -> int:
 
     cfg, refs, cls_ref = _cfg(args)
     cols = [c for c in args.columns.split(",") if c]
-    md, raw = adaptation_table(cfg, refs, cls_ref, args.registry, cols, limit=args.limit)
+    strategies = [s for s in args.strategies.split(",") if s]
+    md, raw = adaptation_table(cfg, refs, cls_ref, args.registry, cols, limit=args.limit, strategies=strategies)
     out = Path(args.out)
     atomic_write_text(out, md)
     atomic_write_text(out.with_suffix(".json"), json.dumps(raw, indent=2, default=str))

@@ -250,7 +250,11 @@ class CEMConfig(Section):
 class AdaptConfig(Section):
     """Two-pass self-adaptation (t2dist/adapt/): dispatch template, strategy, experts, CEM."""
 
-    template: str = Field("Which task?\n{prompt}\nKind:", description="first-pass prompt; must contain {prompt}")
+    template: str | None = Field(None, description="first-pass prompt; must contain {prompt} (null: the dispatch "
+                                 "task's own: \"Which task?\\n{prompt}\\nKind:\" for dispatch)")
+    dispatch_task: str = Field("dispatch", description="the first pass's task: its template and chat mode ask the "
+                               "question, its test split scores the answers (dispatch: the toy suite; dispatch_real: "
+                               "SmolLM2's arith / ARC-Easy / alphabetical)")
     strategy: Literal["prompt", "cls", "fewshot"] = "prompt"
     experts: list[str] = Field(default_factory=lambda: ["math", "code", "reasoning"],
                                description="registry references (NAME, NAME@V, NAME:ALIAS) or expert directories")
@@ -261,13 +265,23 @@ class AdaptConfig(Section):
 
     @field_validator("template")
     @classmethod
-    def _has_prompt_field(cls, v: str) -> str:
+    def _has_prompt_field(cls, v: str | None) -> str | None:
         from t2dist.adapt.dispatch import DispatchError, check_template
 
+        if v is None:
+            return v
         try:
             return check_template(v)
         except DispatchError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("dispatch_task")
+    @classmethod
+    def _dispatch_task(cls, v: str) -> str:
+        from t2dist.tasks import TASKS
+
+        ok = sorted(n for n, t in TASKS.items() if t.skill == "dispatch")
+        return _one_of(v, ok, "adapt.dispatch_task", "dispatch tasks")
 
 
 class Config(Section):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from t2dist.generation import generate
 
@@ -37,6 +37,19 @@ class EvalResult:
         return d
 
 
+def generate_grouped(gen: Callable[[list, int, tuple], list], prompts: Sequence, settings: Sequence[tuple]) -> list:
+    """``gen(prompts, max_new_tokens, stop)`` once per distinct ``(max_new_tokens, stop)`` in ``settings``
+    (one per prompt), the outputs back in the prompts' order.  One call when all settings agree."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (max_new, stop) in enumerate(settings):
+        groups.setdefault((max_new, tuple(stop or ())), []).append(i)
+    out: list = [None] * len(prompts)
+    for (max_new, stop), idx in groups.items():
+        for i, c in zip(idx, gen([prompts[i] for i in idx], max_new, stop), strict=True):
+            out[i] = c
+    return out
+
+
 def evaluate(
     model,
     tokenizer,
@@ -60,19 +73,18 @@ def evaluate(
     if limit is not None:
         examples = examples[:limit]
     prompts = [task.prompt_for(e, tokenizer) for e in examples]
-    if engine is not None:
-        comps = engine.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens or task.max_new_tokens,
-                                stop=task.stop)
+    if max_new_tokens:
+        settings = [(max_new_tokens, tuple(task.stop or ()))] * len(examples)
     else:
-        comps = generate(
-            model,
-            tokenizer,
-            prompts,
-            temperature=0.0,
-            max_new_tokens=max_new_tokens or task.max_new_tokens,
-            stop=task.stop,
-            batch_size=batch_size,
-        )
+        settings = [task.generation_for(e) for e in examples]
+
+    def gen(ps, max_new, stop):
+        if engine is not None:
+            return engine.generate(ps, temperature=0.0, max_new_tokens=max_new, stop=stop)
+        return generate(model, tokenizer, ps, temperature=0.0, max_new_tokens=max_new, stop=stop,
+                        batch_size=batch_size)
+
+    comps = generate_grouped(gen, prompts, settings)
     verdicts = task.verify_batch([c.text for c in comps], examples)
     k = sum(1 for v in verdicts if v.correct)
     n = len(examples)

@@ -271,3 +271,35 @@ def test_fewshot_mixture_is_published_with_alpha_and_trace(toy, trained, tmp_pat
     want = mix_z([e.z for e in trained.values()], res.alpha)
     assert all(torch.allclose(loaded.z[k], want[k]) for k in want)
     svf.unmerge_()
+
+
+def test_adaptation_table_rows_and_per_task_parts_match_a_direct_computation(toy, trained, tmp_path):
+    from t2dist.adapt_driver import adaptation_table
+    from t2dist.config import load_config
+    from t2dist.generation import generate
+    from t2dist.tasks import get_task
+
+    svf, tok = toy
+    refs = []
+    for name, e in trained.items():
+        save_expert(tmp_path / name, e.z, e.card)
+        refs.append(str(tmp_path / name))
+    cfg = load_config(None, [f"svf.cache_dir={tmp_path / 'f'}"])
+    md, raw = adaptation_table(cfg, refs, None, None, ["mixed"], limit=12, log=lambda m: None, strategies=["prompt"])
+    res = raw["results"]
+    assert list(res) == ["Base", "math expert", "code expert", "Prompt"] and "| Few-shot |" not in md
+    task = get_task("mixed")
+    exs = task.examples("test")[:12]
+    svf.unmerge_()  # independently: the base answers each example alone
+    texts = [generate(svf.model, tok, [e.prompt], max_new_tokens=task.max_new_tokens)[0].text for e in exs]
+    want: dict[str, list[int]] = {}
+    for e, t in zip(exs, texts):
+        k = want.setdefault(e.task, [0, 0])
+        k[0] += task.verify(t, e).correct
+        k[1] += 1
+    assert res["Base"]["mixed"]["by_task"] == want and res["Base"]["mixed"]["correct"] == sum(k for k, _ in want.values())
+    for row in res.values():
+        assert sum(n for _, n in row["mixed"]["by_task"].values()) == 12
+    assert "mixed by source task:" in md and "| Prompt |" in md
+    with pytest.raises(AdaptError, match="unknown strategies"):
+        adaptation_table(cfg, refs, None, None, ["mixed"], limit=2, strategies=["oracle"])

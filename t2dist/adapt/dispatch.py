@@ -24,6 +24,9 @@ SYNONYMS = {
     "arithmetic": "math", "maths": "math", "mathematics": "math",
     "programming": "code", "coding": "code", "python": "code", "program": "code",
     "logic": "reasoning", "choice": "reasoning", "multiple": "reasoning",
+    "science": "reasoning", "scientific": "reasoning",  # ARC-Easy's grade-school science (dispatch_real)
+    "review": "sentiment", "reviews": "sentiment", "opinion": "sentiment", "feelings": "sentiment",
+    "emotion": "sentiment", "emotions": "sentiment",  # a review's sentiment (dispatch_real)
 }
 
 
@@ -51,7 +54,8 @@ def parse_label(text: str | None, categories: Sequence[str] = CATEGORIES) -> str
 
     Case and surrounding whitespace/punctuation are ignored; a prefix of at least two
     letters that fits exactly one category counts (``"Reas"``, ``"ma"``); a whole
-    category word anywhere in the first line counts when the first word is not one.
+    category word (or a synonym of one: ``science`` for ``reasoning``) anywhere in the first line
+    counts when the first word is not one.
     """
     cats = [c.lower() for c in categories]
     other = OTHER if OTHER in cats else cats[-1]
@@ -73,4 +77,6 @@ def parse_label(text: str | None, categories: Sequence[str] = CATEGORIES) -> str
     for w in words[1:]:
         if w in cats:
             return w
+        if SYNONYMS.get(w) in cats:
+            return SYNONYMS[w]
     return other

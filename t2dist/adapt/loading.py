@@ -11,6 +11,7 @@ from t2dist.adapt.strategies import AdaptError, TwoPass, check_expert_set
 from t2dist.config import Config
 from t2dist.experts import Expert, ExpertError
 from t2dist.policy.registry import config_from_card
+from t2dist.tasks import get_task
 
 
 def read_experts(refs: Sequence[str], registry: str | None = None) -> dict[str, Expert]:
@@ -70,8 +71,21 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
     device = next(svf.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
-    return TwoPass(svf, tokenizer, experts, template=cfg.adapt.template, cls_expert=cls_expert,
-                   batch_size=cfg.adapt.batch_size, engine=engine)
+    return TwoPass(svf, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
+                   batch_size=cfg.adapt.batch_size, engine=engine, **first_pass(get_task(cfg.adapt.dispatch_task)))
+
+
+def first_pass(dispatch_task) -> dict:
+    """How :class:`TwoPass` asks the first-pass question: as the dispatch task writes its prompts
+    (chat mode, the written start of the answer, new tokens), so the classifier expert sees
+    exactly what it was trained on."""
+    return {"chat": dispatch_task.chat, "answer_prefix": dispatch_task.answer_prefix,
+            "dispatch_max_new_tokens": dispatch_task.max_new_tokens}
+
+
+def dispatch_template(cfg: Config) -> str:
+    """The first-pass question: ``adapt.template``, else the dispatch task's own (``adapt.dispatch_task``)."""
+    return cfg.adapt.template or get_task(cfg.adapt.dispatch_task).template
 
 
 def cem_settings(cfg: Config):

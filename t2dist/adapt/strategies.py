@@ -28,11 +28,11 @@ import torch
 from t2dist.adapt.cem import CEMResult, CEMSettings, Evaluator, cem_search
 from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispatch_prompt, parse_label
 from t2dist.errors import UserError
-from t2dist.evaluation import wilson_interval
+from t2dist.evaluation import generate_grouped, wilson_interval
 from t2dist.experts import Expert, ExpertError, card_kind, check_compatible
 from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
-from t2dist.tasks.base import Example, Task
+from t2dist.tasks.base import Example, Task, apply_chat_template
 
 STRATEGIES = ("prompt", "cls", "fewshot")
 _UNKNOWN = object()
@@ -137,7 +137,8 @@ class TwoPass:
     """
 
     def __init__(self, svf, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
-                 cls_expert: Expert | None = None, batch_size: int = 64, engine=None):
+                 cls_expert: Expert | None = None, batch_size: int = 64, engine=None, chat: str = "never",
+                 answer_prefix: str = "", dispatch_max_new_tokens: int = DISPATCH_MAX_NEW_TOKENS):
         check_expert_set(experts, svf)
         if cls_expert is not None:
             check_expert_set({**experts, "cls": cls_expert}, svf)
@@ -147,6 +148,9 @@ class TwoPass:
         self.experts = {c: Expert({n: e.z[n] for n in svf.targets}, e.card) for c, e in experts.items()}
         self.cls_expert = cls_expert
         self.template = check_template(template)
+        self.chat = chat  # how the dispatch question meets the chat template (Task.chat's modes)
+        self.answer_prefix = answer_prefix  # the start of the model's answer, written for it ("It is a")
+        self.dispatch_max_new_tokens = dispatch_max_new_tokens
         self.batch_size = batch_size
         self.categories = [*self.experts, OTHER]
         self.merges = 0
@@ -183,13 +187,19 @@ class TwoPass:
             self.use(None, None)
         else:
             raise AdaptError(f"classify: strategy {strategy!r} has no first pass; use prompt or cls")
-        texts = self._generate([dispatch_prompt(p, self.template) for p in prompts], DISPATCH_MAX_NEW_TOKENS)
+        questions = [apply_chat_template(dispatch_prompt(p, self.template), self.tokenizer, self.chat, "dispatch")
+                     + self.answer_prefix for p in prompts]
+        texts = self._generate(questions, self.dispatch_max_new_tokens)
         return [parse_label(t, self.categories) for t in texts]
 
     # -- second pass --------------------------------------------------------------------
     def answer(self, prompts: Sequence[str], labels: Sequence[str], max_new_tokens: int = 16,
-               stop=("\n",)) -> list[str]:
-        """Answer each prompt with its label's expert; grouped so each expert is merged once."""
+               stop=("\n",), settings: Sequence[tuple[int, tuple[str, ...]]] | None = None) -> list[str]:
+        """Answer each prompt with its label's expert; grouped so each expert is merged once.
+
+        ``settings``: one ``(max_new_tokens, stop)`` per prompt (``Task.generation_for``), else
+        ``max_new_tokens`` and ``stop`` for all."""
+        settings = per_prompt(settings, len(prompts), max_new_tokens, stop)
         out: list[str | None] = [None] * len(prompts)
         groups: dict[str, list[int]] = {}
         for i, lab in enumerate(labels):
@@ -202,7 +212,8 @@ class TwoPass:
                 self.use(None, None)
             else:
                 self.use(("expert", lab), self.experts[lab].z)
-            for i, t in zip(idx, self._generate([prompts[i] for i in idx], max_new_tokens, stop)):
+            texts = generate_grouped(self._generate, [prompts[i] for i in idx], [settings[i] for i in idx])
+            for i, t in zip(idx, texts):
                 out[i] = t
         return out  # type: ignore[return-value]
 
@@ -213,9 +224,11 @@ class TwoPass:
         return cur[1] if isinstance(cur, tuple) and cur[0] == "expert" else None
 
     def answer_with(self, key: object, z: Mapping[str, torch.Tensor] | None, prompts: Sequence[str],
-                    max_new_tokens: int = 16, stop=("\n",)) -> list[str]:
+                    max_new_tokens: int = 16, stop=("\n",),
+                    settings: Sequence[tuple[int, tuple[str, ...]]] | None = None) -> list[str]:
+        """Answer every prompt with ``z`` (``settings`` as in :meth:`answer`)."""
         self.use(key, z)
-        return self._generate(prompts, max_new_tokens, stop)
+        return generate_grouped(self._generate, list(prompts), per_prompt(settings, len(prompts), max_new_tokens, stop))
 
     # -- few-shot -----------------------------------------------------------------------
     def mixture_evaluator(self, task: Task, shots: Sequence[Example]) -> Evaluator:
@@ -241,7 +254,9 @@ class TwoPass:
         """Two-pass inference on ``examples`` of ``task``, scored with the task's verifier."""
         if strategy not in STRATEGIES:
             raise AdaptError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-        prompts = [task.format_prompt(e) for e in examples]
+        texts_in = [task.format_prompt(e) for e in examples]  # what the first pass classifies
+        prompts = [task.prompt_for(e, self.tokenizer) for e in examples]  # what the second pass answers
+        per_example = [task.generation_for(e) for e in examples]
         merges0 = self.merges
         cem = None
         t0 = time.perf_counter()
@@ -249,18 +264,23 @@ class TwoPass:
             cem = self.fewshot(task, shots, settings or CEMSettings(), evaluator, log)
             labels = ["mixture"] * len(prompts)
         else:
-            labels = self.classify(prompts, strategy)
+            labels = self.classify(texts_in, strategy)
         t1 = time.perf_counter()
         if strategy == "fewshot":
             texts = self.answer_with(("mixture", tuple(cem.alpha.flatten().tolist())), self.mixed_z(cem.alpha),
-                                     prompts, task.max_new_tokens, task.stop)
+                                     prompts, settings=per_example)
         else:
-            texts = self.answer(prompts, labels, task.max_new_tokens, task.stop)
+            texts = self.answer(prompts, labels, settings=per_example)
         t2 = time.perf_counter()
         verdicts = task.verify_batch(texts, list(examples))
         return AdaptRun(strategy, labels, texts, [v.correct for v in verdicts],
                         [gold_category(e, self.categories) for e in examples], t1 - t0, t2 - t1,
                         self.merges - merges0, cem)
+
+
+def per_prompt(settings, n: int, max_new_tokens: int, stop) -> list[tuple[int, tuple[str, ...]]]:
+    """``settings`` as a list, or ``(max_new_tokens, stop)`` for each of ``n`` prompts when it is None."""
+    return list(settings) if settings is not None else [(max_new_tokens, tuple(stop))] * n
 
 
 def hf_engine(svf, tokenizer, batch_size: int):
@@ -276,8 +296,9 @@ def score_alpha(engine, zs, alpha: torch.Tensor, task: Task, shots: Sequence[Exa
     Shared by the in-process evaluator and the rollout actors (``actors/adapt.py``).
     """
     engine.set_z(mix_z(zs, alpha), ("alpha", tuple(torch.as_tensor(alpha).flatten().tolist())))
-    comps = engine.generate([task.format_prompt(e) for e in shots], temperature=0.0,
-                            max_new_tokens=task.max_new_tokens, stop=task.stop)
+    comps = generate_grouped(
+        lambda ps, n, st: engine.generate(ps, temperature=0.0, max_new_tokens=n, stop=st),
+        [task.prompt_for(e, engine.tokenizer) for e in shots], [task.generation_for(e) for e in shots])
     verdicts = task.verify_batch([c.text for c in comps], list(shots))
     return sum(v.correct for v in verdicts) / max(1, len(verdicts))
 

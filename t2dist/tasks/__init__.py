@@ -6,5 +6,8 @@ from t2dist.tasks import benchmarks  # noqa: F401,E402  (gsm8k, mbpp, humaneval,
 from t2dist.tasks import adaptation  # noqa: F401,E402  (caps, dispatch, mixed: the self-adaptation stage)
 from t2dist.tasks import arith  # noqa: F401,E402  (arith, arith_hard: multi-digit arithmetic for real models)
 from t2dist.tasks import arc_text  # noqa: F401,E402  (arc_easy_text: ARC-Easy answered with the option text)
+from t2dist.tasks import words  # noqa: F401,E402  (alphabetical: which of two words comes first)
+from t2dist.tasks import sentiment  # noqa: F401,E402  (sentiment: the third kind of the real two-pass)
+from t2dist.tasks import adaptation_real  # noqa: F401,E402  (mixed_real, dispatch_real: the real-model two-pass)
 
 __all__ = ["SPLITS", "TASKS", "Example", "Task", "Verdict", "get_task", "register_task"]

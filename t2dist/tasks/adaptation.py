@@ -32,6 +32,7 @@ from t2dist.tasks.synthetic import SyntheticTask
 
 # Source task -> dispatch category.
 SOURCES: dict[str, str] = {"math": "math", "code": "code", "reasoning": "reasoning", "caps": "other"}
+OTHER_CATEGORY = "other"
 MIXED_SOURCES: tuple[str, ...] = ("math", "code", "reasoning")
 
 
@@ -75,25 +76,39 @@ class DispatchTask(Task):
     skill = "dispatch"
     max_new_tokens = 10
     chat = "never"  # raw text, the format the toy base was pretrained on
+    sources: dict[str, str] = SOURCES  # source task -> its category
+    answer_prefix = ""  # written after the question (and the chat template's assistant header) for the model
+
+    def prompt_for(self, example: Example, tokenizer=None) -> str:
+        return super().prompt_for(example, tokenizer) + self.answer_prefix
 
     def __init__(self, template: str | None = None):
         from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, check_template
 
-        self.template = check_template(template or DEFAULT_TEMPLATE)
+        self.template = check_template(template or self.default_template() or DEFAULT_TEMPLATE)
+
+    @staticmethod
+    def default_template() -> str | None:
+        return None  # the toy one (DEFAULT_TEMPLATE)
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.sources.values(), OTHER_CATEGORY]))
 
     def wrap(self, src: Example) -> Example:
-        cat = SOURCES[src.task]
+        cat = self.sources[src.task]
         trap = dispatch_trap(src)
+        text = get_task(src.task).format_prompt(src)  # the user's text, before any chat template
         meta = {"trap": trap is not None, "trap_answer": trap or cat, "source_task": src.task,
-                "source_prompt": src.prompt, "completion": f" {cat}\n"}
-        return Example(self.name, self.template.format(prompt=src.prompt), cat, meta)
+                "source_prompt": text, "completion": f" {cat}\n"}
+        return Example(self.name, self.template.format(prompt=text), cat, meta)
 
     @cached_property
     def _splits(self) -> dict[str, list[Example]]:
         out = {}
         for split in ("train", "validation", "test"):
-            exs = [self.wrap(e) for name in SOURCES for e in get_task(name).examples(split)]
-            random.Random(f"dispatch/{split}").shuffle(exs)
+            exs = [self.wrap(e) for name in self.sources for e in get_task(name).examples(split)]
+            random.Random(f"{self.name}/{split}").shuffle(exs)
             out[split] = exs
         return out
 
@@ -117,7 +132,7 @@ class DispatchTask(Task):
     def verify(self, completion: str, example: Example) -> Verdict:
         from t2dist.adapt.dispatch import parse_label
 
-        got = parse_label(completion)
+        got = parse_label(completion, self.categories)
         ok = got == example.answer
         return Verdict(1.0 if ok else -1.0, ok, got)
 
@@ -129,12 +144,13 @@ class MixedTask(Task):
     skill = "mixed"
     max_new_tokens = 12
     chat = "never"  # the synthetic suite's raw "Q: ...\nA:" text
+    sources: tuple[str, ...] = MIXED_SOURCES
 
     @cached_property
     def _splits(self) -> dict[str, list[Example]]:
         out = {}
         for split in ("train", "validation", "test"):
-            per = [get_task(n).examples(split) for n in MIXED_SOURCES]
+            per = [get_task(n).examples(split) for n in self.sources]
             out[split] = [ex for group in zip(*per) for ex in group]  # round-robin, shortest length
         return out
 

@@ -42,6 +42,11 @@ class Task(ABC):
         """The task's own text for ``example`` (the user message, before any chat template)."""
         return example.prompt
 
+    def generation_for(self, example: Example) -> tuple[int, tuple[str, ...]]:
+        """``(max_new_tokens, stop)`` for ``example``: the task's own for every example; a task that
+        mixes others (``mixed_real``) gives each example its source task's."""
+        return self.max_new_tokens, tuple(self.stop or ())
+
     def prompt_for(self, example: Example, tokenizer=None) -> str:
         """The exact text the model sees (the completion is appended to it): :meth:`format_prompt`,
         wrapped in ``tokenizer``'s chat template according to :attr:`chat`."""
