@@ -146,7 +146,9 @@ class LearnerWorker:
         self.zero_stage = lc.zero_stage
         self.grad_accum = lc.grad_accum
         self.module = ZLoss(self.svf.init_z(self.cfg.svf.init), self.svf, self.cfg.rl, self.pad_id)
-        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
+        # the torch Adam itself: DeepSpeed's wrappers (ZeRO, bf16) step it with its own param_groups,
+        # so the lr schedule is set there (t2dist.rl.schedule.set_step_lr)
+        self.adam = optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, config=self.ds_config
         )
@@ -252,7 +254,7 @@ class LearnerWorker:
                        for mb, _ in micro]
         rl_step = int(self.engine.global_steps) // epochs  # 0-based; restored with a checkpoint
         with_kl = kl_wanted(module.rl_cfg, rl_step + 1)
-        lr = set_step_lr(self.optimizer, module.rl_cfg, rl_step)
+        lr = set_step_lr(self.adam, module.rl_cfg, rl_step)
         for _ in range(epochs):
             out = self._update(micro, old, normalizer, with_kl)
         self._z = self._gather_z()

@@ -200,15 +200,17 @@ def test_one_rank_matches_single_process_loop(ray_cluster, make_cfg, oracle_svf)
         assert m["loss"] == pytest.approx(lo, rel=1e-5, abs=1e-7)
 
 
-def test_one_rank_follows_the_lr_schedule_across_a_resume(ray_cluster, make_cfg, oracle_svf, tmp_path):
-    """``rl.lr_schedule=linear``: each RL step's lr is Hugging Face's linear decay (a LambdaLR-free
-    oracle: transformers' scheduler on a plain Adam), also after a checkpoint restores the step count."""
+@pytest.mark.parametrize("stage", [0, 3])
+def test_one_rank_follows_the_lr_schedule_across_a_resume(ray_cluster, make_cfg, oracle_svf, tmp_path, stage):
+    """``rl.lr_schedule=linear``: each RL step's lr is Hugging Face's linear decay (the oracle:
+    transformers' scheduler on a plain Adam), also after a checkpoint restores the step count, and
+    under ZeRO-3, whose optimizer wraps the Adam whose lr is set."""
     from transformers import get_scheduler
 
     from t2dist.rl.step import rl_loss
     from t2dist.svf.model import ZParams
 
-    cfg = make_cfg(ranks=1)
+    cfg = make_cfg(ranks=1, zero_stage=stage)
     cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"lr_schedule": "linear", "steps": 4})})
     batches = [make_batch(s) for s in (11, 12, 13, 14)]
     svf, tok = oracle_svf
