@@ -15,8 +15,8 @@ peak resident memory (``ru_maxrss``) and threads are per job and nothing is shar
   tokens, verifier reward ±1, group-mean baseline, token-mean loss, Adam, clip 1, beta 0.
 * The TRL job runs ``trl.GRPOTrainer`` with a ``peft.LoraConfig`` on the same toy base and
   task with those settings mapped onto GRPOConfig (``scale_rewards="none"`` = group-mean
-  baseline, ``loss_type="dapo"`` = token mean, constant lr, AdamW without weight decay,
-  ``beta=0``, the newline stop as an extra eos like t2dist's stop string), on CPU,
+  baseline, ``loss_type="dapo"`` = token mean, the job's ``rl.lr_schedule`` (constant unless set),
+  AdamW without weight decay, ``beta=0``, the newline stop as an extra eos like t2dist's stop string), on CPU,
   ``report_to="none"``.
 * Accuracy: greedy, on the test split (``--eval-limit``), with 95% Wilson intervals, for the
   training task and the other tasks (collateral damage).  "Seconds to final" is the
@@ -87,7 +87,8 @@ def cfg_for(job: dict):
     kind = job["kind"]
     over = [f"policy.kind={kind}", f"task.name={job['task']}", f"rl.steps={job['steps']}", f"rl.seed={job['seed']}",
             f"rl.prompts_per_step={job['prompts']}", f"rl.samples_per_prompt={job['samples']}",
-            f"rl.lr={job['lr']}", f"lora.r={job['lora_r']}", f"lora.alpha={job['lora_alpha']}",
+            f"rl.lr={job['lr']}", f"rl.lr_schedule={job.get('lr_schedule', 'constant')}",
+            f"lora.r={job['lora_r']}", f"lora.alpha={job['lora_alpha']}",
             f"lora.dropout={job['lora_dropout']}", f"lora.targets={job['lora_targets']}", "svf.cache_dir=null",
             f"model.path={job.get('model', 'toy')}"]
     return load_config(DEMO, over)
@@ -198,7 +199,7 @@ def job_trl(job: dict) -> dict:
             output_dir=out, per_device_train_batch_size=P * N, num_generations=N, gradient_accumulation_steps=1,
             steps_per_generation=1, max_completion_length=max_new, temperature=job.get("temperature", 1.0), top_p=1.0,
             top_k=0,
-            learning_rate=job["lr"], lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0,
+            learning_rate=job["lr"], lr_scheduler_type=job.get("lr_schedule", "constant"), optim="adamw_torch", weight_decay=0.0,
             max_grad_norm=1.0, beta=0.0, scale_rewards="none", loss_type="dapo", num_iterations=1,
             max_steps=job["steps"], use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
             seed=job["seed"], data_seed=job["seed"], bf16=False, fp16=False, dataloader_num_workers=0,

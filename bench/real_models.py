@@ -53,6 +53,11 @@ def train_command(config: str, seed: int, out: Path, overrides: list[str]) -> li
             f"run_dir={out / f'seed{seed}'}", f"registry.url={out / 'registry'}", *overrides]
 
 
+def lr_note(schedule: str | None) -> str:
+    """The method's suffix for a decaying lr (rows of constant-lr runs keep their names)."""
+    return "" if schedule in (None, "constant") else f", lr {schedule}"
+
+
 def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: float) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -60,7 +65,7 @@ def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: floa
     fingerprint = json.loads(card.read_text()).get("base_fingerprint") if card.is_file() else None
     return {
         "model": cfg["model"]["path"], "task": cfg["task"]["name"],
-        "method": f"t2dist train, {(cfg.get('policy') or {}).get('kind', 'svf')}",
+        "method": f"t2dist train, {(cfg.get('policy') or {}).get('kind', 'svf')}" + lr_note(cfg["rl"].get("lr_schedule")),
         "device": f"{os.cpu_count()} CPU cores" if cfg["model"]["device"] == "cpu" else cfg["model"]["device"],
         "seed": seed,
         "base_accuracy": summary["base_accuracy"], "base_ci_low": summary["base_ci"][0],
@@ -136,6 +141,7 @@ def trl_job(config: str, seed: int, overrides: list[str]) -> dict:
     lora, rl = cfg.lora, cfg.rl
     return {"runner": "trl", "kind": "lora", "model": cfg.model.path, "task": cfg.task.name, "seed": seed,
             "steps": rl.steps, "prompts": rl.prompts_per_step, "samples": rl.samples_per_prompt, "lr": rl.lr,
+            "lr_schedule": rl.lr_schedule,
             "temperature": rl.temperature, "max_new_tokens": cfg.task.max_new_tokens, "lora_r": lora.r,
             "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": lora.targets,
             "threads": os.cpu_count(), "eval_tasks": [cfg.task.name], "eval_limit": cfg.eval.limit,
@@ -154,7 +160,7 @@ def trl_row(config: str, seed: int, overrides: list[str], command: list[str]) ->
         raise SystemExit(f"the TRL run of {config} seed {seed} failed (see above)")
     wall = time.perf_counter() - t0
     base, final = res["base_eval"][job["task"]], res["eval"][job["task"]]
-    return {"model": job["model"], "task": job["task"], "method": f"TRL {res['trl']} GRPO, lora",
+    return {"model": job["model"], "task": job["task"], "method": f"TRL {res['trl']} GRPO, lora" + lr_note(job["lr_schedule"]),
             "device": f"{os.cpu_count()} CPU cores", "seed": seed, "base_accuracy": base["accuracy"],
             "base_ci_low": base["ci_low"], "base_ci_high": base["ci_high"], "final_accuracy": final["accuracy"],
             "final_ci_low": final["ci_low"], "final_ci_high": final["ci_high"], "n_test": final["n"], "wall_seconds": round(wall, 1), "steps": job["steps"],

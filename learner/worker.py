@@ -31,6 +31,7 @@ import torch
 
 from t2dist.config import Config
 from t2dist.rl.rollout import RolloutBatch
+from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
 from t2dist.svf.model import ZParams
 
@@ -145,7 +146,9 @@ class LearnerWorker:
         self.zero_stage = lc.zero_stage
         self.grad_accum = lc.grad_accum
         self.module = ZLoss(self.svf.init_z(self.cfg.svf.init), self.svf, self.cfg.rl, self.pad_id)
-        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
+        # the torch Adam itself: DeepSpeed's wrappers (ZeRO, bf16) step it with its own param_groups,
+        # so the lr schedule is set there (t2dist.rl.schedule.set_step_lr)
+        self.adam = optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, config=self.ds_config
         )
@@ -249,13 +252,15 @@ class LearnerWorker:
                 old = [behaviour_logprobs(module.svf, module.as_dict(), mb, pad_id=module.pad_id,
                                           share_prefix=module.rl_cfg.shared_prefix)
                        for mb, _ in micro]
-        with_kl = kl_wanted(module.rl_cfg, int(self.engine.global_steps) // epochs + 1)  # 1-based RL step
+        rl_step = int(self.engine.global_steps) // epochs  # 0-based; restored with a checkpoint
+        with_kl = kl_wanted(module.rl_cfg, rl_step + 1)
+        lr = set_step_lr(self.adam, module.rl_cfg, rl_step)
         for _ in range(epochs):
             out = self._update(micro, old, normalizer, with_kl)
         self._z = self._gather_z()
         keys = list(out["sums"])  # the same keys on every rank: one config, batches of one engine
         result = dict(zip(keys, self._global_sums([out["sums"][k] for k in keys])))
-        result.update(grad_norm=out["grad_norm"], seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
+        result.update(grad_norm=out["grad_norm"], lr=lr, seconds=time.perf_counter() - t0, step=int(self.engine.global_steps),
                       tokens=int(batch.num_tokens))
         if self.on_gpu:  # activations of this step are garbage now: give them back to a colocated rollout actor
             torch.cuda.empty_cache()

@@ -88,6 +88,9 @@ class RLConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     lr: float = Field(1e-2, gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="lr over the run's rl.steps (t2dist/rl/schedule.py): constant, or decayed to 0 "
+                                "linearly or on a half cosine, as Hugging Face's/TRL's schedules without warm-up")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient against the neutral model")
     kl_estimator: str = "k3"
     kl_every: int = Field(1, ge=0, description="with rl.beta 0 the KL to the neutral model is only logged: compute "

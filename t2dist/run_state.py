@@ -69,7 +69,7 @@ class BestTracker:
 # TensorBoard tag -> key of the step record (0.0 where a learner does not report the key)
 TB_SCALARS = {
     "train/reward_mean": "reward", "train/reward_std": "reward_std", "train/accuracy": "accuracy",
-    "train/loss": "loss", "train/entropy": "entropy", "train/grad_norm": "grad_norm",
+    "train/loss": "loss", "train/entropy": "entropy", "train/grad_norm": "grad_norm", "train/lr": "lr",
     "train/response_length": "response_length", "time/rollout_s": "rollout_s", "time/sync_s": "sync_s",
     "time/generate_s": "generate_s", "time/scoring_s": "scoring_s", "time/learner_s": "learner_s",
     "time/step_s": "step_s", "time/tokens_per_s": "tokens_per_s", "sync/bytes_per_step": "sync_bytes",

@@ -59,3 +59,20 @@ def test_same_questions_and_splits_as_arc_easy_and_gold_reads_back():
     first = text.examples("test")[0]
     assert "Options:\n- " in first.prompt and first.prompt.endswith("text of the correct option only.")
     assert "A. " not in first.prompt
+
+
+@needs_data
+def test_closed_book_variant_shows_no_options_and_reads_answers_the_same_way():
+    open_, text = get_task("arc_easy_open"), get_task("arc_easy_text")
+    for split in ("train", "test"):
+        ex, ref = open_.examples(split), text.examples(split)
+        assert [e.meta["id"] for e in ex] == [e.meta["id"] for e in ref]
+        assert [e.answer for e in ex] == [e.answer for e in ref]
+    ex, ref = open_.examples("test"), text.examples("test")
+    assert all(e.prompt == f"Question: {e.meta['question']}\n\nAnswer in a few words." for e in ex)
+    assert open_.plain_prompt(ex[0]) == f"Question: {ex[0].meta['question']}\nAnswer:"
+    for e, r in zip(ex[:200], ref[:200]):  # the same verdict for the gold, a wrong option and every option
+        wrong = e.meta["options"][(e.meta["gold"] + 1) % len(e.meta["options"])]
+        for answer in (e.answer, f"It is {wrong}.", " ".join(e.meta["options"])):
+            assert open_.verify(answer, e) == text.verify(answer, r)
+        assert open_.verify(e.answer, e).correct and not open_.verify(wrong, e).correct

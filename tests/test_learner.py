@@ -200,6 +200,50 @@ def test_one_rank_matches_single_process_loop(ray_cluster, make_cfg, oracle_svf)
         assert m["loss"] == pytest.approx(lo, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_one_rank_follows_the_lr_schedule_across_a_resume(ray_cluster, make_cfg, oracle_svf, tmp_path, stage):
+    """``rl.lr_schedule=linear``: each RL step's lr is Hugging Face's linear decay (the oracle:
+    transformers' scheduler on a plain Adam), also after a checkpoint restores the step count, and
+    under ZeRO-3, whose optimizer wraps the Adam whose lr is set."""
+    from transformers import get_scheduler
+
+    from t2dist.rl.step import rl_loss
+    from t2dist.svf.model import ZParams
+
+    cfg = make_cfg(ranks=1, zero_stage=stage)
+    cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"lr_schedule": "linear", "steps": 4})})
+    batches = [make_batch(s) for s in (11, 12, 13, 14)]
+    svf, tok = oracle_svf
+    zp = ZParams(svf.init_z(cfg.svf.init))
+    opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)
+    sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=cfg.rl.steps)
+    lrs_ref = []
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        rl_loss(svf, zp.as_dict(), batch, cfg.rl, pad_id=tok.pad_token_id)[0].backward()
+        torch.nn.utils.clip_grad_norm_(zp.parameters(), cfg.rl.clip_grad)
+        lrs_ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    workers = start_workers(ray_cluster, cfg, 1)
+    try:
+        lrs = [train_on(ray_cluster, workers, b, cfg)[0]["lr"] for b in batches[:2]]
+        ray_cluster.get(workers[0].save_checkpoint.remote(str(tmp_path / "ckpt"), "step2", {}))
+    finally:
+        stop_workers(ray_cluster, workers)
+    workers = start_workers(ray_cluster, cfg, 1)  # a fresh process: the step count comes from the checkpoint
+    try:
+        ray_cluster.get(workers[0].load_checkpoint.remote(str(tmp_path / "ckpt"), "step2"))
+        lrs += [train_on(ray_cluster, workers, b, cfg)[0]["lr"] for b in batches[2:]]
+        z = ray_cluster.get(workers[0].get_z.remote())
+    finally:
+        stop_workers(ray_cluster, workers)
+    assert lrs == pytest.approx(lrs_ref, rel=1e-12)
+    assert_z_close(z, zp.detached(), atol=1e-5)
+    z_const, _, _ = oracle_steps(svf, tok, make_cfg(ranks=1), batches)  # the same batches at a constant lr
+    assert max(float((z_const[n] - z[n]).abs().max()) for n in z) > 1e-3  # the schedule really changed z
+
+
 def test_two_ranks_match_one_rank(ray_cluster, make_cfg, oracle_svf):
     cfg = make_cfg(ranks=2, grad_accum=2)  # 2 micro-batches of 1 prompt group per rank
     batches = [make_batch(s) for s in (4, 5)]

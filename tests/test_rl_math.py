@@ -139,3 +139,37 @@ def test_prompt_stream_is_deterministic_and_resumable():
     assert [e.prompt for e in resumed.next_batch(16)] == first[4:20]
     with pytest.raises(ValueError, match="empty"):
         PromptStream([], seed=0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_matches_transformers(schedule):
+    """``rl.lr_schedule`` gives, step by step, the lr of Hugging Face's scheduler of that name
+    (warm-up 0), the one TRL's GRPOTrainer would use: an independent implementation."""
+    from transformers import get_scheduler
+
+    from t2dist.config import RLConfig
+    from t2dist.rl.schedule import set_step_lr
+
+    rl = RLConfig(steps=7, lr=3e-3, lr_schedule=schedule)
+    ref_opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=rl.lr)
+    hf = get_scheduler(schedule, ref_opt, num_warmup_steps=0, num_training_steps=rl.steps)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=rl.lr)
+    lrs = []
+    for step in range(rl.steps):
+        lrs.append(set_step_lr(opt, rl, step))
+        assert opt.param_groups[0]["lr"] == lrs[-1]
+        assert lrs[-1] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        ref_opt.step()
+        hf.step()
+    assert lrs[0] == rl.lr
+    if schedule != "constant":
+        assert lrs[-1] < rl.lr / 5 and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_unknown_lr_schedule_is_a_config_error():
+    from pydantic import ValidationError
+
+    from t2dist.config import RLConfig
+
+    with pytest.raises(ValidationError, match="lr_schedule"):
+        RLConfig(lr_schedule="exponential")

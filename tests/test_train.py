@@ -54,18 +54,19 @@ def small_cfg(tmp_path, *more):
                               f"registry.url={tmp_path / 'registry'}", *SMALL, *more])
 
 
-@pytest.mark.parametrize("epochs,kl_every", [(1, 1), (2, 2)])
-def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every):
+@pytest.mark.parametrize("epochs,kl_every,schedule", [(1, 1, "constant"), (2, 2, "constant"), (2, 2, "linear")])
+def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, schedule):
     """Same seed, data, one actor and one learner rank: z equals the single-process oracle
     (also with two PPO-clipped updates per batch).  With ``rl.kl_every=2`` (beta 0) both compute
-    the KL to the neutral model, a forward of its own, on step 2 only; z is unchanged by it."""
+    the KL to the neutral model, a forward of its own, on step 2 only; z is unchanged by it.
+    With ``rl.lr_schedule=linear`` both decay the lr by RL step (not by optimizer update)."""
     from t2dist.rl.local import train_local
     from t2dist.runtime import load_svf
     from t2dist.tasks import get_task
     from t2dist.train import train
 
     cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "train.checkpoint_every=3",
-                    f"rl.update_epochs={epochs}", f"rl.kl_every={kl_every}")
+                    f"rl.update_epochs={epochs}", f"rl.kl_every={kl_every}", f"rl.lr_schedule={schedule}")
     train(cfg, progress=False)
     z_dist, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 3
@@ -79,6 +80,9 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every):
     assert moved > 1e-3  # training really changed z
     for n in local.z:
         assert torch.allclose(z_dist[n], local.z[n].float(), atol=1e-5), n
+    lrs = [h["lr"] for h in state["history"]]
+    assert lrs == [h["lr"] for h in local.history]
+    assert lrs == ([cfg.rl.lr] * 3 if schedule == "constant" else [cfg.rl.lr * (1 - s / 3) for s in range(3)])
 
 
 def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):

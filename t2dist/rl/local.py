@@ -15,6 +15,7 @@ from tqdm import tqdm
 from t2dist.config import Config
 from t2dist.rl.data import PromptStream
 from t2dist.rl.rollout import rollout
+from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
 from t2dist.svf.model import SVFModel, ZParams
 from t2dist.tasks.base import Task
@@ -52,6 +53,7 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             max_new_tokens=cfg.task.max_new_tokens, seed=step_seed(rl.seed, step),
         )
         t1 = time.perf_counter()
+        lr = set_step_lr(opt, rl, step)
         old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id, share_prefix=rl.shared_prefix) if rl.update_epochs > 1 else None
         for _ in range(rl.update_epochs):
             opt.zero_grad(set_to_none=True)
@@ -67,6 +69,7 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             "accuracy": float(batch.correct.float().mean()),
             "loss": loss.item(),
             "grad_norm": float(grad_norm),
+            "lr": lr,
             "response_length": float(batch.lengths.float().mean()),
             "rollout_s": t1 - t0,
             "learn_s": t2 - t1,

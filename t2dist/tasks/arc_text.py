@@ -98,3 +98,20 @@ class ARCEasyText(ARCEasy):
 
     def reference_completion(self, example: Example) -> str:
         return example.answer
+
+
+@register_task("arc_easy_open")
+class ARCEasyOpen(ARCEasyText):
+    """ARC-Easy closed-book: the question alone, no options shown; the answer is read as in
+    ``arc_easy_text`` (the option whose content words the first line holds).  This asks for what
+    the log-likelihood reference measures, the option the model itself would say, without the
+    listed options that SmolLM2 copies by position (it names a listed option 23% right)."""
+
+    INSTRUCTION = "Answer in a few words."
+
+    def to_example(self, rec: dict) -> Example:
+        meta = {"options": rec["options"], "question": rec["question"], "gold": rec["gold"]}
+        return Example(self.name, f"Question: {rec['question']}\n\n{self.INSTRUCTION}", rec["options"][rec["gold"]], meta)
+
+    def plain_prompt(self, example: Example) -> str:
+        return f"Question: {example.meta['question']}\nAnswer:"

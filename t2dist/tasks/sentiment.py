@@ -15,18 +15,16 @@ One to three clauses ``the <noun> was [not] <adjective>``; every clause has the 
 label is unambiguous.  About a third of the clauses are negated, the part a lexical shortcut gets
 wrong.  ``chat = "auto"``: an instruct model gets the text as one user turn of its chat template.
 
-Verifier: the completion's first line must name exactly one of ``positive`` / ``negative`` (whole
-word, any case); echoing the question ("positive or negative") is no answer.  Reward +1 / -1.
-Hash splits of 1500 / 200 / 400 (the same distribution in every split, prompt-disjoint).
+Verifier (:class:`~t2dist.tasks.named_option.NamedOptionTask`): the completion's first line must name
+exactly one of ``positive`` / ``negative``; echoing the question ("positive or negative") is no answer.
 """
 from __future__ import annotations
 
 import random
-import re
 from typing import Any
 
-from t2dist.tasks.base import Example, Verdict, register_task
-from t2dist.tasks.synthetic import SyntheticTask
+from t2dist.tasks.base import Example, register_task
+from t2dist.tasks.named_option import NamedOptionTask
 
 NOUNS = ("food service staff pasta room movie soup music coffee hotel waiter pizza bread view price "
          "bed salad book show seat wine dessert guide driver beach lobby tea menu table chef").split()
@@ -45,16 +43,12 @@ def clause(rng: random.Random, positive: bool) -> str:
 
 
 @register_task("sentiment")
-class SentimentTask(SyntheticTask):
+class SentimentTask(NamedOptionTask):
     """Say whether a short review is positive or negative."""
 
     skill = "sentiment"
-    chat = "auto"
-    trap_fraction = 0.0
-    split_by = "hash"
-    sizes = {"train": 1500, "validation": 200, "test": 400}
     max_new_tokens = 8  # "This review is negative" is 4-5 tokens
-    stop = ("\n",)
+    option_noun = "label"
 
     def sample(self, rng: random.Random, trap: bool) -> tuple[str, str, dict[str, Any]]:
         positive = rng.random() < 0.5
@@ -64,10 +58,5 @@ class SentimentTask(SyntheticTask):
         return (f"Review: {text}\nIs this review positive or negative?", label,
                 {"negated": " not " in text, "completion": f" {label}\n"})
 
-    def verify(self, completion: str, example: Example) -> Verdict:
-        line = (completion or "").strip().split("\n", 1)[0].lower()
-        named = [w for w in LABELS if re.search(rf"\b{w}\b", line)]
-        if len(named) != 1:
-            return Verdict(-1.0, False, None, "names both labels" if named else "names no label")
-        ok = named[0] == example.answer
-        return Verdict(1.0 if ok else -1.0, ok, named[0], "the one label named")
+    def options(self, example: Example) -> tuple[str, ...]:
+        return LABELS
