@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from t2dist.errors import UserError
+from t2dist.rl.schedule import LrSchedule
 
 
 def _one_of(value: str, known, what: str, label: str = "known") -> str:
@@ -88,7 +89,7 @@ class RLConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     lr: float = Field(1e-2, gt=0.0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+    lr_schedule: LrSchedule = Field(
         "constant", description="lr over the run's rl.steps (t2dist/rl/schedule.py): constant, or decayed to 0 "
                                 "linearly or on a half cosine, as Hugging Face's/TRL's schedules without warm-up")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient against the neutral model")
