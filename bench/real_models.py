@@ -223,6 +223,40 @@ def render_vs_trl(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def schedule_of(method: str) -> str:
+    """The lr schedule a row's method names (", lr linear"; none named: constant)."""
+    return method.rsplit(", lr ", 1)[1] if ", lr " in method else "constant"
+
+
+def render_trl_grid(rows: list[dict]) -> str:
+    """Issue 14's "t2dist's time to TRL's final accuracy <= 0.5x TRL's", every t2dist seed against every TRL
+    seed of the same model, task and lr schedule: a t2dist run's first checkpoint on test at or above that TRL
+    run's final test accuracy, as a share of that TRL run's training seconds ("never": no checkpoint got there)."""
+    out = []
+    for trl_method in sorted({r["method"] for r in rows if r["method"].startswith("TRL")}):
+        trls = sorted((r for r in rows if r["method"] == trl_method), key=lambda r: r["seed"])
+        key = (trls[0]["model"], trls[0]["task"], schedule_of(trl_method))
+        ours = sorted((r for r in rows if r["method"].startswith("t2dist") and r.get("test_curve")
+                       and (r["model"], r["task"], schedule_of(r["method"])) == key), key=lambda r: r["seed"])
+        if not ours:
+            continue
+        head = " | ".join(f"TRL seed {t['seed']}: {100 * t['final_accuracy']:.1f}% in {t['train_seconds'] / 60:.1f} min"
+                          for t in trls)
+        out += [f"{ours[0]['method']} against {trl_method} ({key[0]}, {key[1]}): time to TRL's final test accuracy",
+                f"| t2dist seed | {head} |", "| ---: |" + " ---: |" * len(trls)]
+        met = 0
+        for r in ours:
+            cells = []
+            for t in trls:
+                hit = next((c["train_seconds"] for c in r["test_curve"]
+                            if c["test_accuracy"] >= t["final_accuracy"] - 1e-9), None)
+                met += hit is not None and hit <= 0.5 * t["train_seconds"]
+                cells.append("never" if hit is None else f"{hit / t['train_seconds']:.2f}x")
+            out.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+        out.append(f"{met} of {len(ours) * len(trls)} pairs at or under 0.5x.")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config")
@@ -272,9 +306,9 @@ def main(argv=None) -> None:
             save_rows(args.json, new[-1:])
     rows = save_rows(args.json, new) if new else json.loads(args.json.read_text())["rows"]
     print(render(rows))  # the table of bench/results/<date>-real-models.md
-    vs = render_vs_trl(rows)
-    if vs:
-        print("\n" + vs)
+    for extra in (render_vs_trl(rows), render_trl_grid(rows)):
+        if extra:
+            print("\n" + extra)
 
 
 if __name__ == "__main__":

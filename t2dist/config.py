@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2dist.errors import UserError
+from t2dist.rl.schedule import LrSchedule
 
 
 def _one_of(value: str, known, what: str, label: str = "known") -> str:
@@ -72,6 +73,10 @@ class LoRAConfig(Section):
 class TaskConfig(Section):
     name: str = "math"
     max_new_tokens: int | None = Field(None, ge=1, description="null: the task's own default")
+    option_order: Literal["given", "balanced"] = Field(
+        "given", description="multiple-choice training prompts: the options in the data set's order, or rotated "
+                             "so the right letters of each step's prompts cycle A, B, C, D, ... (t2dist/rl/data.py: "
+                             "balance_answers); evaluation always keeps the data set's order")
 
     @field_validator("name")
     @classmethod
@@ -79,6 +84,16 @@ class TaskConfig(Section):
         from t2dist.tasks import TASKS
 
         return _one_of(v, sorted(TASKS), "task", "known tasks")
+
+    @model_validator(mode="after")
+    def _options_to_order(self) -> "TaskConfig":
+        from t2dist.tasks import TASKS
+
+        if self.option_order == "balanced" and not TASKS[self.name].multiple_choice:
+            known = ", ".join(n for n, t in sorted(TASKS.items()) if t.multiple_choice)
+            raise ValueError(f"task.option_order=balanced needs a multiple-choice task with its options in the "
+                             f"prompt; task {self.name!r} has none (such tasks: {known})")
+        return self
 
 
 class RLConfig(Section):
@@ -88,7 +103,7 @@ class RLConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     lr: float = Field(1e-2, gt=0.0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+    lr_schedule: LrSchedule = Field(
         "constant", description="lr over the run's rl.steps (t2dist/rl/schedule.py): constant, or decayed to 0 "
                                 "linearly or on a half cosine, as Hugging Face's/TRL's schedules without warm-up")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient against the neutral model")

@@ -43,7 +43,7 @@ from t2dist.errors import TrainingError
 from t2dist.experts import save_expert
 from t2dist.models import resolve_model_path
 from t2dist.paths import resolve_outputs
-from t2dist.rl.data import PromptStream
+from t2dist.rl.data import training_stream
 from t2dist.rl.losses import compute_advantages
 from t2dist.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step, step_record,
                               tb_scalars, training_curve)
@@ -263,7 +263,7 @@ class Trainer:
         self.lagged_z = rollout_z if self.lag else None  # off-policy resume: z of the batch that was in flight
         self.best = BestTracker(self.state, best_z)
         self.evals = BackgroundEvals(self.cfg, self.driver.evaluator, self.state, self.best, self.tracker)
-        self.stream = PromptStream(self.task.examples("train"), self.cfg.rl.seed, position=self.state.position)
+        self.stream = training_stream(self.task, self.cfg.task.option_order, self.cfg.rl.seed, self.state.position)
         self.base_ref = None
         if self.state.base is None:
             self.base_ref = self.driver.evaluator.evaluate.remote(None, "test", self.cfg.eval.limit, None)

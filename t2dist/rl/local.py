@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from t2dist.config import Config
-from t2dist.rl.data import PromptStream
+from t2dist.rl.data import training_stream
 from t2dist.rl.rollout import rollout
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
@@ -36,7 +36,7 @@ def step_seed(seed: int, step: int) -> int:
 def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: bool = True, callback=None) -> LocalRun:
     rl = cfg.rl
     torch.manual_seed(rl.seed)
-    stream = PromptStream(task.examples("train"), rl.seed)
+    stream = training_stream(task, cfg.task.option_order, rl.seed)
     zp = ZParams(svf.init_z(cfg.svf.init))
     opt = torch.optim.Adam(zp.parameters(), lr=rl.lr)
     pad_id = tokenizer.pad_token_id

@@ -13,8 +13,11 @@ The factor is a function of the 0-based RL step alone, so a resumed run (the lea
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-SCHEDULES = ("constant", "linear", "cosine")
+# The one list of schedule names: ``RLConfig.lr_schedule`` is typed with it, ``lr_factor`` reports it.
+LrSchedule = Literal["constant", "linear", "cosine"]
+SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:

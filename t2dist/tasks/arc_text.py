@@ -108,6 +108,7 @@ class ARCEasyOpen(ARCEasyText):
     listed options that SmolLM2 copies by position (it names a listed option 23% right)."""
 
     INSTRUCTION = "Answer in a few words."
+    multiple_choice = False  # no options in the prompt: nothing to reorder
 
     def to_example(self, rec: dict) -> Example:
         meta = {"options": rec["options"], "question": rec["question"], "gold": rec["gold"]}

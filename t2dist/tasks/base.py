@@ -52,6 +52,15 @@ class Task(ABC):
         wrapped in ``tokenizer``'s chat template according to :attr:`chat`."""
         return apply_chat_template(self.format_prompt(example), tokenizer, self.chat, self.name)
 
+    #: Multiple choice with options shown in the prompt: :meth:`with_answer_at` can reorder them
+    #: (``task.option_order: balanced``).
+    multiple_choice: ClassVar[bool] = False
+
+    def with_answer_at(self, example: Example, index: int) -> Example:
+        """``example`` with its options rotated so the right one is option ``index`` (``index`` modulo
+        the number of options); only for :attr:`multiple_choice` tasks."""
+        raise NotImplementedError(f"task {self.name!r} has no options to reorder")
+
     @abstractmethod
     def verify(self, completion: str, example: Example) -> Verdict:
         """Score one completion (the generated text only, prompt excluded)."""

@@ -331,6 +331,20 @@ class ARC(BenchmarkTask):
         prompt = f"Question: {rec['question']}\n{opts}\n\n{self.INSTRUCTION}"
         return Example(self.name, prompt, LETTERS[rec["gold"]], {"options": rec["options"], "question": rec["question"]})
 
+    multiple_choice = True
+
+    def with_answer_at(self, example: Example, index: int) -> Example:
+        """The same question with its options rotated (their cyclic order kept) so the right one
+        is option ``index``: the letter a training prompt's answer sits at is then the trainer's
+        choice (``task.option_order: balanced``, :func:`t2dist.rl.data.balance_answers`)."""
+        options = list(example.meta["options"])
+        n = len(options)
+        gold = example.meta["gold"] if "gold" in example.meta else LETTERS.index(example.answer)
+        index %= n
+        shift = (gold - index) % n
+        rotated = options[shift:] + options[:shift]
+        return self.to_example({"question": example.meta["question"], "options": rotated, "gold": index})
+
     def plain_prompt(self, example: Example) -> str:
         """The prompt for a model without a chat template: the chat prompt's question and options,
         then ``"Answer:"`` instead of the instruction, so a base model's next token is the letter
