@@ -28,6 +28,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OK, reason=WHY)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _is_engine_core(p) -> bool:
+    """vLLM titles its engine process ``VLLM::EngineCore`` (setproctitle), but on the CI machine the title
+    did not always show (CI at 24c6928: the engine, pid 1764 in vLLM's own log lines, listed as plain
+    ``python``).  So also: a process that ``multiprocessing`` spawned from a rollout actor (vLLM starts
+    its engine core that way; the actor's resource tracker is not spawned through ``spawn_main``)."""
+    cmd = " ".join(p.cmdline() + [p.name()])
+    if "EngineCore" in cmd:
+        return True
+    parent = p.parent()
+    return "spawn_main" in cmd and parent is not None and "RolloutWorker" in " ".join(parent.cmdline() + [parent.name()])
+
+
 def _engine_cores() -> list:
     """vLLM engine-core processes below this process (Ray's local cluster is this process's child)."""
     import psutil
@@ -35,7 +47,7 @@ def _engine_cores() -> list:
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "EngineCore" in " ".join(p.cmdline() + [p.name()]):
+            if _is_engine_core(p):
                 out.append(p)
         except psutil.Error:
             pass
@@ -75,7 +87,7 @@ def _process_tree() -> str:
     names = []
     for p in psutil.Process().children(recursive=True):
         try:
-            names.append(f"{p.pid}:{p.name()}")
+            names.append(f"{p.pid}:{p.name()} (parent {p.ppid()}: {' '.join(p.cmdline())[:120]})")
         except psutil.Error:
             pass
     return ", ".join(names)
