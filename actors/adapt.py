@@ -4,7 +4,7 @@
 resources) that also holds the experts' ``z`` vectors (kilobytes; sent once) and scores
 candidate α with ``W'`` composed in its engine (``t2dist.adapt.strategies.score_alpha``;
 the adaptation engine is ``eval.engine``, else ``rollout.engine``, with ``adapt.batch_size``).
-The driver (``t2dist/adapt_driver.py``) splits each CEM population over N of them.
+The driver (``t2dist/orchestration/adapt.py``) splits each CEM population over N of them.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from actors.rollout import RolloutWorker
-from t2dist.experts import ExpertError, check_compatible
+from t2dist.experts.expert import ExpertError, check_compatible
 from t2dist.registry import Registry, RegistryError
 from t2dist.registry.champion import NotComparable, promote_if_better
 

@@ -19,8 +19,8 @@ import torch
 from t2dist.config import Config
 from t2dist.engines import make_engine
 from t2dist.engines.base import EngineDied, z_nbytes
-from t2dist.evaluation import evaluate
-from t2dist.experts import make_card
+from t2dist.evaluation.accuracy import evaluate
+from t2dist.experts.expert import make_card
 from t2dist.rl.rollout import RolloutBatch, engine_rollout
 from t2dist.tasks import get_task
 from t2dist.verifiers.sandbox import SandboxLimits, configure_default_pool

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 
 from t2dist.adapt.cem import CEMSettings  # noqa: E402
 from t2dist.adapt.strategies import pick_shots  # noqa: E402
-from t2dist.adapt_driver import setup  # noqa: E402
+from t2dist.orchestration.adapt import setup  # noqa: E402
 from t2dist.config import load_config  # noqa: E402
-from t2dist.evaluation import evaluate, wilson_interval  # noqa: E402
+from t2dist.evaluation.accuracy import evaluate, wilson_interval  # noqa: E402
 from t2dist.tasks import get_task  # noqa: E402
 
 SETTINGS = {

@@ -56,14 +56,14 @@ def peak_rss_mb() -> float:
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    from t2dist.evaluation import wilson_interval
+    from t2dist.evaluation.accuracy import wilson_interval
 
     return wilson_interval(k, n)
 
 
 def eval_tasks(model, tok, tasks, limit, split="test", max_new_tokens: dict | None = None) -> dict:
     """Greedy accuracy on each task; ``max_new_tokens`` maps a task to its budget (else the task's own)."""
-    from t2dist.evaluation import evaluate
+    from t2dist.evaluation.accuracy import evaluate
 
     out = {}
     for t in tasks:
@@ -95,7 +95,7 @@ def cfg_for(job: dict):
 
 
 def job_base(job: dict) -> dict:
-    from t2dist.models import load_model
+    from t2dist.models.loading import load_model
 
     from t2dist.svf.factors import fingerprint
 
@@ -105,9 +105,9 @@ def job_base(job: dict) -> dict:
 
 
 def job_t2dist(job: dict) -> dict:
-    from t2dist.evaluation import evaluate
+    from t2dist.evaluation.accuracy import evaluate
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
 
     cfg = cfg_for(job)
@@ -142,9 +142,9 @@ def job_trl(job: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from t2dist.evaluation import evaluate
-    from t2dist.generation import _stop_token_ids
-    from t2dist.models import load_model
+    from t2dist.evaluation.accuracy import evaluate
+    from t2dist.engines.generation import _stop_token_ids
+    from t2dist.models.loading import load_model
     from t2dist.tasks import get_task
 
     task = get_task(job["task"])
@@ -267,7 +267,7 @@ LLAMA = {  # hidden, intermediate, layers, kv width (8 KV heads × 128)
 def traffic_rows(r: int) -> list[dict]:
     """Values and bytes one update sends to every rollout actor."""
     from t2dist.config import load_config
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     rows = []
     svf, _ = load_svf(load_config(DEMO, ["svf.cache_dir=null"]))

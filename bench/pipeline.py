@@ -4,7 +4,7 @@
 
 Sections (all in one process, one local Ray cluster; compare the ratios, not the seconds):
 
-1. Per-step time split of a short real ``t2dist.train.train`` run on ``configs/demo.yaml``
+1. Per-step time split of a short real ``t2dist.orchestration.train.train`` run on ``configs/demo.yaml``
    (2 rollout actors, 2 DeepSpeed learner ranks, evaluator), read back from the final
    checkpoint's ``state.json``: rollout (z put + set_expert + generate + score + Ray) and
    learner (shard shipping + DeepSpeed step + get_z) seconds, median and share of the step.
@@ -13,7 +13,7 @@ Sections (all in one process, one local Ray cluster; compare the ratios, not the
    ``set_expert`` round trip).
 2. Rollout throughput: 2 ``RolloutWorker`` actors x 1 thread on ``--prompts`` x ``--samples``
    vs one plain ``model.generate(do_sample=True, temperature=1)`` loop in this process with
-   2 threads (and, for context, with 1 thread, and ``t2dist.generation.generate`` with 2).
+   2 threads (and, for context, with 1 thread, and ``t2dist.engines.generation.generate`` with 2).
 3. Scaling: the same work on 1 actor vs split over 2 (ideal speedup 2.0 on 2 idle cores).
 4. Bytes of one weight sync (z of all targets, fp32) vs the target weights a full-weight
    broadcast would send, for the toy and analytically for Llama-3-8B.
@@ -66,8 +66,8 @@ def fmt_bytes(n: float) -> str:
 
 # -- section 1: a short real training run ----------------------------------------------------
 def run_training(cfg):
-    from t2dist.checkpoint import latest_checkpoint, load_checkpoint
-    from t2dist.train import train
+    from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
+    from t2dist.orchestration.train import train
 
     t0 = time.perf_counter()
     summary = train(cfg, progress=False)
@@ -84,7 +84,7 @@ def print_training(history, summary, wall):
     learner = med([h["learner_s"] for h in history])
     learn_rank = med([h.get("learn_s", float("nan")) for h in history])
     sync_bytes = med([h["sync_bytes"] for h in history])
-    print(f"\n### 1. Per-step time split of `t2dist.train.train` (configs/demo.yaml, {steps} steps)\n")
+    print(f"\n### 1. Per-step time split of `t2dist.orchestration.train.train` (configs/demo.yaml, {steps} steps)\n")
     print(f"Whole `train()` call {wall:.1f} s (actor/learner start-up, base + validation + test evaluations "
           f"included); train loop {summary.get('train_seconds', float('nan')):.1f} s. Medians over the {steps} "
           f"steps from the final checkpoint's `state.json`; step 1 alone took {history[0]['step_s']:.2f} s "
@@ -138,7 +138,7 @@ def bench_rollout(cfg, svf, tok, task, args):
 
     from actors.rollout import RolloutWorker
     from t2dist.config import dump_config
-    from t2dist.generation import generate
+    from t2dist.engines.generation import generate
 
     cfg_dict = dump_config(cfg)
     t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def print_rollout(b, args):
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = [("plain2", "plain `model.generate` loop, this process", 2),
             ("plain1", "plain `model.generate` loop, this process", 1),
-            ("t2d2", "`t2dist.generation.generate`, this process", 2),
+            ("t2d2", "`t2dist.engines.generation.generate`, this process", 2),
             ("act2", "2 RolloutWorker actors (`rollout`, incl. scoring + Ray)", "2 x 1"),
             ("act1", "1 RolloutWorker actor (all the work)", 1)]
     for k, label, thr in rows:
@@ -327,9 +327,9 @@ def main(argv=None):
               "fewer cores; compare against a quiet run.")
 
     from t2dist.config import load_config
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
-    from t2dist.train import resources_needed
+    from t2dist.orchestration.train import resources_needed
 
     t_all = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="t2dist-bench-pipeline-")

@@ -82,7 +82,7 @@ def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: floa
 
 def t2dist_curve(run_dir: Path) -> list[dict]:
     """The run's validation checks, each with the summed step seconds up to it (evaluations overlap the steps)."""
-    from t2dist.checkpoint import latest_checkpoint
+    from t2dist.orchestration.checkpoint import latest_checkpoint
 
     state = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
     elapsed = step_seconds(state["history"])
@@ -104,10 +104,10 @@ def test_curve(run_dir: Path) -> list[dict]:
     the summed step seconds up to it: the test-set counterpart of the validation curve, in one process.
     The run must keep its checkpoints (``train.checkpoint_every`` = ``train.eval_every``,
     ``train.keep_checkpoints`` >= the number of checks)."""
-    from t2dist.checkpoint import latest_checkpoint, load_checkpoint
+    from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
     from t2dist.config import load_config
-    from t2dist.evaluation import evaluate
-    from t2dist.runtime import load_policy
+    from t2dist.evaluation.accuracy import evaluate
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
 
     cfg = load_config(run_dir / "config.json")

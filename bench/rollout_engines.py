@@ -5,7 +5,7 @@
 
 For each model, in one process and one run (interleaved per repeat, so other load hits all alike):
 
-* ``hf_samples_per_s`` — ``t2dist.generation.generate`` (``model.generate``, one prefill per sample);
+* ``hf_samples_per_s`` — ``t2dist.engines.generation.generate`` (``model.generate``, one prefill per sample);
 * ``hf_shared_prefix_samples_per_s`` — the HF engine (one prefill per prompt, KV cache expanded);
 * ``vllm_samples_per_s`` — the vLLM engine (``SamplingParams(n=...)``, prefix caching), W'(z) set;
 * ``vllm_vs_hf`` / ``shared_prefix_vs_hf`` — the ratios (goals on SmolLM2: >= 3 and >= 2);
@@ -71,10 +71,10 @@ def _prompts(task, tok, n: int):
 def bench_model(name: str, args) -> dict:
     from t2dist.config import load_config
     from t2dist.engines import make_engine
-    from t2dist.generation import generate, generate_shared
+    from t2dist.engines.generation import generate, generate_shared
     from t2dist.tasks import get_task
 
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     config, task_name = MODELS[name]
     cfg = load_config(ROOT / config, [f"task.name={task_name}", "rollout.engine=vllm",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from t2dist.config import load_config  # noqa: E402
 from t2dist.rl.rollout import RolloutBatch  # noqa: E402
 from t2dist.rl.step import rl_loss  # noqa: E402
-from t2dist.runtime import load_policy  # noqa: E402
+from t2dist.policy.load import load_policy  # noqa: E402
 from t2dist.tasks.base import get_task  # noqa: E402
 
 

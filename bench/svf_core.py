@@ -90,7 +90,7 @@ def load(model_arg: str, shape: str | None):
     notes = []
     if shape is not None:
         return (*random_llama(shape), notes)
-    from t2dist.models import ModelLoadError, load_model, toy_base_dir
+    from t2dist.models.loading import ModelLoadError, load_model, toy_base_dir
 
     if model_arg == "toy":
         try:
@@ -143,12 +143,12 @@ def bench_merge_vs_generate(svf, model, tok, repeat, notes):
         notes.append("generation row skipped: no tokenizer for this model")
         return [("recompose all targets (`merge_`)", t_merge, "generation batch (skipped: no tokenizer)", None)]
     try:
-        from t2dist.generation import generate
+        from t2dist.engines.generation import generate
 
         label = "`generate` 16 prompts x 8, T=1, 16 tok"
         run = lambda: generate(model, tok, PROMPTS, num_samples=8, temperature=1.0, max_new_tokens=16)  # noqa: E731
     except ImportError as exc:
-        notes.append(f"t2dist.generation not importable ({exc}); generation row uses model.generate(do_sample=True)")
+        notes.append(f"t2dist.engines.generation not importable ({exc}); generation row uses model.generate(do_sample=True)")
         label = "`model.generate` 128 rows, sample, 16 tok"
         enc = tok(PROMPTS * 8, return_tensors="pt", padding=True)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

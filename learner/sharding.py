@@ -79,7 +79,7 @@ def build_sharded_svf(cfg: Config, *, rank: int, world: int, backend: str, devic
 
     A collective (a barrier when the factor cache has to be built): call on every rank.
     """
-    from t2dist.models import load_from_config
+    from t2dist.models.loading import load_from_config
     from t2dist.svf.factors import META_FILE
     from t2dist.svf.factors import fingerprint as model_fingerprint
     from t2dist.svf.targets import select_targets

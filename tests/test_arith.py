@@ -87,14 +87,14 @@ def test_commas_and_negatives():
 
 @pytest.mark.parametrize("name", ["arith", "arith_hard"])
 def test_oracle_is_perfect(name):
-    from t2dist.cli_benchmarks import oracle_eval
+    from t2dist.cli.benchmarks import oracle_eval
 
     res = oracle_eval(get_task(name), "test")
     assert res["correct"] == res["n"] == len(get_task(name).examples("test"))
 
 
 def test_chat_template_for_instruct_models_plain_for_base_models():
-    from t2dist.models import load_model
+    from t2dist.models.loading import load_model
 
     _, tok = load_model("toy")  # no chat template: a base model
     task = get_task("arith")

@@ -45,7 +45,7 @@ def test_splits_are_complete_disjoint_and_hash_determined(name):
 @pytest.mark.parametrize("name", ["hendrycks_math", "humaneval", "arc_challenge"])
 def test_training_on_a_transfer_set_fails_before_any_actor_starts(name):
     from t2dist.config import ConfigError, load_config
-    from t2dist.train import preflight
+    from t2dist.orchestration.train import preflight
 
     cfg = load_config(None, [f"task.name={name}"])
     with pytest.raises(ConfigError, match=f"{name}.*empty train split"):
@@ -155,7 +155,7 @@ def test_chat_template_applied_required_or_never(toy_base):
 
 
 def test_evaluate_fails_before_generation_without_chat_template(toy_base):
-    from t2dist.evaluation import evaluate
+    from t2dist.evaluation.accuracy import evaluate
 
     model, tok = toy_base
     with pytest.raises(ChatTemplateError):
@@ -164,7 +164,7 @@ def test_evaluate_fails_before_generation_without_chat_template(toy_base):
 
 def test_training_a_chat_task_on_a_model_without_template_fails_in_preflight():
     from t2dist.config import load_config
-    from t2dist.train import preflight
+    from t2dist.orchestration.train import preflight
 
     with pytest.raises(ChatTemplateError, match="gsm8k.*no chat template"):
         preflight(load_config(None, ["task.name=gsm8k", "model.path=toy"]))
@@ -219,7 +219,7 @@ def test_arc_verifier_ignores_a_run_on_next_question():
 
 def test_arc_on_a_model_without_template_passes_preflight():
     from t2dist.config import load_config
-    from t2dist.train import preflight
+    from t2dist.orchestration.train import preflight
 
     preflight(load_config(None, ["task.name=arc_easy", "model.path=toy"]))  # no ChatTemplateError
 
@@ -270,7 +270,7 @@ def test_registering_tasks_reads_no_files_and_records_are_cached():
 
 
 def test_cli_eval_oracle_json(tmp_path):
-    from t2dist.cli import main
+    from t2dist.cli.main import main
 
     out = tmp_path / "oracle.json"
     assert main(["eval", "--task", "arc_challenge", "--split", "validation", "--oracle", "--json", str(out)]) == 0
@@ -281,7 +281,7 @@ def test_cli_eval_oracle_json(tmp_path):
 
 @pytest.mark.parametrize("name", ["math", "code", "reasoning"])
 def test_oracle_of_the_synthetic_suite(name):
-    from t2dist.cli_benchmarks import oracle_eval
+    from t2dist.cli.benchmarks import oracle_eval
 
     res = oracle_eval(get_task(name), "test", limit=100)  # code runs each in the sandbox: 100 are enough
     assert res["n"] == 100 and res["correct"] == 100

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def t2dist(*args, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "t2dist.cli", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "t2dist", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -20,7 +20,7 @@ def t2dist(*args, check=True):
 
 
 def test_help_lists_every_command():
-    from t2dist.cli import COMMANDS
+    from t2dist.cli.main import COMMANDS
 
     out = t2dist("--help").stdout
     for name in COMMANDS:

@@ -1,6 +1,6 @@
 """Rollout engines: the registry, config keys and the HF engine's shared-prefix sampling.
 
-The reference is ``t2dist.generation.generate`` (one prefill per (prompt, sample) row through
+The reference is ``t2dist.engines.generation.generate`` (one prefill per (prompt, sample) row through
 ``model.generate``): the shared-prefix path must sample the very same tokens for the same
 seed, return the learner's log-probs of them, and prefill each prompt exactly once.
 The vLLM engine's tests are in tests/test_engines_vllm.py.
@@ -13,7 +13,7 @@ import torch
 from t2dist.config import ConfigError, load_config
 from t2dist.engines import ENGINES, engine_class, make_engine, register_engine
 from t2dist.engines.base import RolloutEngine
-from t2dist.generation import generate, generate_shared
+from t2dist.engines.generation import generate, generate_shared
 from t2dist.rl.logprobs import completion_logprobs
 from t2dist.tasks import get_task
 

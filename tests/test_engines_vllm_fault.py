@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from t2dist.checkpoint import latest_checkpoint
+from t2dist.orchestration.checkpoint import latest_checkpoint
 from t2dist.config import load_config
 from t2dist.engines.vllm import vllm_available
 
@@ -62,7 +62,7 @@ def kill_engines_after_checkpoint(monkeypatch, step: int, seen: list[str]) -> li
     went on to kill the next test module's engine).  Returns the killed pids; when there was
     nothing to kill, ``seen`` gets the process tree of that moment.
     """
-    from t2dist.train import Checkpointer
+    from t2dist.orchestration.train import Checkpointer
 
     killed: list[int] = []
     save = Checkpointer.save
@@ -96,7 +96,7 @@ def _process_tree() -> str:
 def test_killed_vllm_engine_restarts_the_actor_and_redoes_the_step(tmp_path, monkeypatch):
     import ray
 
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     if ray.is_initialized():  # the run must start its own cluster (its workers are this process's children)
         ray.shutdown()

@@ -16,8 +16,8 @@ import pytest
 from engine_checks import random_z, worker_vs_merge
 from t2dist.config import load_config
 from t2dist.engines.vllm import vllm_available
-from t2dist.generation import generate_shared
-from t2dist.models import smollm2_gguf
+from t2dist.engines.generation import generate_shared
+from t2dist.models.loading import smollm2_gguf
 from t2dist.tasks import get_task
 
 OK, WHY = vllm_available()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from t2dist.config import ConfigError, load_config
-from t2dist.experts import ExpertError, load_expert, make_card, read_expert, save_expert, z_statistics
+from t2dist.experts.expert import ExpertError, load_expert, make_card, read_expert, save_expert, z_statistics
 from t2dist.svf import Parametrization, SVFModel
 from tiny_models import tiny_model
 

@@ -45,7 +45,7 @@ def make_cfg(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_svf(make_cfg):
     """The single-process SVF model (also fills the factor cache before any worker starts)."""
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     return load_svf(make_cfg())
 

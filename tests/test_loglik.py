@@ -3,8 +3,8 @@ follow the raw and per-character rules, and a task without option texts fails be
 import pytest
 import torch
 
-from t2dist.loglik import LoglikError, RCRequest, loglik_eval, rc_request, score_options
-from t2dist.models import load_model
+from t2dist.evaluation.loglik import LoglikError, RCRequest, loglik_eval, rc_request, score_options
+from t2dist.models.loading import load_model
 from t2dist.tasks.base import Example
 
 
@@ -68,8 +68,8 @@ def test_task_without_options_is_refused():
 
 
 def test_loglik_command_refuses_a_task_without_options_before_loading(monkeypatch, capsys):
-    from t2dist import models
-    from t2dist.cli import main
+    from t2dist.models import loading as models
+    from t2dist.cli.main import main
 
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded")
@@ -98,11 +98,11 @@ def test_loglik_command_scores_an_expert_merged_into_the_weights(tmp_path, capsy
     done here) and the accuracy is that of loglik_eval on a model rebuilt that way, not the base's."""
     import json
 
-    from t2dist.cli import main
-    from t2dist.cli_benchmarks import _model_with_expert
+    from t2dist.cli.main import main
+    from t2dist.cli.benchmarks import _model_with_expert
     from t2dist.config import load_config
-    from t2dist.experts import make_card, read_expert, save_expert
-    from t2dist.runtime import load_svf
+    from t2dist.experts.expert import make_card, read_expert, save_expert
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
     from t2dist.tasks.benchmark_data import olmo_tasks_dir
 

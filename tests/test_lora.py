@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 from t2dist.config import ConfigError, load_config
-from t2dist.experts import ExpertError, check_compatible, load_expert, make_card, read_expert, save_expert
+from t2dist.experts.expert import ExpertError, check_compatible, load_expert, make_card, read_expert, save_expert
 from t2dist.policy.lora import LoRAModel
 from t2dist.svf.targets import TargetSpecError
 
@@ -22,7 +22,7 @@ def one_thread():
 
 
 def fresh_toy():
-    from t2dist.models import load_model
+    from t2dist.models.loading import load_model
 
     return load_model("toy")
 
@@ -124,10 +124,10 @@ def test_config_keys_and_errors():
 
 def test_lora_expert_save_load_eval_round_trip(tmp_path):
     """train-local a LoRA expert, write it, read it back into a fresh model, evaluate it via the CLI."""
-    from t2dist.cli import main
-    from t2dist.evaluation import evaluate
+    from t2dist.cli.main import main
+    from t2dist.evaluation.accuracy import evaluate
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
 
     cfg = load_config(DEMO, ["policy.kind=lora", "lora.r=4", "lora.alpha=8", "rl.steps=2", "rl.prompts_per_step=4",
@@ -178,11 +178,11 @@ def test_distributed_lora_run_matches_train_local(tmp_path):
     """1 rollout actor, 1 DeepSpeed rank, policy lora: the adapter equals the single-process oracle's."""
     import ray
 
-    from t2dist.checkpoint import latest_checkpoint, load_checkpoint
+    from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"registry.url={tmp_path / 'registry'}", "policy.kind=lora", "lora.r=4", "lora.alpha=8",
                              "lora.dropout=0", "rollout.actors=1", "learner.ranks=1", "rl.steps=3",

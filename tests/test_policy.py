@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from t2dist.config import Config, load_config
-from t2dist.experts import Expert, check_compatible, make_card
+from t2dist.experts.expert import Expert, check_compatible, make_card
 from t2dist.policy.base import Policy
 from t2dist.policy.registry import (POLICIES, PolicyKindError, config_from_card, policy_class, register_policy)
 from tiny_models import tiny_model
@@ -124,7 +124,7 @@ def test_check_z_rejects_a_missing_tensor_and_a_wrong_shape(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_card_to_config_to_from_config_gives_back_the_same_policy(kind):
     """The one card→config function, used by ``t2dist eval/export`` (as overrides) and by adaptation."""
-    from t2dist.cli import svf_overrides_from_card
+    from t2dist.cli.main import svf_overrides_from_card
 
     policy = build(kind)
     z = away_from_neutral(policy)
@@ -145,7 +145,7 @@ def test_card_to_config_to_from_config_gives_back_the_same_policy(kind):
 
 
 def test_user_overrides_win_over_the_card():
-    from t2dist.cli import svf_overrides_from_card
+    from t2dist.cli.main import svf_overrides_from_card
 
     card = make_card(build("svf"), name="e", task="math")
     over = svf_overrides_from_card(card, ["svf.rank=4"])
@@ -163,7 +163,7 @@ def test_registering_a_kind_twice_is_an_error():
 
 def test_a_new_kind_is_one_registry_line():
     """A kind registered at run time is accepted by the config and looked up for cards."""
-    from t2dist.experts import card_kind
+    from t2dist.experts.expert import card_kind
 
     class Dora(POLICIES["svf"]):
         kind = "dora"

@@ -1,7 +1,7 @@
 """Smoke test of each real-model config through the real pipeline (issue 14, "Done when").
 
 ``configs/{smollm2,gemma3}-{arith,arc_easy}.yaml`` (and SmolLM2's arc_easy_text, sentiment,
-alphabetical and dispatch configs) each run by ``t2dist.train.train``: a Ray rollout
+alphabetical and dispatch configs) each run by ``t2dist.orchestration.train.train``: a Ray rollout
 actor, the evaluator and a DeepSpeed learner rank, for 2 steps; validation on 4 problems at step 2,
 base and expert tested on 8.  Everything else (targets, task, max_new_tokens, temperature, lr,
 advantage) is the config's.  Checked: the summary, the checkpoint's history, the expert's z (one
@@ -35,9 +35,9 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from t2dist.checkpoint import latest_checkpoint, load_checkpoint
+from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
 from t2dist.config import load_config
-from t2dist.models import gguf_model, locate_gguf, smollm2_gguf
+from t2dist.models.loading import gguf_model, locate_gguf, smollm2_gguf
 from t2dist.tasks.benchmark_data import olmo_tasks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def test_real_model_config_trains_two_steps(name, request, tmp_path, factor_cach
     _, model_cache = request.getfixturevalue(FIXTURE[case.model])
     request.getfixturevalue("cluster")
     from t2dist.registry import Registry
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     cfg = load_config(cfg_file, [*SMOKE, f"rl.prompts_per_step={case.prompts}", f"run_dir={tmp_path / 'run'}",
                                  f"model.cache_dir={model_cache}", f"svf.cache_dir={factor_caches[case.model]}",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2dist.cli import main
-from t2dist.experts import ExpertError, check_compatible, make_card, save_expert
+from t2dist.cli.main import main
+from t2dist.experts.expert import ExpertError, check_compatible, make_card, save_expert
 from t2dist.registry import ExpertRef, Registry, RegistryError, load_expert_ref, read_expert_ref
 
 
@@ -25,7 +25,7 @@ def factor_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def svf(factor_cache):
     from t2dist.config import load_config
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     model, _tok = load_svf(load_config(None, [f"svf.cache_dir={factor_cache}"]))
     return model
@@ -426,8 +426,8 @@ def test_export_greedy_outputs_equal_the_adapted_model(tmp_path, svf, factor_cac
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from t2dist.experts import read_expert
-    from t2dist.generation import generate
+    from t2dist.experts.expert import read_expert
+    from t2dist.engines.generation import generate
     from t2dist.tasks import get_task
 
     url = str(tmp_path / "reg")
@@ -469,8 +469,8 @@ def test_export_of_a_lora_expert_is_a_plain_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from t2dist.config import load_config
-    from t2dist.export import export_merged
-    from t2dist.runtime import load_svf
+    from t2dist.experts.export import export_merged
+    from t2dist.policy.load import load_svf
 
     lora, tok = load_svf(load_config(None, ["policy.kind=lora", "lora.r=4", "lora.alpha=8"]))
     gen = torch.Generator().manual_seed(1)
@@ -493,6 +493,6 @@ def test_export_of_a_lora_expert_is_a_plain_checkpoint(tmp_path):
 
 
 def lora_base_dir():
-    from t2dist.models import toy_base_dir
+    from t2dist.models.loading import toy_base_dir
 
     return toy_base_dir()

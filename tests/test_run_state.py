@@ -6,7 +6,7 @@ import torch
 
 from t2dist.config import ConfigError, load_config
 from t2dist.rl.rollout import RolloutBatch
-from t2dist.run_state import Best, BestTracker, RunState, StepTimes, format_step, step_record, tb_scalars
+from t2dist.orchestration.run_state import Best, BestTracker, RunState, StepTimes, format_step, step_record, tb_scalars
 
 # state.json as the untyped dict of earlier versions wrote it (keys and nesting)
 OLD_STATE = {"step": 6, "position": 48, "best": {"accuracy": 0.55, "step": 4},
@@ -74,7 +74,7 @@ def _in_ray_job(monkeypatch, tmp_path):
 
 
 def test_relative_outputs_inside_a_ray_job_are_refused(monkeypatch, tmp_path):
-    from t2dist.paths import resolve_outputs
+    from t2dist.orchestration.paths import resolve_outputs
 
     monkeypatch.delenv("T2DIST_HOME", raising=False)
     _in_ray_job(monkeypatch, tmp_path)
@@ -91,7 +91,7 @@ def test_relative_outputs_inside_a_ray_job_are_refused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("how", ["config", "env"])
 def test_relative_outputs_go_under_the_output_root(monkeypatch, tmp_path, how):
-    from t2dist.paths import resolve_outputs
+    from t2dist.orchestration.paths import resolve_outputs
 
     job_dir = _in_ray_job(monkeypatch, tmp_path)
     home = tmp_path / "home"
@@ -108,7 +108,7 @@ def test_relative_outputs_go_under_the_output_root(monkeypatch, tmp_path, how):
 
 
 def test_outside_a_ray_job_relative_paths_stay_relative(monkeypatch, tmp_path):
-    from t2dist.paths import resolve_outputs
+    from t2dist.orchestration.paths import resolve_outputs
 
     monkeypatch.delenv("T2DIST_HOME", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
@@ -122,7 +122,7 @@ def test_outside_a_ray_job_relative_paths_stay_relative(monkeypatch, tmp_path):
     (None, None, "local"), (None, "10.0.0.1:6379", "10.0.0.1:6379"), ("auto", "10.0.0.1:6379", "auto"),
     ("local", "10.0.0.1:6379", "local"), ("h:1", None, "h:1")])
 def test_ray_address_follows_rays_convention(monkeypatch, setting, env, expect):
-    from t2dist.driver import ray_address
+    from t2dist.orchestration.driver import ray_address
 
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)

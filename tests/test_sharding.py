@@ -45,7 +45,7 @@ def make_cfg(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_svf(make_cfg):
     """The unsharded single-process SVF model (also writes the factor cache the ranks slice)."""
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     torch.set_num_threads(1)
     return load_svf(make_cfg())
@@ -210,7 +210,7 @@ def test_ranks_not_dividing_the_work_is_an_error_naming_the_keys(make_cfg):
 
 
 def test_preflight_rejects_unshardable_config_before_ray(make_cfg, monkeypatch, tmp_path):
-    import t2dist.train as driver
+    import t2dist.orchestration.train as driver
 
     monkeypatch.setattr(driver, "connect_ray", lambda cfg: (_ for _ in ()).throw(AssertionError("Ray contacted")))
     cfg = make_cfg(ranks=2, shard_factors=True, svf={"rank": 7}).model_copy(update={"run_dir": str(tmp_path / "run")})

@@ -12,8 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from t2dist.evaluation import evaluate, wilson_interval  # noqa: E402
-from t2dist.generation import generate  # noqa: E402
+from t2dist.evaluation.accuracy import evaluate, wilson_interval  # noqa: E402
+from t2dist.engines.generation import generate  # noqa: E402
 from t2dist.tasks import get_task  # noqa: E402
 from t2dist.tasks.synthetic import TRAINED, UNSEEN  # noqa: E402
 

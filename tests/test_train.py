@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from t2dist.checkpoint import latest_checkpoint, load_checkpoint
+from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
 from t2dist.config import ConfigError, load_config
 from t2dist.errors import TrainingError
 
@@ -61,9 +61,9 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     the KL to the neutral model, a forward of its own, on step 2 only; z is unchanged by it.
     With ``rl.lr_schedule=linear`` both decay the lr by RL step (not by optimizer update)."""
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "train.checkpoint_every=3",
                     f"rl.update_epochs={epochs}", f"rl.kl_every={kl_every}", f"rl.lr_schedule={schedule}")
@@ -87,7 +87,7 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
 
 def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
     """2 actors + 2 ranks; a rollout actor is killed mid-run, restarted, and its work redone."""
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     cfg = small_cfg(tmp_path, "rl.steps=8", "train.eval_every=4", "train.checkpoint_every=4",
                     f"registry.url={tmp_path / 'registry'}")
@@ -142,7 +142,7 @@ def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
 
 
 def test_learner_death_stops_with_resumable_checkpoint(cluster, tmp_path):
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     cfg = small_cfg(tmp_path, "rl.steps=40", "train.checkpoint_every=2", "train.eval_every=100")
     kill_when_checkpointed(tmp_path / "run", "t2dist-learner-1-")
@@ -159,9 +159,9 @@ class SimulatedCrash(RuntimeError):
 
 def test_crash_right_after_a_checkpoint_commit_keeps_the_best_z(cluster, tmp_path, monkeypatch):
     """A crash just after a checkpoint is renamed into place: resume still holds the best z (by validation)."""
-    import t2dist.checkpoint as ckpt_mod
-    import t2dist.train  # noqa: F401 (loaded, so that its names are patched too)
-    from t2dist.train import train
+    import t2dist.orchestration.checkpoint as ckpt_mod
+    import t2dist.orchestration.train  # noqa: F401 (loaded, so that its names are patched too)
+    from t2dist.orchestration.train import train
 
     real = ckpt_mod.commit_checkpoint
 
@@ -203,7 +203,7 @@ def lagged_local_z(cfg):
     from t2dist.rl.local import step_seed
     from t2dist.rl.rollout import rollout
     from t2dist.rl.step import rl_loss
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.svf.model import ZParams
     from t2dist.tasks import get_task
 
@@ -235,11 +235,11 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     """rl.off_policy_steps=1, crashed right after the step-2 checkpoint (step 3's batch in flight) and resumed:
     z equals a single-process run whose batch s is sampled with z_(s-2), and differs from the on-policy oracle
     (rl.lr=0.1: at 0.02 the lag changed no sampled token in 3 steps, so the two oracles were equal)."""
-    import t2dist.checkpoint as ckpt_mod
+    import t2dist.orchestration.checkpoint as ckpt_mod
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
     from t2dist.tasks import get_task
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     cfg = small_cfg(tmp_path, "rollout.actors=1", "learner.ranks=1", "rl.steps=3", "rl.off_policy_steps=1", "rl.lr=0.1",
                     "train.checkpoint_every=2", "train.eval_every=100", "eval.limit=20", "train.eval_limit=20")
@@ -275,7 +275,7 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     ("registry.name=bad/name", "registry.name"),
 ])
 def test_bad_input_fails_before_any_actor(tmp_path, override, needle, monkeypatch):
-    import t2dist.train as driver
+    import t2dist.orchestration.train as driver
 
     def no_ray(cfg):
         raise AssertionError("Ray was contacted before the config was checked")
@@ -288,7 +288,7 @@ def test_bad_input_fails_before_any_actor(tmp_path, override, needle, monkeypatc
 
 
 def test_more_resources_than_the_cluster_has(cluster, tmp_path):
-    from t2dist.train import check_resources
+    from t2dist.orchestration.train import check_resources
 
     cfg = small_cfg(tmp_path, "rollout.cpus_per_actor=8")
     with pytest.raises(TrainingError, match="needs 19 CPUs"):
@@ -297,7 +297,7 @@ def test_more_resources_than_the_cluster_has(cluster, tmp_path):
 
 def _cli(args, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
-    return subprocess.Popen([sys.executable, "-m", "t2dist.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "t2dist", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 

@@ -5,7 +5,7 @@ expert and per target matrix); the mixed expert is ``z' = Σ_k α_k z_k``
 (:func:`t2dist.svf.model.mix_z`).  Each iteration samples ``population`` candidates
 from a diagonal Gaussian, scores them with a pluggable *evaluator* (a callable taking a
 list of candidates and returning one score each: local, or farmed out to rollout actors
-by :mod:`t2dist.adapt_driver`), and refits mean and spread to the ``elite_frac`` best.
+by :mod:`t2dist.orchestration.adapt`), and refits mean and spread to the ``elite_frac`` best.
 
 Why seeding: on a tiny model the few-shot score is coarse and noisy; putting the single
 experts (one-hot α) into the first population guarantees the search never returns

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from t2dist.adapt.strategies import AdaptError, TwoPass, check_expert_set
 from t2dist.config import Config
-from t2dist.experts import Expert, ExpertError
+from t2dist.experts.expert import Expert, ExpertError
 from t2dist.policy.registry import config_from_card
 from t2dist.tasks import get_task
 

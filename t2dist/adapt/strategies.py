@@ -28,8 +28,8 @@ import torch
 from t2dist.adapt.cem import CEMResult, CEMSettings, Evaluator, cem_search
 from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispatch_prompt, parse_label
 from t2dist.errors import UserError
-from t2dist.evaluation import generate_grouped, wilson_interval
-from t2dist.experts import Expert, ExpertError, card_kind, check_compatible
+from t2dist.evaluation.accuracy import generate_grouped, wilson_interval
+from t2dist.experts.expert import Expert, ExpertError, card_kind, check_compatible
 from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
 from t2dist.tasks.base import Example, Task, apply_chat_template

@@ -6,7 +6,7 @@ plus the policy's factors/adapters), ``set_z(z, version)``, ``generate(...)``, `
 the trainable tensors only (for SVF: one ``z`` per target, kilobytes), never weights: an
 engine recomposes ``W'`` itself, in this process (HF) or in its own worker process (vLLM).
 
-``generate`` returns one :class:`t2dist.generation.Completion` per sample, grouped per prompt
+``generate`` returns one :class:`t2dist.engines.generation.Completion` per sample, grouped per prompt
 in prompt order: ``completion_ids`` (up to and including the token that stopped it),
 ``text`` (stop string excluded), ``stop_reason`` (``stop`` | ``length``) and ``logprobs``: the
 sampled tokens' log-probabilities under the engine's raw (temperature 1) distribution, which
@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from t2dist.errors import UserError
-from t2dist.generation import Completion
+from t2dist.engines.generation import Completion
 
 Prompt = str | Sequence[int]
 

@@ -1,9 +1,9 @@
 """The Hugging Face rollout engine: the policy's model in this process, shared-prefix sampling.
 
 ``set_z`` merges ``W'(z)`` into the model in place (``policy.merge_``: SVF recomposes its
-targets, LoRA writes its adapters), ``generate`` runs :func:`t2dist.generation.generate_shared`:
+targets, LoRA writes its adapters), ``generate`` runs :func:`t2dist.engines.generation.generate_shared`:
 each prompt is prefilled once and its ``n`` samples decode from copies of its KV cache.  With
-``batch_size`` a multiple of ``n`` it samples exactly the tokens ``t2dist.generation.generate``
+``batch_size`` a multiple of ``n`` it samples exactly the tokens ``t2dist.engines.generation.generate``
 samples for the same seed (tests/test_engines.py), at a fraction of the prefill cost: on
 SmolLM2 with ARC-Easy chat prompts (~130 tokens) × 8 samples the prefill is most of the work
 (figures in bench/results/).
@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from t2dist.engines.base import Prompt, RolloutEngine, z_nbytes
-from t2dist.generation import Completion, generate_shared
+from t2dist.engines.generation import Completion, generate_shared
 
 
 class HFEngine(RolloutEngine):
@@ -24,7 +24,7 @@ class HFEngine(RolloutEngine):
     def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None):
         """Loads ``policy.kind``'s policy from ``cfg`` unless ``policy``/``tokenizer`` are given (shared)."""
         if policy is None:
-            from t2dist.runtime import load_policy
+            from t2dist.policy.load import load_policy
 
             policy, tokenizer = load_policy(cfg)
         self.policy, self.tokenizer = policy, tokenizer

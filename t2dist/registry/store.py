@@ -44,7 +44,7 @@ from safetensors.torch import save as st_save
 
 from t2dist.atomic import atomic_write_bytes
 from t2dist.errors import UserError
-from t2dist.experts import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, read_expert
+from t2dist.experts.expert import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, read_expert
 
 CLAIM_FILE = ".claim"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -241,7 +241,7 @@ class Registry:
 
     def publish_dir(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Publish an expert directory (``z.safetensors`` + ``card.json``) trained elsewhere."""
-        from t2dist.experts import ExpertError
+        from t2dist.experts.expert import ExpertError
 
         try:
             expert = read_expert(path)
@@ -302,7 +302,7 @@ class Registry:
 
     def fetch(self, ref: str | ExpertRef, dest: str | os.PathLike) -> Path:
         """Copy a verified expert into a local expert directory (``z.safetensors`` + ``card.json``)."""
-        from t2dist.experts import save_expert
+        from t2dist.experts.expert import save_expert
 
         expert = self.load(ref)
         return save_expert(dest, expert.z, expert.card)

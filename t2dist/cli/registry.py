@@ -108,11 +108,11 @@ def cmd_registry(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from t2dist.cli_common import config_from_args, svf_overrides_from_card
-    from t2dist.experts import check_compatible
-    from t2dist.export import check_export_target, export_merged
+    from t2dist.cli.common import config_from_args, svf_overrides_from_card
+    from t2dist.experts.expert import check_compatible
+    from t2dist.experts.export import check_export_target, export_merged
     from t2dist.registry import read_expert_ref
-    from t2dist.runtime import load_svf
+    from t2dist.policy.load import load_svf
 
     check_export_target(args.out)
     expert = read_expert_ref(args.expert, args.registry)  # fails on a bad reference before loading a model

@@ -34,10 +34,10 @@ import torch
 
 from t2dist.atomic import atomic_dir
 from t2dist.errors import UserError
-from t2dist.hub import hub_reachable as _hub_reachable  # a module global: tests replace it
+from t2dist.models.hub import hub_reachable as _hub_reachable  # a module global: tests replace it
 
 TOY_NAME = "toy"
-ASSET_TOY = Path(__file__).resolve().parent / "assets" / "toy-base"
+ASSET_TOY = Path(__file__).resolve().parent.parent / "assets" / "toy-base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SMOLLM2_NAME = "smollm2"

@@ -1,8 +1,8 @@
 """Helpers shared by the ``t2dist`` command modules (``cli``, ``cli_registry``, ``cli_adapt``, ...).
 
-The subcommand modules import these from here, never from ``t2dist.cli``: the main module
+The subcommand modules import these from here, never from ``t2dist.cli.main``: the main module
 imports every subcommand module to build its parser, so a subcommand reaching back into it
-was an import cycle (``t2dist.cli`` <-> ``t2dist.cli_registry``).  Imports of the project
+was an import cycle (``t2dist.cli.main`` <-> ``t2dist.cli.registry``).  Imports of the project
 happen inside the functions, so building the parser stays cheap.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ this module only loads the base and looks the kind up in :mod:`t2dist.policy.reg
 from __future__ import annotations
 
 from t2dist.config import Config
-from t2dist.models import load_from_config
+from t2dist.models.loading import load_from_config
 from t2dist.policy.registry import parametrization_from_config, policy_class
 
 

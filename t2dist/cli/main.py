@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from t2dist.cli_common import config_from_args as _config
-from t2dist.cli_common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli's public name)
-from t2dist.cli_common import write_json as _write_json
+from t2dist.cli.common import config_from_args as _config
+from t2dist.cli.common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli.main's public name)
+from t2dist.cli.common import write_json as _write_json
 from t2dist.errors import USER_ERRORS
 
 COMMANDS = {
@@ -71,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
 
     sub.add_parser("tasks", help=COMMANDS["tasks"], description=COMMANDS["tasks"])
-    from t2dist import cli_registry
+    from t2dist.cli import registry as cli_registry
 
     cli_registry.add_parsers(sub)
-    from t2dist import cli_adapt
+    from t2dist.cli import adapt as cli_adapt
 
     cli_adapt.add_parsers(sub)
-    from t2dist import cli_benchmarks
+    from t2dist.cli import benchmarks as cli_benchmarks
 
     cli_benchmarks.add_parsers(sub)
     return parser
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from t2dist.config import load_config
-    from t2dist.train import train
+    from t2dist.orchestration.train import train
 
     if args.resume:
         saved = Path(args.resume) / "config.json"
@@ -125,10 +125,10 @@ def _interval(res) -> str:
 def cmd_train_local(args) -> int:
     import time
 
-    from t2dist.evaluation import evaluate
-    from t2dist.experts import make_card, save_expert
+    from t2dist.evaluation.accuracy import evaluate
+    from t2dist.experts.expert import make_card, save_expert
     from t2dist.rl.local import train_local
-    from t2dist.runtime import load_policy
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
 
     cfg = _config(args, {"model.path": args.model, "task.name": args.task, "rl.steps": args.steps})
@@ -172,12 +172,12 @@ def cmd_train_local(args) -> int:
 
 def cmd_eval(args) -> int:
     from t2dist.engines import make_engine
-    from t2dist.evaluation import evaluate
-    from t2dist.experts import check_compatible
+    from t2dist.evaluation.accuracy import evaluate
+    from t2dist.experts.expert import check_compatible
     from t2dist.tasks import get_task
 
     if args.oracle:
-        from t2dist.cli_benchmarks import oracle_eval
+        from t2dist.cli.benchmarks import oracle_eval
 
         res = oracle_eval(get_task(args.task), args.split, args.limit)
         print(f"{res['task']}/{args.split} oracle: accuracy {res['accuracy']:.3f} "
@@ -213,7 +213,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_expert(args) -> int:
-    from t2dist.experts import read_expert, z_statistics
+    from t2dist.experts.expert import read_expert, z_statistics
     from t2dist.policy.registry import policy_class
 
     expert = read_expert(args.path)
@@ -244,16 +244,16 @@ def cmd_tasks(args) -> int:
     return 0
 
 
-from t2dist.cli_registry import COMMANDS as _REGISTRY_COMMANDS  # noqa: E402
-from t2dist.cli_registry import HANDLERS as _REGISTRY_HANDLERS  # noqa: E402
+from t2dist.cli.registry import COMMANDS as _REGISTRY_COMMANDS  # noqa: E402
+from t2dist.cli.registry import HANDLERS as _REGISTRY_HANDLERS  # noqa: E402
 
 COMMANDS.update(_REGISTRY_COMMANDS)
-from t2dist.cli_adapt import COMMANDS as _ADAPT_COMMANDS  # noqa: E402
-from t2dist.cli_adapt import HANDLERS as _ADAPT_HANDLERS  # noqa: E402
+from t2dist.cli.adapt import COMMANDS as _ADAPT_COMMANDS  # noqa: E402
+from t2dist.cli.adapt import HANDLERS as _ADAPT_HANDLERS  # noqa: E402
 
 COMMANDS.update(_ADAPT_COMMANDS)
-from t2dist.cli_benchmarks import COMMANDS as _BENCH_COMMANDS  # noqa: E402
-from t2dist.cli_benchmarks import HANDLERS as _BENCH_HANDLERS  # noqa: E402
+from t2dist.cli.benchmarks import COMMANDS as _BENCH_COMMANDS  # noqa: E402
+from t2dist.cli.benchmarks import HANDLERS as _BENCH_HANDLERS  # noqa: E402
 
 COMMANDS.update(_BENCH_COMMANDS)
 HANDLERS = {**_REGISTRY_HANDLERS, "train": cmd_train, "toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,

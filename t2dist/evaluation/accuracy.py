@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from t2dist.generation import generate
+from t2dist.engines.generation import generate
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

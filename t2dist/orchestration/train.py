@@ -10,15 +10,15 @@ One step (``Trainer.train_step``):
 4. every ``train.eval_every`` steps the evaluator scores z on the validation split in the
    background (``BackgroundEvals``, which keeps the best z in a ``BestTracker``); every
    ``train.checkpoint_every`` steps the ``Checkpointer`` writes z, the best z, the learner
-   ranks' state and the typed ``RunState`` (``t2dist/run_state.py``).
+   ranks' state and the typed ``RunState`` (``t2dist/orchestration/run_state.py``).
 
 With ``rl.off_policy_steps=1`` step s+1's batch is sampled with z_(s-1) while the learner
 computes z_s (``Trainer`` says how, and how a checkpoint keeps the batch in flight).
 
 At the end (``Trainer.finish``) the best z (by validation accuracy) is evaluated on the test
 split, written as an expert, published when ``registry.url`` is set, and ``summary.json``
-records base vs final accuracy. The actors live in ``t2dist/driver.py``; where the outputs
-go (``output_root``, Ray jobs) in ``t2dist/paths.py``.
+records base vs final accuracy. The actors live in ``t2dist/orchestration/driver.py``; where the outputs
+go (``output_root``, Ray jobs) in ``t2dist/orchestration/paths.py``.
 """
 from __future__ import annotations
 
@@ -32,23 +32,23 @@ import ray
 import torch
 
 from actors.rollout import z_nbytes
-from t2dist import checkpoint
+from t2dist.orchestration import checkpoint
 from t2dist.atomic import atomic_write_json
-from t2dist.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint, load_extra_z,
+from t2dist.orchestration.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint, load_extra_z,
                                prune_checkpoints, rng_state, set_rng_state)
 from t2dist.config import Config, ConfigError, dump_config
-from t2dist.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401 (resources_needed:
+from t2dist.orchestration.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401 (resources_needed:
                            resources_needed)                                      # bench/pipeline.py imports it here)
 from t2dist.errors import TrainingError
-from t2dist.experts import save_expert
-from t2dist.models import resolve_model_path
-from t2dist.paths import resolve_outputs
+from t2dist.experts.expert import save_expert
+from t2dist.models.loading import resolve_model_path
+from t2dist.orchestration.paths import resolve_outputs
 from t2dist.rl.data import training_stream
 from t2dist.rl.losses import compute_advantages
-from t2dist.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step, step_record,
+from t2dist.orchestration.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step, step_record,
                               tb_scalars, training_curve)
 from t2dist.tasks import get_task
-from t2dist.tracking import Tracker
+from t2dist.orchestration.tracking import Tracker
 
 
 # -- checks before anything starts -----------------------------------------------------------
@@ -116,7 +116,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def open_run(cfg: Config, resume: str | os.PathLike | None) -> tuple[Config, Path, Path | None]:
-    """The config with its output paths resolved (``t2dist/paths.py``), the run directory, the checkpoint to resume."""
+    """The config with its output paths resolved (``t2dist/orchestration/paths.py``), the run directory, the checkpoint to resume."""
     cfg, run_dir = resolve_outputs(cfg, resume if resume is not None else (cfg.run_dir or default_run_dir(cfg)))
     ckpt = latest_checkpoint(run_dir)
     if resume is not None and ckpt is None:
@@ -234,7 +234,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, progress: bool = True):
-        from t2dist.runtime import policy_parametrization
+        from t2dist.policy.load import policy_parametrization
 
         self.cfg, self.driver, self.tracker, self.run_dir, self.progress = cfg, driver, tracker, run_dir, progress
         self.task = get_task(cfg.task.name)

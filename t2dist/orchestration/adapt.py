@@ -1,6 +1,6 @@
 """Self-adaptation driver: two-pass inference, few-shot CEM farmed out to rollout actors, the table.
 
-Top-level (like ``t2dist/train.py``): it may import Ray; the core in ``t2dist/adapt/``
+Top-level (like ``t2dist/orchestration/train.py``): it may import Ray; the core in ``t2dist/adapt/``
 never does.  ``adapt.actors = 0`` (the default) scores CEM candidates in process; N > 0
 starts N :class:`actors.adapt.AdaptWorker` Ray actors (a local cluster unless one is
 running) and splits each population over them.
@@ -18,7 +18,7 @@ from t2dist.adapt.cem import CEMResult, CEMSettings
 from t2dist.adapt.loading import build_two_pass, cem_settings, read_cls_expert, read_experts
 from t2dist.adapt.strategies import AdaptError, AdaptRun, TwoPass, pick_shots
 from t2dist.config import Config, dump_config
-from t2dist.evaluation import evaluate, wilson_interval
+from t2dist.evaluation.accuracy import evaluate, wilson_interval
 from t2dist.tasks import get_task
 from t2dist.tasks.base import Example, Task
 
@@ -86,7 +86,7 @@ def run_fewshot(tp: TwoPass, cfg: Config, task: Task, settings: CEMSettings | No
 
 
 def mixture_card(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, task: Task) -> dict:
-    from t2dist.experts import make_card
+    from t2dist.experts.expert import make_card
 
     return make_card(tp.svf, name=f"mix-{task.name}", task=task.name, metrics={"shots_accuracy": cem.score},
                      config=dump_config(cfg), base_model=cfg.model.path,

@@ -1,7 +1,7 @@
 """The Ray side of ``t2dist train``: connecting to a cluster, and the ``Driver`` that owns the actors.
 
 ``Driver`` starts the rollout actors, the evaluator and the DeepSpeed learner ranks (placed by
-``actors/placement.py``), and offers the loop (``t2dist/train.py``) one call per thing a step
+``actors/placement.py``), and offers the loop (``t2dist/orchestration/train.py``) one call per thing a step
 does: ``sync`` z to the actors, ``rollout`` (a dead actor is restarted and its share redone,
 up to ``train.max_actor_restarts`` times), ``learn``, ``get_z``, and saving/restoring the
 learner ranks' state for a checkpoint. Only z (kilobytes) crosses process boundaries.

@@ -1,0 +1,1 @@
+"""Held-out evaluation: greedy accuracy through an engine, and log-likelihood ranking."""

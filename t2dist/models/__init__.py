@@ -1,0 +1,1 @@
+"""Base models: the toy, offline GGUF models, local directories and hub names."""
