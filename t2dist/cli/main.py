@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result to this JSON file")
     p.add_argument("--oracle", action="store_true",
                    help="score the task's reference answers through its verifier instead (no model loaded)")
+    p.add_argument("--records", action="store_true",
+                   help="with --json: also write each example's prompt, completion and verdict")
     _add_config_args(p)
 
     p = sub.add_parser("expert", help=COMMANDS["expert"], description=COMMANDS["expert"])
@@ -201,11 +203,12 @@ def cmd_eval(args) -> int:
         engine.set_z(expert.z, version=args.expert)
     try:
         res = evaluate(None, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.task.max_new_tokens, engine=engine)
+                       max_new_tokens=cfg.task.max_new_tokens, engine=engine, records=args.records)
     finally:
         engine.close()
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,
-           "expert_version": expert.card.get("version") if expert else None, **_eval_json(res)}
+           "expert_version": expert.card.get("version") if expert else None,
+           **res.as_dict(with_records=args.records)}
     print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {_interval(res)} (n={res.n})")
     if args.json:
         _write_json(args.json, out)

@@ -73,6 +73,7 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
             "response_length": float(batch.lengths.float().mean()),
             "rollout_s": t1 - t0,
             "learn_s": t2 - t1,
+            **batch.integrity(),
             **stats,
         }
         history.append(rec)

@@ -220,12 +220,10 @@ class CodeBenchmark(BenchmarkTask):
         return ""
 
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
-        from t2dist.verifiers.code import check_code_batch
+        from t2dist.verifiers.code import code_verdicts
 
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
-        checks = check_code_batch(programs, [e.answer for e in examples],
-                                  setups=[self.trusted_setup(e) for e in examples])
-        return [Verdict(1.0 if c.passed else -1.0, c.passed, c.status, c.detail) for c in checks]
+        return code_verdicts(programs, [e.answer for e in examples], setups=[self.trusted_setup(e) for e in examples])
 
 
 @register_task("mbpp")
