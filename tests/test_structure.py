@@ -7,6 +7,9 @@
   is not an edge (every package would be in a cycle with the submodules it re-exports).
 * No function longer than 80 lines in those folders (decorators and the ``def`` line count, the
   body to its last line).
+* Only the orchestration (``t2dist.orchestration``), the server package (``t2dist.serve``), ``actors`` and
+  ``learner`` import ``ray`` or ``deepspeed`` (any form: ``import``, ``from``, inside functions, under
+  ``if TYPE_CHECKING``, ``importlib.import_module("ray")``): the core runs without a cluster.
 * ``import t2dist.errors`` loads no other project module, and every ``*Error`` class of the project
   is a :class:`t2dist.errors.UserError` (the one base the CLI catches).
 """
@@ -167,6 +170,68 @@ def test_the_cycle_finder_finds_cycles(tmp_path):
     assert find_cycles(graph) == [["t2dist.a", "t2dist.sub.b", "t2dist.sub.c", "t2dist.a"]]
     (pkg / "sub" / "c.py").write_text("import os\n")
     assert find_cycles(import_graph(tmp_path)) == []
+
+
+# Who may import the cluster packages: module-name prefixes (a prefix covers its submodules).
+CLUSTER_PACKAGES = ("ray", "deepspeed")
+CLUSTER_IMPORTERS = (
+    "t2dist.orchestration",  # the one place in t2dist that knows Ray, DeepSpeed, actors and learner
+    "t2dist.serve",  # the Ray Serve application (being built beside this rule)
+    "actors",  # Ray actors
+    "learner",  # the DeepSpeed learner
+)
+
+
+def _imported_names(node: ast.AST) -> list[str]:
+    """Absolute module names an AST node imports (relative imports stay inside the project)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [node.module] if node.module and not node.level else []
+    if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+            and isinstance(node.args[0].value, str):
+        fn = node.func
+        name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+        if name in ("import_module", "__import__"):
+            return [node.args[0].value]
+    return []
+
+
+def cluster_imports(root: Path = ROOT) -> list[str]:
+    """``file:line imports ray`` for every import of a cluster package outside :data:`CLUSTER_IMPORTERS`."""
+    bad = []
+    for mod, path in _modules(root).items():
+        if any(mod == p or mod.startswith(p + ".") for p in CLUSTER_IMPORTERS):
+            continue
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            for name in _imported_names(node):
+                if name.split(".")[0] in CLUSTER_PACKAGES:
+                    bad.append(f"{rel}:{node.lineno} imports {name}")
+    return sorted(bad)
+
+
+def test_only_the_orchestration_actors_and_learner_import_ray_or_deepspeed():
+    bad = cluster_imports()
+    assert not bad, ("the core never imports ray or deepspeed (only " + ", ".join(CLUSTER_IMPORTERS) + " may):\n  "
+                     + "\n  ".join(bad))
+
+
+def test_the_cluster_import_rule_finds_violations(tmp_path):
+    """The checker itself: imports inside functions, under TYPE_CHECKING and through importlib count."""
+    pkg = tmp_path / "t2dist"
+    (pkg / "orchestration").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "orchestration" / "__init__.py").write_text("import ray\n")  # allowed
+    (pkg / "orchestration" / "train.py").write_text("import deepspeed.comm\n")  # allowed
+    (pkg / "orchestrationx.py").write_text("import ray\n")  # a name that only starts like an allowed one
+    (pkg / "core.py").write_text("import os\n\ndef f():\n    from ray.util import placement_group\n")
+    (pkg / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import deepspeed\n")
+    (pkg / "lazy.py").write_text("import importlib\nR = importlib.import_module('ray')\nimport rayon\n")
+    assert cluster_imports(tmp_path) == [
+        "t2dist/core.py:4 imports ray.util", "t2dist/lazy.py:2 imports ray",
+        "t2dist/orchestrationx.py:1 imports ray", "t2dist/typed.py:3 imports deepspeed",
+    ]
 
 
 def _functions(path: Path):
