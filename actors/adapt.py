@@ -29,6 +29,7 @@ class AdaptWorker(RolloutWorker):
         for z in zs:
             self.svf.check_z(z)
         self.expert_zs = [{n: z[n] for n in self.svf.targets} for z in zs]  # one order for mix_z
+        self.engine.unset_z()  # a mixture of the old experts must not pass for one of the new (same alpha key)
         return len(self.expert_zs)
 
     def score_mixture(self, alpha: torch.Tensor, task: str, examples: Sequence[Example]) -> float:

@@ -68,14 +68,6 @@ class RolloutWorker:
             return cfg.eval.engine or cfg.rollout.engine, cfg.eval.batch_size
         return cfg.rollout.engine, cfg.rollout.batch_size
 
-    @property
-    def version(self) -> object:
-        return self.engine.version
-
-    @version.setter
-    def version(self, value: object) -> None:  # AdaptWorker: candidates were merged behind the engine's back
-        self.engine.version = value
-
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "fingerprint": self.svf.fingerprint,
                 "num_z": self.svf.num_z, **self.engine.info()}
@@ -101,8 +93,7 @@ class RolloutWorker:
             self.engine.unset_z()
         else:
             self.engine.set_z(z, version)
-        res = evaluate(None, self.tokenizer, self.task, split=split, limit=limit, engine=self.engine,
-                       batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.task.max_new_tokens)
+        res = evaluate(self.engine, self.task, split=split, limit=limit, max_new_tokens=self.cfg.task.max_new_tokens)
         return {**res.as_dict(), "seconds": time.perf_counter() - t0, "version": version}
 
     def card(self, name: str, metrics: dict, config: dict, extra: dict | None = None) -> dict:

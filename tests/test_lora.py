@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call
 
 from t2dist.config import ConfigError, load_config
+from t2dist.engines.hf import HFEngine
 from t2dist.experts.expert import ExpertError, check_compatible, load_expert, make_card, read_expert, save_expert
 from t2dist.policy.lora import LoRAModel
 from t2dist.svf.targets import TargetSpecError
@@ -134,7 +135,7 @@ def test_lora_expert_save_load_eval_round_trip(tmp_path):
                              "rl.samples_per_prompt=4", "rl.lr=0.02"])
     lora, tok = load_svf(cfg)
     assert isinstance(lora, LoRAModel)
-    run = train_local(cfg, lora, tok, get_task("math"), progress=False)
+    run = train_local(cfg, HFEngine(cfg, policy=lora, tokenizer=tok), get_task("math"), progress=False)
     assert max(float(v.abs().max()) for n, v in run.z.items() if ".lora_B." in n) > 1e-3  # B moved off zero
     card = make_card(lora, name="lora-math", task="math", metrics={}, base_model="toy")
     save_expert(tmp_path / "e", run.z, card)
@@ -150,7 +151,7 @@ def test_lora_expert_save_load_eval_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh.model(input_ids=IDS).logits, lora.model(input_ids=IDS).logits, atol=1e-6)
     limit = 30
-    want = evaluate(fresh.model, tok, get_task("math"), split="test", limit=limit)
+    want = evaluate(HFEngine(cfg, policy=fresh, tokenizer=tok), get_task("math"), split="test", limit=limit)
 
     out = tmp_path / "eval.json"
     assert main(["eval", "--expert", str(tmp_path / "e"), "--task", "math", "--limit", str(limit),
@@ -198,7 +199,7 @@ def test_distributed_lora_run_matches_train_local(tmp_path):
     expert = read_expert(summary["expert"])
     assert expert.kind == "lora" and expert.card["lora"]["r"] == 4
     lora, tok = load_svf(cfg)
-    local = train_local(cfg, lora, tok, get_task("math"), progress=False)
+    local = train_local(cfg, HFEngine(cfg, policy=lora, tokenizer=tok), get_task("math"), progress=False)
     assert set(z_dist) == set(local.z)
     assert max(float(v.abs().max()) for n, v in local.z.items() if ".lora_B." in n) > 1e-3
     for n in local.z:

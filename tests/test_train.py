@@ -14,6 +14,7 @@ import torch
 
 from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
 from t2dist.config import ConfigError, load_config
+from t2dist.engines.hf import HFEngine
 from t2dist.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     assert [h["step"] for h in state["history"] if "kl" in h] == kl_steps
     torch.set_num_threads(1)
     svf, tok = load_svf(cfg)
-    local = train_local(cfg, svf, tok, get_task("math"), progress=False)
+    local = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("math"), progress=False)
     assert [h["step"] for h in local.history if "kl" in h] == kl_steps
     moved = max(float((local.z[n] - 1).abs().max()) for n in local.z)
     assert moved > 1e-3  # training really changed z
@@ -201,7 +202,7 @@ def lagged_local_z(cfg):
     """Single-process oracle of rl.off_policy_steps=1: the batch of step s is sampled with z_(s-2) (z_0 for s<=2)."""
     from t2dist.rl.data import PromptStream
     from t2dist.rl.local import step_seed
-    from t2dist.rl.rollout import rollout
+    from t2dist.rl.rollout import engine_rollout
     from t2dist.rl.step import rl_loss
     from t2dist.policy.load import load_svf
     from t2dist.svf.model import ZParams
@@ -209,6 +210,7 @@ def lagged_local_z(cfg):
 
     torch.set_num_threads(1)
     svf, tok = load_svf(cfg)
+    engine = HFEngine(cfg, policy=svf, tokenizer=tok)
     rl, task = cfg.rl, get_task(cfg.task.name)
     torch.manual_seed(rl.seed)
     stream = PromptStream(task.examples("train"), rl.seed)
@@ -217,17 +219,17 @@ def lagged_local_z(cfg):
     zs = [zp.detached()]
     for i in range(rl.steps):  # step s = i + 1
         examples = stream.next_batch(rl.prompts_per_step)
-        svf.merge_(zs[max(i - 1, 0)], version=max(i - 1, 0))
-        batch = rollout(svf.model, tok, task, examples, samples_per_prompt=rl.samples_per_prompt,
-                        temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=cfg.task.max_new_tokens,
-                        seed=step_seed(rl.seed, i))
+        engine.set_z(zs[max(i - 1, 0)], version=max(i - 1, 0))
+        batch = engine_rollout(engine, task, examples, samples_per_prompt=rl.samples_per_prompt,
+                               temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=cfg.task.max_new_tokens,
+                               seed=step_seed(rl.seed, i))
         opt.zero_grad(set_to_none=True)
         loss, _ = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=tok.pad_token_id)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))
         opt.step()
         zs.append(zp.detached())
-    svf.unmerge_()
+    engine.unset_z()
     return zs[-1]
 
 
@@ -263,7 +265,7 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     for n in z_lagged:
         assert torch.allclose(z_dist[n], z_lagged[n].float(), atol=1e-5), n
     svf, tok = load_svf(cfg)
-    on_policy = train_local(cfg, svf, tok, get_task("math"), progress=False).z
+    on_policy = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("math"), progress=False).z
     assert max(float((on_policy[n] - z_lagged[n]).abs().max()) for n in z_lagged) > 1e-4  # the lag is visible
 
 

@@ -125,6 +125,7 @@ def _interval(res) -> str:
 def cmd_train_local(args) -> int:
     import time
 
+    from t2dist.engines.hf import HFEngine
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.experts.expert import make_card, save_expert
     from t2dist.rl.local import train_local
@@ -137,18 +138,21 @@ def cmd_train_local(args) -> int:
         print(f"warning: task {task.name!r} is an unseen variant meant for adaptation, not training", file=sys.stderr)
     out = Path(args.out)
     svf, tokenizer = load_policy(cfg, verbose=True)
+    # two in-process HF engines over the one policy: sampling in rollout batches, evaluation in eval batches
+    sampler = HFEngine(cfg, policy=svf, tokenizer=tokenizer)
+    scorer = HFEngine(cfg, policy=svf, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "model": cfg.model.path, "steps": cfg.rl.steps}
     if not args.no_eval:
-        base = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
+        base = evaluate(scorer, task, split=cfg.eval.split, limit=cfg.eval.limit)
         result["base"] = _eval_json(base)
         print(f"base {cfg.eval.split} accuracy: {base.accuracy:.3f} {_interval(base)}")
-    run = train_local(cfg, svf, tokenizer, task)
+    run = train_local(cfg, sampler, task)
     result["train_seconds"] = run.seconds
     if not args.no_eval:
-        svf.merge_(run.z)
-        final = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
-        svf.unmerge_()
+        scorer.set_z(run.z, version="final")
+        final = evaluate(scorer, task, split=cfg.eval.split, limit=cfg.eval.limit)
+        scorer.unset_z()
         result["final"] = _eval_json(final)
         result["gain"] = final.accuracy - base.accuracy
         print(f"expert {cfg.eval.split} accuracy: {final.accuracy:.3f} {_interval(final)} "
@@ -195,13 +199,12 @@ def cmd_eval(args) -> int:
     cfg = _config(args, extra)
     task = get_task(args.task)
     engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.eval.batch_size)
-    svf, tokenizer = engine.policy, engine.tokenizer
+    svf = engine.policy
     if expert is not None:
         check_compatible(expert, svf, source=f"expert {args.expert}")
         engine.set_z(expert.z, version=args.expert)
     try:
-        res = evaluate(None, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.task.max_new_tokens, engine=engine)
+        res = evaluate(engine, task, split=args.split, limit=args.limit, max_new_tokens=cfg.task.max_new_tokens)
     finally:
         engine.close()
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,

@@ -49,7 +49,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, z_nbytes
+from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, UnnamedZ, z_nbytes
 from t2dist.errors import UserError
 from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
 
@@ -295,7 +295,7 @@ class VLLMEngine(RolloutEngine):
         _unblock_calls_on_death(self.llm, self._closing)
         self.on_gpu = self.cfg.model.device != "cpu" and torch.cuda.is_available()
         self.token_budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
-        self.version = None
+        self._version = None
         self.last_update_ms = 0.0
 
     def _load_policy(self, cfg):
@@ -357,13 +357,13 @@ class VLLMEngine(RolloutEngine):
         self.last_update_detail = _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(payload,))[0]
         _engine_call(self.llm.reset_prefix_cache)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
-        self.version = version
+        self._version = UnnamedZ() if version is None else version
         return sum(len(b) for b in payload.values())
 
     def unset_z(self) -> None:
         _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(None,))
         _engine_call(self.llm.reset_prefix_cache)
-        self.version = None
+        self._version = None
 
     def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The current ``W'`` blocks of ``names`` as the worker holds them (rank 0's shard)."""

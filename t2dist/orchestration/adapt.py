@@ -175,8 +175,7 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
     for col, task in tasks.items():
         for row, key, z in [("Base", None, None), *((f"{c} expert", ("expert", c), e.z) for c, e in tp.experts.items())]:
             tp.use(key, z)
-            r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine,
-                         records=True)
+            r = evaluate(tp.engine, task, split, limit=limit, records=True)
             put(row, col, [rec["correct"] for rec in r.records])
         for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls"), ("Few-shot", "fewshot")):
             if (strat == "cls" and tp.cls_expert is None) or strat not in strategies:

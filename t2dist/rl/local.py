@@ -1,8 +1,10 @@
 """Single-process reference RL (``t2dist train-local``): the oracle the distributed pipeline matches.
 
-One step: merge ``W'(z)`` into the model, sample ``samples_per_prompt`` completions of
-``prompts_per_step`` training prompts, score them with the task's verifier, compute
-advantages, and take one Adam step on ``z`` of the KL-regularised policy-gradient loss.
+One step: set ``z`` in the rollout engine (``engine.set_z``: the HF engine merges ``W'(z)`` into
+the policy's model), sample ``samples_per_prompt`` completions of ``prompts_per_step`` training
+prompts through it (:func:`t2dist.rl.rollout.engine_rollout`, the rollout actors' path), score them
+with the task's verifier, compute advantages, and take one Adam step on ``z`` of the
+KL-regularised policy-gradient loss, computed on ``engine.policy``.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from tqdm import tqdm
 
 from t2dist.config import Config
 from t2dist.rl.data import training_stream
-from t2dist.rl.rollout import rollout
+from t2dist.rl.rollout import engine_rollout
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
-from t2dist.svf.model import SVFModel, ZParams
+from t2dist.svf.model import ZParams
 from t2dist.tasks.base import Task
 
 
@@ -33,8 +35,12 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: bool = True, callback=None) -> LocalRun:
+def train_local(cfg: Config, engine, task: Task, *, progress: bool = True, callback=None) -> LocalRun:
+    """``rl.steps`` steps sampled through ``engine`` (a :class:`t2dist.engines.base.RolloutEngine`; the
+    in-process HF engine samples what a rollout actor samples for the same seed and ``rollout.batch_size``)
+    on ``engine.policy``; the engine is back on the base weights at the end."""
     rl = cfg.rl
+    svf, tokenizer = engine.policy, engine.tokenizer
     torch.manual_seed(rl.seed)
     stream = training_stream(task, cfg.task.option_order, rl.seed)
     zp = ZParams(svf.init_z(cfg.svf.init))
@@ -46,12 +52,10 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
     for step in bar:
         t0 = time.perf_counter()
         examples = stream.next_batch(rl.prompts_per_step)
-        svf.merge_(zp.detached(), version=step)
-        batch = rollout(
-            svf.model, tokenizer, task, examples,
-            samples_per_prompt=rl.samples_per_prompt, temperature=rl.temperature, top_p=rl.top_p,
-            max_new_tokens=cfg.task.max_new_tokens, seed=step_seed(rl.seed, step),
-        )
+        engine.set_z(zp.detached(), version=step)
+        batch = engine_rollout(engine, task, examples, samples_per_prompt=rl.samples_per_prompt,
+                               temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=cfg.task.max_new_tokens,
+                               seed=step_seed(rl.seed, step))
         t1 = time.perf_counter()
         lr = set_step_lr(opt, rl, step)
         old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id, share_prefix=rl.shared_prefix) if rl.update_epochs > 1 else None
@@ -79,5 +83,5 @@ def train_local(cfg: Config, svf: SVFModel, tokenizer, task: Task, *, progress: 
         bar.set_postfix(reward=f"{rec['reward']:+.2f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}" if "kl" in rec else "-")
         if callback is not None:
             callback(step + 1, zp.detached(), rec)
-    svf.unmerge_()
+    engine.unset_z()
     return LocalRun(z=zp.detached(), history=history, seconds=time.perf_counter() - t_start)

@@ -64,6 +64,7 @@ def measure(model, tokenizer, tasks=None, limit=None, trap_samples=8, trap_limit
     """Greedy test accuracy per task and the sampled (T=1) correct rate on trap test prompts."""
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.engines.generation import generate
+    from t2dist.engines.in_process import base_model_engine
     from t2dist.tasks import get_task
     from t2dist.tasks.synthetic import SUITE
 
@@ -72,7 +73,7 @@ def measure(model, tokenizer, tasks=None, limit=None, trap_samples=8, trap_limit
     for name in tasks or (*SUITE, "caps", "dispatch"):
         task = get_task(name)
         try:
-            res = evaluate(model, tokenizer, task, "test", limit=limit, records=True)
+            res = evaluate(base_model_engine(model, tokenizer), task, "test", limit=limit, records=True)
         except ImportError as err:  # code sandbox not importable
             out[name] = {"error": str(err)}
             continue
