@@ -59,7 +59,7 @@ class RolloutWorker:
         )
         name, batch_size = self.engine_choice(cfg)
         self.engine = make_engine(cfg, name, batch_size=batch_size)
-        self.svf, self.tokenizer = self.engine.policy, self.engine.tokenizer  # the policy: card, check_compatible
+        self.policy, self.tokenizer = self.engine.policy, self.engine.tokenizer  # the policy: card, check_compatible
         self.task = get_task(cfg.task.name)
 
     def engine_choice(self, cfg: Config) -> tuple[str, int]:
@@ -69,8 +69,8 @@ class RolloutWorker:
         return cfg.rollout.engine, cfg.rollout.batch_size
 
     def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "fingerprint": self.svf.fingerprint,
-                "num_z": self.svf.num_z, **self.engine.info()}
+        return {"index": self.index, "pid": os.getpid(), "fingerprint": self.policy.fingerprint,
+                "num_z": self.policy.num_z, **self.engine.info()}
 
     @_exit_on_engine_death
     def set_expert(self, z: Mapping[str, torch.Tensor], version: object) -> int:
@@ -98,5 +98,5 @@ class RolloutWorker:
 
     def card(self, name: str, metrics: dict, config: dict, extra: dict | None = None) -> dict:
         """An expert card for this actor's base model and SVF setup."""
-        return make_card(self.svf, name=name, task=self.task.name, metrics=metrics, config=config,
+        return make_card(self.policy, name=name, task=self.task.name, metrics=metrics, config=config,
                          base_model=self.cfg.model.path, **(extra or {}))

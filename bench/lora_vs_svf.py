@@ -109,12 +109,12 @@ def job_t2dist(job: dict) -> dict:
     from t2dist.engines.hf import HFEngine
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
 
     cfg = cfg_for(job)
     t_load = time.perf_counter()
-    policy, tok = load_svf(cfg)
+    policy, tok = load_policy(cfg)
     scorer = HFEngine(cfg, policy=policy, tokenizer=tok, batch_size=64)  # evaluate()'s batch before engines
     load_s = time.perf_counter() - t_load
     task = get_task(job["task"])
@@ -273,11 +273,11 @@ LLAMA = {  # hidden, intermediate, layers, kv width (8 KV heads × 128)
 def traffic_rows(r: int) -> list[dict]:
     """Values and bytes one update sends to every rollout actor."""
     from t2dist.config import load_config
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     rows = []
-    svf, _ = load_svf(load_config(DEMO, ["svf.cache_dir=null"]))
-    lora, _ = load_svf(load_config(DEMO, ["policy.kind=lora", f"lora.r={r}"]))
+    svf, _ = load_policy(load_config(DEMO, ["svf.cache_dir=null"]))
+    lora, _ = load_policy(load_config(DEMO, ["policy.kind=lora", f"lora.r={r}"]))
     svf_w = sum(svf.model.get_submodule(t).weight.numel() for t in svf.targets)
     lora_w = sum(lora.model.get_submodule(t).base_layer.weight.numel() for t in lora.targets)
     z_bytes = sum(v.numel() * 4 for v in svf.init_z().values())  # what RolloutWorker.set_expert reports (fp32)

@@ -7,7 +7,7 @@ Every rank holds the frozen base model and its SVF factors (or another policy ki
 with ``learner.shard_factors``, a 1/R shard of the target weights and factors
 (``t2dist/svf/sharded.py``, built by ``learner/sharding.py``: each rank reads only its
 slice of the factor cache); the only trainable parameters (what DeepSpeed and the
-optimizer see) are the ``z`` vectors, wrapped in a :class:`~t2dist.svf.model.ZParams`
+optimizer see) are the ``z`` vectors, wrapped in a :class:`~t2dist.policy.zparams.ZParams`
 whose ``forward`` is the RL loss of a shard.
 
 Exactness with the single-process oracle (:func:`t2dist.rl.local.train_local`): the
@@ -33,7 +33,7 @@ from t2dist.config import Config
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
-from t2dist.svf.model import ZParams
+from t2dist.policy.zparams import ZParams
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
 # reported only when the batch carries the rollout engine's log-probs (rl.behaviour_correction, mismatch logging)
@@ -49,15 +49,15 @@ class ZLoss(ZParams):
     Going through the engine's forward keeps ZeRO-3's parameter gathering hooks working.
     """
 
-    def __init__(self, z, svf, rl_cfg, pad_id: int):
+    def __init__(self, z, policy, rl_cfg, pad_id: int):
         super().__init__(z)
-        self.svf = svf
+        self.policy = policy
         self.rl_cfg = rl_cfg
         self.pad_id = pad_id
 
     def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float, old_logp=None,
                 with_kl: bool = True):
-        return rl_loss(self.svf, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
+        return rl_loss(self.policy, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
                        advantages=advantages, normalizer=normalizer, old_logp=old_logp, with_kl=with_kl)
 
 
@@ -130,14 +130,14 @@ class LearnerWorker:
 
         self.sharded = use_sharding(self.cfg)
         if self.sharded:
-            self.svf, self.tokenizer = build_sharded_svf(self.cfg, rank=self.rank, world=self.world_size,
+            self.policy, self.tokenizer = build_sharded_svf(self.cfg, rank=self.rank, world=self.world_size,
                                                          backend=backend, device=device, on_gpu=self.on_gpu)
         else:
             mcfg = self.cfg.model.model_copy(update={"device": device})
             cfg_here = self.cfg.model_copy(update={"model": mcfg})
             from t2dist.policy.load import load_policy
 
-            self.svf, self.tokenizer = load_policy(cfg_here)
+            self.policy, self.tokenizer = load_policy(cfg_here)
         self.pad_id = self.tokenizer.pad_token_id
 
         from learner.ds_config import make_ds_config
@@ -145,7 +145,7 @@ class LearnerWorker:
         self.ds_config = make_ds_config(self.cfg, on_gpu=self.on_gpu)
         self.zero_stage = lc.zero_stage
         self.grad_accum = lc.grad_accum
-        self.module = ZLoss(self.svf.init_z(self.cfg.svf.init), self.svf, self.cfg.rl, self.pad_id)
+        self.module = ZLoss(self.policy.init_z(self.cfg.svf.init), self.policy, self.cfg.rl, self.pad_id)
         # the torch Adam itself: DeepSpeed's wrappers (ZeRO, bf16) step it with its own param_groups,
         # so the lr schedule is set there (t2dist.rl.schedule.set_step_lr)
         self.adam = optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
@@ -163,8 +163,8 @@ class LearnerWorker:
             "world_size": self.world_size,
             "device": str(self.engine.device),
             "backend": self.backend,
-            "num_z": self.svf.num_z,
-            "num_targets": len(self.svf.targets),
+            "num_z": self.policy.num_z,
+            "num_targets": len(self.policy.targets),
             "zero_stage": self.zero_stage,
             "deepspeed": self._deepspeed.__version__,
             "init_seconds": self.init_seconds,
@@ -174,7 +174,7 @@ class LearnerWorker:
 
     def memory(self) -> dict:
         """Resident bytes of this rank: factors, target weights, the rest of the base (see t2dist/svf/sharded.py)."""
-        return self.svf.memory()
+        return self.policy.memory()
 
     # -- z ------------------------------------------------------------------------------
     def _params(self):
@@ -199,7 +199,7 @@ class LearnerWorker:
 
     def set_z(self, z: Mapping[str, torch.Tensor]) -> None:
         """Overwrite z; a collective: call on every rank with the same z. The optimizer state is kept."""
-        self.svf.check_z(z)
+        self.policy.check_z(z)
         params = self._params()
         if self.zero_stage == 3:
             from deepspeed.utils import safe_set_full_fp32_param
@@ -249,7 +249,7 @@ class LearnerWorker:
         old = [None] * len(micro)
         if epochs > 1:  # PPO: log-probs of the behaviour policy (z before this batch's updates)
             with torch.no_grad():
-                old = [behaviour_logprobs(module.svf, module.as_dict(), mb, pad_id=module.pad_id,
+                old = [behaviour_logprobs(module.policy, module.as_dict(), mb, pad_id=module.pad_id,
                                           share_prefix=module.rl_cfg.shared_prefix)
                        for mb, _ in micro]
         rl_step = int(self.engine.global_steps) // epochs  # 0-based; restored with a checkpoint

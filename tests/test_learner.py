@@ -45,9 +45,9 @@ def make_cfg(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_svf(make_cfg):
     """The single-process SVF model (also fills the factor cache before any worker starts)."""
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
-    return load_svf(make_cfg())
+    return load_policy(make_cfg())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def train_on(ray, workers, batch: RolloutBatch, cfg: Config) -> list[dict]:
 def oracle_steps(svf, tok, cfg: Config, batches, z0: dict | None = None) -> tuple[dict, list[float], list[float]]:
     """What train_local's inner step computes, batch by batch: ``(z, grad_norms, losses)``."""
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(svf.init_z(cfg.svf.init) if z0 is None else z0)
     opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)
@@ -119,7 +119,7 @@ def oracle_steps(svf, tok, cfg: Config, batches, z0: dict | None = None) -> tupl
 
 def one_fresh_step(svf, tok, cfg: Config, z0: dict, batch) -> dict:
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(z0)
     opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)
@@ -132,7 +132,7 @@ def one_fresh_step(svf, tok, cfg: Config, z0: dict, batch) -> dict:
 
 def oracle_grad(svf, tok, cfg: Config, batch) -> dict:
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(svf.init_z(cfg.svf.init))
     loss, _ = rl_loss(svf, zp.as_dict(), batch, cfg.rl, pad_id=tok.pad_token_id)
@@ -208,7 +208,7 @@ def test_one_rank_follows_the_lr_schedule_across_a_resume(ray_cluster, make_cfg,
     from transformers import get_scheduler
 
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     cfg = make_cfg(ranks=1, zero_stage=stage)
     cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"lr_schedule": "linear", "steps": 4})})

@@ -69,7 +69,7 @@ def test_train_local_samples_balanced_prompts(monkeypatch):
     """``train-local`` takes its prompts from the balanced stream (``t2dist train`` builds the same stream)."""
     import t2dist.rl.local as local
     from t2dist.engines.hf import HFEngine
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     seen = []
 
@@ -82,7 +82,7 @@ def test_train_local_samples_balanced_prompts(monkeypatch):
 
     cfg = load_config(None, ["task.name=arc_easy", "task.option_order=balanced", "rl.prompts_per_step=8",
                              "rl.samples_per_prompt=2", "rl.steps=1", "task.max_new_tokens=1"])
-    svf, tok = load_svf(cfg)
+    svf, tok = load_policy(cfg)
     monkeypatch.setattr(local, "engine_rollout", recording_rollout)
     with pytest.raises(Seen):
         local.train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("arc_easy"), progress=False)

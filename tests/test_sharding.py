@@ -45,10 +45,10 @@ def make_cfg(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_svf(make_cfg):
     """The unsharded single-process SVF model (also writes the factor cache the ranks slice)."""
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     torch.set_num_threads(1)
-    return load_svf(make_cfg())
+    return load_policy(make_cfg())
 
 
 def cache_of(cfg: Config) -> Path:
@@ -73,7 +73,7 @@ def make_batch(seed: int, vocab: int = 60) -> RolloutBatch:
 def oracle_ppo_steps(svf, tok, cfg: Config, batches):
     """What ``train_local`` does per batch with ``rl.update_epochs`` PPO-clipped updates, unsharded."""
     from t2dist.rl.step import behaviour_logprobs, rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(svf.init_z(cfg.svf.init))
     opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)

@@ -62,7 +62,7 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     the KL to the neutral model, a forward of its own, on step 2 only; z is unchanged by it.
     With ``rl.lr_schedule=linear`` both decay the lr by RL step (not by optimizer update)."""
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.orchestration.train import train
 
@@ -74,7 +74,7 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     kl_steps = [1, 2, 3] if kl_every == 1 else [2]
     assert [h["step"] for h in state["history"] if "kl" in h] == kl_steps
     torch.set_num_threads(1)
-    svf, tok = load_svf(cfg)
+    svf, tok = load_policy(cfg)
     local = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("math"), progress=False)
     assert [h["step"] for h in local.history if "kl" in h] == kl_steps
     moved = max(float((local.z[n] - 1).abs().max()) for n in local.z)
@@ -204,12 +204,12 @@ def lagged_local_z(cfg):
     from t2dist.rl.local import step_seed
     from t2dist.rl.rollout import engine_rollout
     from t2dist.rl.step import rl_loss
-    from t2dist.policy.load import load_svf
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.load import load_policy
+    from t2dist.policy.zparams import ZParams
     from t2dist.tasks import get_task
 
     torch.set_num_threads(1)
-    svf, tok = load_svf(cfg)
+    svf, tok = load_policy(cfg)
     engine = HFEngine(cfg, policy=svf, tokenizer=tok)
     rl, task = cfg.rl, get_task(cfg.task.name)
     torch.manual_seed(rl.seed)
@@ -239,7 +239,7 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     (rl.lr=0.1: at 0.02 the lag changed no sampled token in 3 steps, so the two oracles were equal)."""
     import t2dist.orchestration.checkpoint as ckpt_mod
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.orchestration.train import train
 
@@ -264,7 +264,7 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     z_lagged = lagged_local_z(cfg)
     for n in z_lagged:
         assert torch.allclose(z_dist[n], z_lagged[n].float(), atol=1e-5), n
-    svf, tok = load_svf(cfg)
+    svf, tok = load_policy(cfg)
     on_policy = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("math"), progress=False).z
     assert max(float((on_policy[n] - z_lagged[n]).abs().max()) for n in z_lagged) > 1e-4  # the lag is visible
 

@@ -67,11 +67,11 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
     if verbose:
         print(f"[t2dist] adaptation engine: {cfg.eval.engine or cfg.rollout.engine}", flush=True)
     engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.adapt.batch_size)
-    svf, tokenizer = engine.policy, engine.tokenizer
-    device = next(svf.model.parameters()).device
+    policy, tokenizer = engine.policy, engine.tokenizer
+    device = next(policy.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
-    return TwoPass(svf, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
+    return TwoPass(policy, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
                    batch_size=cfg.adapt.batch_size, engine=engine, **first_pass(get_task(cfg.adapt.dispatch_task)))
 
 

@@ -46,8 +46,8 @@ class AdaptError(UserError, ValueError):
     """Bad adaptation input (experts, strategy, task, shots); raised before any model work."""
 
 
-def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
-    """All experts must come from one base model (and match ``svf`` when given)."""
+def check_expert_set(experts: Mapping[str, Expert], policy=None) -> None:
+    """All experts must come from one base model (and match ``policy`` when given)."""
     if not experts:
         raise AdaptError("adaptation needs at least one expert (adapt.experts / --experts)")
     items = list(experts.items())
@@ -70,10 +70,10 @@ def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
                 f"mix and dispatch only experts of one base")
         if list(e.card.get("targets", [])) != list(e0.card.get("targets", [])):
             raise AdaptError(f"experts {name0!r} and {name!r} adapt different target matrices")
-    if svf is not None:
+    if policy is not None:
         for name, e in items:
             try:
-                check_compatible(e, svf, source=f"expert {name!r}")
+                check_compatible(e, policy, source=f"expert {name!r}")
             except ExpertError as exc:
                 raise AdaptError(str(exc)) from None
 
@@ -136,19 +136,19 @@ class TwoPass:
 
     ``experts`` maps a category (``math``, ``code``, ``reasoning``) to its expert;
     ``cls_expert`` is the classifier expert of the ``cls`` strategy; ``engine`` the rollout
-    engine that generates (default: the HF engine over ``svf``).
+    engine that generates (default: the HF engine over ``policy``).
     """
 
-    def __init__(self, svf, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
+    def __init__(self, policy, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
                  cls_expert: Expert | None = None, batch_size: int = 64, engine=None, chat: str = "never",
                  answer_prefix: str = "", dispatch_max_new_tokens: int = DISPATCH_MAX_NEW_TOKENS):
-        check_expert_set(experts, svf)
+        check_expert_set(experts, policy)
         if cls_expert is not None:
-            check_expert_set({**experts, "cls": cls_expert}, svf)
-        self.svf, self.tokenizer = svf, tokenizer
-        self.engine = engine if engine is not None else hf_engine(svf, tokenizer, batch_size)
+            check_expert_set({**experts, "cls": cls_expert}, policy)
+        self.policy, self.tokenizer = policy, tokenizer
+        self.engine = engine if engine is not None else hf_engine(policy, tokenizer, batch_size)
         # z in the model's target order (safetensors files do not keep the order; mix_z needs one)
-        self.experts = {c: Expert({n: e.z[n] for n in svf.targets}, e.card) for c, e in experts.items()}
+        self.experts = {c: Expert({n: e.z[n] for n in policy.targets}, e.card) for c, e in experts.items()}
         self.cls_expert = cls_expert
         self.template = check_template(template)
         self.chat = chat  # how the dispatch question meets the chat template (Task.chat's modes)
@@ -258,7 +258,7 @@ class TwoPass:
     def fewshot(self, task: Task, shots: Sequence[Example], settings: CEMSettings,
                 evaluator: Evaluator | None = None, log=None) -> CEMResult:
         evaluator = evaluator or self.mixture_evaluator(task, shots)
-        return cem_search(len(self.experts), evaluator, settings, num_matrices=len(self.svf.targets), log=log)
+        return cem_search(len(self.experts), evaluator, settings, num_matrices=len(self.policy.targets), log=log)
 
     def mixed_z(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         return mix_z([e.z for e in self.experts.values()], alpha)
@@ -298,9 +298,9 @@ def per_prompt(settings, n: int, max_new_tokens: int, stop) -> list[tuple[int, t
     return list(settings) if settings is not None else [(max_new_tokens, tuple(stop))] * n
 
 
-def hf_engine(svf, tokenizer, batch_size: int):
+def hf_engine(policy, tokenizer, batch_size: int):
     """The HF engine over an SVF model already loaded in this process (no config needed)."""
-    return InProcessEngine(svf, tokenizer, batch_size)
+    return InProcessEngine(policy, tokenizer, batch_size)
 
 
 def alpha_key(alpha: torch.Tensor | Sequence[float]) -> tuple:

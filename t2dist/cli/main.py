@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from t2dist.cli.common import config_from_args as _config
-from t2dist.cli.common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli.main's public name)
+from t2dist.cli.common import policy_overrides_from_card  # noqa: F401  (also t2dist.cli.main's public name)
 from t2dist.cli.common import write_json as _write_json
 from t2dist.errors import USER_ERRORS
 
@@ -137,10 +137,10 @@ def cmd_train_local(args) -> int:
     if task.unseen:
         print(f"warning: task {task.name!r} is an unseen variant meant for adaptation, not training", file=sys.stderr)
     out = Path(args.out)
-    svf, tokenizer = load_policy(cfg, verbose=True)
+    policy, tokenizer = load_policy(cfg, verbose=True)
     # two in-process HF engines over the one policy: sampling in rollout batches, evaluation in eval batches
-    sampler = HFEngine(cfg, policy=svf, tokenizer=tokenizer)
-    scorer = HFEngine(cfg, policy=svf, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+    sampler = HFEngine(cfg, policy=policy, tokenizer=tokenizer)
+    scorer = HFEngine(cfg, policy=policy, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "model": cfg.model.path, "steps": cfg.rl.steps}
     if not args.no_eval:
@@ -164,7 +164,7 @@ def cmd_train_local(args) -> int:
                         f"base_{cfg.eval.split}_accuracy": result["base"]["accuracy"]})
     from t2dist.config import dump_config
 
-    card = make_card(svf, name=out.name, task=task.name, metrics=metrics, config=dump_config(cfg),
+    card = make_card(policy, name=out.name, task=task.name, metrics=metrics, config=dump_config(cfg),
                      base_model=cfg.model.path, history=run.history[-1:] and run.history)
     save_expert(out, run.z, card)
     result["expert"] = str(out)
@@ -195,13 +195,13 @@ def cmd_eval(args) -> int:
         from t2dist.registry import read_expert_ref
 
         expert = read_expert_ref(args.expert, args.registry)  # fail on a bad expert before loading the model
-        extra.update(svf_overrides_from_card(expert.card, args.overrides))
+        extra.update(policy_overrides_from_card(expert.card, args.overrides))
     cfg = _config(args, extra)
     task = get_task(args.task)
     engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.eval.batch_size)
-    svf = engine.policy
+    policy = engine.policy
     if expert is not None:
-        check_compatible(expert, svf, source=f"expert {args.expert}")
+        check_compatible(expert, policy, source=f"expert {args.expert}")
         engine.set_z(expert.z, version=args.expert)
     try:
         res = evaluate(engine, task, split=args.split, limit=args.limit, max_new_tokens=cfg.task.max_new_tokens)

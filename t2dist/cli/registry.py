@@ -108,23 +108,23 @@ def cmd_registry(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from t2dist.cli.common import config_from_args, svf_overrides_from_card
+    from t2dist.cli.common import config_from_args, policy_overrides_from_card
     from t2dist.experts.expert import check_compatible
     from t2dist.experts.export import check_export_target, export_merged
     from t2dist.registry import read_expert_ref
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     check_export_target(args.out)
     expert = read_expert_ref(args.expert, args.registry)  # fails on a bad reference before loading a model
     extra = {"model.path": args.model or expert.card.get("base_model") or None}
-    extra.update(svf_overrides_from_card(expert.card, args.overrides))
+    extra.update(policy_overrides_from_card(expert.card, args.overrides))
     cfg = config_from_args(args, extra)
-    svf, tokenizer = load_svf(cfg)
-    check_compatible(expert, svf, source=f"expert {args.expert}")
+    policy, tokenizer = load_policy(cfg)
+    check_compatible(expert, policy, source=f"expert {args.expert}")
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = export_merged(svf, tokenizer, expert.z, expert.card, args.out, dtype=dtype)
+    out = export_merged(policy, tokenizer, expert.z, expert.card, args.out, dtype=dtype)
     print(f"exported {args.expert} (base {cfg.model.path}) to {out}; load it with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r})", file=sys.stdout)
     return 0

@@ -88,7 +88,7 @@ def run_fewshot(tp: TwoPass, cfg: Config, task: Task, settings: CEMSettings | No
 def mixture_card(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, task: Task) -> dict:
     from t2dist.experts.expert import make_card
 
-    return make_card(tp.svf, name=f"mix-{task.name}", task=task.name, metrics={"shots_accuracy": cem.score},
+    return make_card(tp.policy, name=f"mix-{task.name}", task=task.name, metrics={"shots_accuracy": cem.score},
                      config=dump_config(cfg), base_model=cfg.model.path,
                      mixture={"experts": list(refs), "categories": list(tp.experts),
                               "alpha": cem.alpha.tolist(), "per_matrix": cem.alpha.dim() == 2,

@@ -34,13 +34,13 @@ def read_expert_ref(ref: str, registry: str | Registry | None = None,
     return reg.load(ref)
 
 
-def load_expert_ref(ref: str, svf, registry: str | Registry | None = None,
+def load_expert_ref(ref: str, policy, registry: str | Registry | None = None,
                     storage_options: Mapping[str, Any] | None = None):
-    """Like :func:`read_expert_ref`, then checked against ``svf`` and moved to its device."""
+    """Like :func:`read_expert_ref`, then checked against ``policy`` (any kind) and moved to its device."""
     from t2dist.experts.expert import check_compatible
 
     expert = read_expert_ref(ref, registry, storage_options)
-    check_compatible(expert, svf, source=f"expert {ref}")
-    device = next(svf.model.parameters()).device
+    check_compatible(expert, policy, source=f"expert {ref}")
+    device = next(policy.model.parameters()).device
     expert.z = {k: v.to(device) for k, v in expert.z.items()}
     return expert

@@ -15,11 +15,13 @@ import torch
 from tqdm import tqdm
 
 from t2dist.config import Config
+from t2dist.engines.base import RolloutEngine
 from t2dist.rl.data import training_stream
 from t2dist.rl.rollout import engine_rollout
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
-from t2dist.svf.model import ZParams
+from t2dist.policy.base import Policy
+from t2dist.policy.zparams import ZParams
 from t2dist.tasks.base import Task
 
 
@@ -35,15 +37,16 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-def train_local(cfg: Config, engine, task: Task, *, progress: bool = True, callback=None) -> LocalRun:
+def train_local(cfg: Config, engine: RolloutEngine, task: Task, *, progress: bool = True, callback=None) -> LocalRun:
     """``rl.steps`` steps sampled through ``engine`` (a :class:`t2dist.engines.base.RolloutEngine`; the
     in-process HF engine samples what a rollout actor samples for the same seed and ``rollout.batch_size``)
     on ``engine.policy``; the engine is back on the base weights at the end."""
     rl = cfg.rl
-    svf, tokenizer = engine.policy, engine.tokenizer
+    policy: Policy = engine.policy  # any kind: SVF, LoRA
+    tokenizer = engine.tokenizer
     torch.manual_seed(rl.seed)
     stream = training_stream(task, cfg.task.option_order, rl.seed)
-    zp = ZParams(svf.init_z(cfg.svf.init))
+    zp = ZParams(policy.init_z(cfg.svf.init))
     opt = torch.optim.Adam(zp.parameters(), lr=rl.lr)
     pad_id = tokenizer.pad_token_id
     history = []
@@ -58,10 +61,10 @@ def train_local(cfg: Config, engine, task: Task, *, progress: bool = True, callb
                                seed=step_seed(rl.seed, step))
         t1 = time.perf_counter()
         lr = set_step_lr(opt, rl, step)
-        old_logp = behaviour_logprobs(svf, zp.as_dict(), batch, pad_id=pad_id, share_prefix=rl.shared_prefix) if rl.update_epochs > 1 else None
+        old_logp = behaviour_logprobs(policy, zp.as_dict(), batch, pad_id=pad_id, share_prefix=rl.shared_prefix) if rl.update_epochs > 1 else None
         for _ in range(rl.update_epochs):
             opt.zero_grad(set_to_none=True)
-            loss, stats = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=pad_id, old_logp=old_logp,
+            loss, stats = rl_loss(policy, zp.as_dict(), batch, rl, pad_id=pad_id, old_logp=old_logp,
                                   with_kl=kl_wanted(rl, step + 1))
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))

@@ -29,26 +29,6 @@ from t2dist.svf.parametrization import Parametrization
 from t2dist.svf.targets import select_targets
 
 
-class ZParams(nn.Module):
-    """The trainable ``z`` vectors as an ``nn.Module`` (what optimizers and DeepSpeed see)."""
-
-    def __init__(self, z: Mapping[str, torch.Tensor]):
-        super().__init__()
-        self.names = list(z)
-        self.params = nn.ParameterList([nn.Parameter(t.detach().clone().float()) for t in z.values()])
-
-    def as_dict(self) -> Z:
-        return dict(zip(self.names, self.params))
-
-    def detached(self) -> Z:
-        return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
-
-    def load(self, z: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(z[n])
-
-
 class SVFKind:
     """The class side of the ``svf`` kind, shared by :class:`SVFModel` and the learner's sharded SVF."""
 
