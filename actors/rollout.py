@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from t2dist.config import Config
+from t2dist.config import Config, config_from_dict
 from t2dist.engines import make_engine
 from t2dist.engines.base import EngineDied, z_nbytes
 from t2dist.evaluation.accuracy import evaluate
@@ -45,7 +45,7 @@ def _exit_on_engine_death(fn):
 class RolloutWorker:
     role = "rollout"  # the evaluator subclass uses eval.engine
     def __init__(self, cfg: Config | dict, index: int = 0, threads: int | None = None):
-        cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+        cfg = cfg if isinstance(cfg, Config) else config_from_dict(cfg)
         torch.set_num_threads(threads or cfg.rollout.threads_per_actor)
         self.cfg = cfg
         self.index = index

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from t2dist.config import Config
+from t2dist.config import Config, config_from_dict
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
@@ -80,7 +80,7 @@ class LearnerWorker:
                  master_port: int | None = None, local_rank: int = 0):
         """With ``master_addr=None`` the rank waits for :meth:`connect` (the driver first asks rank 0
         for :meth:`endpoint`: on a multi-node cluster the rendezvous must be on rank 0's node)."""
-        self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(dict(cfg))
+        self.cfg = cfg if isinstance(cfg, Config) else config_from_dict(dict(cfg))
         self.rank, self.world_size = int(rank), int(world_size)
         self.local_rank = int(local_rank)
         if master_addr is not None:

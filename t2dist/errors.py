@@ -16,6 +16,10 @@ class UserError(Exception):
     """Base of every error caused by the user's input or setup; the message says what to change."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be used; the message names the key (also ``t2dist.config.ConfigError``)."""
+
+
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (a learner rank died, the cluster is too small, ...)."""
 

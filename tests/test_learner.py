@@ -11,7 +11,7 @@ import torch
 
 from learner.ds_config import make_ds_config
 from learner.group import free_port, global_normalizer, split_batch
-from t2dist.config import Config
+from t2dist.config import Config, config_from_dict
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
 from tiny_models import save_char_llama
@@ -31,7 +31,7 @@ def make_cfg(model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("factors")
 
     def make(ranks: int = 1, **learner) -> Config:
-        return Config.model_validate({
+        return config_from_dict({
             "model": {"path": str(model_dir)},
             "svf": {"cache_dir": str(cache)},
             "rl": {"prompts_per_step": P, "samples_per_prompt": N, "lr": 1e-2, "beta": 0.1,
@@ -148,7 +148,7 @@ def assert_z_close(a: dict, b: dict, atol: float):
 
 # -- pure helpers -----------------------------------------------------------------------
 def test_make_ds_config_maps_the_learner_section():
-    cfg = Config.model_validate({"rl": {"clip_grad": 0.5},
+    cfg = config_from_dict({"rl": {"clip_grad": 0.5},
                                  "learner": {"zero_stage": 2, "precision": "bf16", "grad_accum": 4}})
     gpu = make_ds_config(cfg, on_gpu=True)
     assert gpu["zero_optimization"]["stage"] == 2
@@ -158,9 +158,9 @@ def test_make_ds_config_maps_the_learner_section():
     with pytest.warns(UserWarning, match="learner.precision"):
         cpu = make_ds_config(cfg, on_gpu=False)
     assert "bf16" not in cpu and "fp16" not in cpu
-    fp16 = make_ds_config(Config.model_validate({"learner": {"precision": "fp16"}}), on_gpu=True)
+    fp16 = make_ds_config(config_from_dict({"learner": {"precision": "fp16"}}), on_gpu=True)
     assert fp16["fp16"]["enabled"] is True and "bf16" not in fp16
-    plain = make_ds_config(Config.model_validate({"rl": {"clip_grad": None}}), on_gpu=False)
+    plain = make_ds_config(config_from_dict({"rl": {"clip_grad": None}}), on_gpu=False)
     assert plain["gradient_clipping"] == 0.0 and plain["zero_optimization"]["stage"] == 0
     assert "bf16" not in plain and "fp16" not in plain
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from t2dist.config import Config, load_config
+from t2dist.config import Config, config_from_dict, load_config
 from t2dist.experts.expert import Expert, check_compatible, make_card
 from t2dist.policy.base import Policy
 from t2dist.policy.registry import (POLICIES, PolicyKindError, config_from_card, policy_class, register_policy)
@@ -30,7 +30,7 @@ SETUPS = {
 
 
 def config_of(kind: str) -> Config:
-    return Config.model_validate({"policy": {"kind": kind}, "svf": {"cache_dir": None}, **SETUPS.get(kind, {})})
+    return config_from_dict({"policy": {"kind": kind}, "svf": {"cache_dir": None}, **SETUPS.get(kind, {})})
 
 
 def build(kind: str, seed: int = 0) -> Policy:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.group import free_port, global_normalizer, split_batch
-from t2dist.config import Config, ConfigError
+from t2dist.config import Config, ConfigError, config_from_dict
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.svf.factors import FACTORS_FILE, FactorCacheError, load_factor_slices, read_meta
@@ -31,7 +31,7 @@ def make_cfg(model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("factors")
 
     def make(ranks: int = 1, svf: dict | None = None, **learner) -> Config:
-        return Config.model_validate({
+        return config_from_dict({
             "model": {"path": str(model_dir)},
             "svf": {"cache_dir": str(cache), "parametrization": "sigmoid", "rescale": True, **(svf or {})},
             "rl": {"prompts_per_step": P, "samples_per_prompt": N, "lr": 1e-2, "beta": 0.1, "clip_grad": 0.3,

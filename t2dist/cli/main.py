@@ -93,10 +93,10 @@ def cmd_train(args) -> int:
             from t2dist.config import ConfigError
 
             raise ConfigError(f"--resume {args.resume}: {saved} does not exist (not a t2dist run directory)")
-        from t2dist.config import Config, apply_overrides
+        from t2dist.config import apply_overrides, config_from_dict
 
         data = apply_overrides(json.loads(saved.read_text()), list(args.overrides))
-        cfg = Config.model_validate(data)
+        cfg = config_from_dict(data, str(saved))
     else:
         cfg = load_config(args.config, list(args.overrides))
     train(cfg, resume=args.resume, progress=not args.quiet)

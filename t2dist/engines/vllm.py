@@ -50,8 +50,9 @@ import numpy as np
 import torch
 
 from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, UnnamedZ, z_nbytes
-from t2dist.errors import UserError
 from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
+from t2dist.engines.vllm_config import VLLMConfig
+from t2dist.errors import UserError
 
 EXTENSION = "t2dist.engines.vllm.SVFWorkerExtension"
 
@@ -271,6 +272,7 @@ class SVFWorkerExtension:
 
 class VLLMEngine(RolloutEngine):
     name = "vllm"
+    Config = VLLMConfig  # its settings: the rollout.vllm section (registered with the engine, t2dist/engines/__init__.py)
 
     def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None):
         if cfg.policy.kind != "svf":

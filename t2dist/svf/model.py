@@ -17,22 +17,42 @@ so neutral ``z`` gives ``W' = W`` exactly and truncated factors leave the residu
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from pydantic import Field
+
+from t2dist.config_section import Section
 from t2dist.policy.base import Z, card_fields_of, check_z_shapes, merged_in_place
 from t2dist.svf.factors import Factors, fingerprint as model_fingerprint, get_factors
 from t2dist.svf.parametrization import Parametrization
 from t2dist.svf.targets import select_targets
 
 
+class SVFConfig(Section):
+    """The ``svf:`` section: which matrices get a z, how z scales them, where factors are cached."""
+
+    targets: str = Field("mlp", description="preset (mlp, attention, all-linear) or a regex over module names")
+    rank: int | None = Field(None, ge=1, description="keep the top-k singular triplets; null = full rank")
+    parametrization: Literal["linear", "sigmoid"] = "linear"
+    max_mult: float = Field(2.0, gt=1.0)
+    rescale: bool = False
+    init: float = Field(1.0, gt=0.0, description="initial scale f(z) of every singular value (1 = neutral)")
+    cache_dir: str | None = Field(".cache/t2dist/factors", description="factor cache; null disables it")
+    delta_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of U, V and the weight change U diag(S'-S) V^T (W' = W + change stays in the "
+                            "model's float32): bfloat16 rebuilds SmolLM2's 90 MLP matrices 5.5x faster on a CPU with "
+                            "AVX512-BF16 (bench/shared_prefix.py); auto: bfloat16 on a GPU, float32 on CPU")
+
+
 class SVFKind:
     """The class side of the ``svf`` kind, shared by :class:`SVFModel` and the learner's sharded SVF."""
 
     kind = "svf"
+    Config = SVFConfig  # its settings: the svf: section (registered with the kind, t2dist/policy/registry.py)
     mixable = True  # z vectors of one base mix linearly (mix_z): self-adaptation works on them
     shardable = True
     stats_title = "z statistics (scale f(z); 1 = neutral):"
