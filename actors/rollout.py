@@ -10,6 +10,7 @@ driver redoes its share of the step, as for any actor death.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Mapping
@@ -30,8 +31,6 @@ __all__ = ["RolloutWorker", "z_nbytes"]
 
 def _exit_on_engine_death(fn):
     """Turn the engine process's death into this actor's (Ray restarts it; the driver redoes the work)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapped(self, *args, **kwargs):
         try:

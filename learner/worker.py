@@ -28,12 +28,18 @@ import time
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 
+from learner.ds_config import make_ds_config
+from learner.group import free_port, node_ip
+from learner.sharding import build_sharded_svf
 from t2dist.config import Config, config_from_dict
+from t2dist.policy.load import load_policy
+from t2dist.policy.zparams import ZParams
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
-from t2dist.policy.zparams import ZParams
+from t2dist.svf.sharded import use_sharding
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
 # reported only when the batch carries the rollout engine's log-probs (rl.behaviour_correction, mismatch logging)
@@ -91,8 +97,6 @@ class LearnerWorker:
 
         ``ip``: the node's address as the cluster knows it (the driver passes Ray's); default: the outgoing route.
         """
-        from learner.group import free_port, node_ip
-
         ip = ip or node_ip()
         return ip, free_port("" if ip != "127.0.0.1" else ip)
 
@@ -107,7 +111,7 @@ class LearnerWorker:
         torch.set_num_threads(lc.threads_per_rank)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local_rank),
                           LOCAL_SIZE=str(self.world_size), MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
-        import deepspeed
+        import deepspeed  # lazy (heavy): only a learner rank builds an engine
 
         self._deepspeed = deepspeed
         backend = lc.backend if lc.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
@@ -125,9 +129,6 @@ class LearnerWorker:
 
         # the frozen base + factors on this rank's device (a 1/R shard of them under learner.shard_factors)
         device = f"cuda:{local_rank}" if self.on_gpu else "cpu"
-        from learner.sharding import build_sharded_svf
-        from t2dist.svf.sharded import use_sharding
-
         self.sharded = use_sharding(self.cfg)
         if self.sharded:
             self.policy, self.tokenizer = build_sharded_svf(self.cfg, rank=self.rank, world=self.world_size,
@@ -135,12 +136,8 @@ class LearnerWorker:
         else:
             mcfg = self.cfg.model.model_copy(update={"device": device})
             cfg_here = self.cfg.model_copy(update={"model": mcfg})
-            from t2dist.policy.load import load_policy
-
             self.policy, self.tokenizer = load_policy(cfg_here)
         self.pad_id = self.tokenizer.pad_token_id
-
-        from learner.ds_config import make_ds_config
 
         self.ds_config = make_ds_config(self.cfg, on_gpu=self.on_gpu)
         self.zero_stage = lc.zero_stage
@@ -202,7 +199,7 @@ class LearnerWorker:
         self.policy.check_z(z)
         params = self._params()
         if self.zero_stage == 3:
-            from deepspeed.utils import safe_set_full_fp32_param
+            from deepspeed.utils import safe_set_full_fp32_param  # lazy, as deepspeed above
 
             # modifier_rank=0: rank 0's values are scattered back into every rank's partition on exit
             with self._deepspeed.zero.GatheredParameters(params, modifier_rank=0):
@@ -225,8 +222,6 @@ class LearnerWorker:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def _global_sums(self, values: list[float]) -> list[float]:
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64)
         if self.world_size > 1:
             if self.backend == "nccl":
@@ -324,8 +319,6 @@ class LearnerWorker:
         return dict((client_state or {}).get(CLIENT_KEY, {}))
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             try:
                 dist.barrier()

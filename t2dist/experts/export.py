@@ -10,6 +10,7 @@ written to a temporary sibling and renamed into place.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -55,6 +56,4 @@ def check_export_target(out: str | os.PathLike) -> Path:
 
 
 def _copy_to_dtype(model, dtype: torch.dtype):
-    import copy
-
     return copy.deepcopy(model).to(dtype)

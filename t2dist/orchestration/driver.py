@@ -22,6 +22,7 @@ import ray
 import torch
 
 from actors.evaluator import EvaluatorWorker
+from actors.placement import make_placement
 from actors.rollout import RolloutWorker
 from learner.group import global_normalizer, split_batch
 from learner.worker import LearnerWorker
@@ -98,8 +99,6 @@ class Driver:
         self.cfg = cfg
         cfg_dict = dump_config(cfg)
         self.tag = f"{os.getpid()}-{int(time.time() * 1000) % 10**8}"  # actor names: t2dist-<role>-<i>-<tag>
-        from actors.placement import make_placement
-
         self.placement = make_placement(cfg)  # ray.placement: none | colocated | separate (actors/placement.py)
         place = self.placement.options
         actor_cls = ray.remote(RolloutWorker)

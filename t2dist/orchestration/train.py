@@ -30,25 +30,29 @@ from pathlib import Path
 
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from actors.rollout import z_nbytes
-from t2dist.orchestration import checkpoint
 from t2dist.atomic import atomic_write_json
-from t2dist.orchestration.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint, load_extra_z,
-                               prune_checkpoints, rng_state, set_rng_state)
 from t2dist.config import Config, ConfigError, dump_config
-from t2dist.orchestration.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401 (resources_needed:
-                           resources_needed)                                      # bench/pipeline.py imports it here)
 from t2dist.errors import TrainingError
 from t2dist.experts.expert import save_expert
 from t2dist.models.loading import resolve_model_path
+from t2dist.orchestration import checkpoint
+from t2dist.orchestration.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint,
+                                             load_extra_z, prune_checkpoints, rng_state, set_rng_state)
+from t2dist.orchestration.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401
+                                         resources_needed)  # (resources_needed: bench/pipeline.py imports it here)
 from t2dist.orchestration.paths import resolve_outputs
+from t2dist.orchestration.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step,
+                                            step_record, tb_scalars, training_curve)
+from t2dist.orchestration.tracking import Tracker
+from t2dist.policy.load import policy_parametrization
+from t2dist.registry import Registry, RegistryError, check_name
 from t2dist.rl.data import training_stream
 from t2dist.rl.losses import compute_advantages
-from t2dist.orchestration.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step, step_record,
-                              tb_scalars, training_curve)
+from t2dist.svf.sharded import check_shardable, target_shapes_from_config, use_sharding
 from t2dist.tasks import get_task
-from t2dist.orchestration.tracking import Tracker
 
 
 # -- checks before anything starts -----------------------------------------------------------
@@ -66,8 +70,6 @@ def preflight(cfg: Config) -> None:
         if not task.examples(split):
             raise ConfigError(f"task {task.name!r} has an empty {split} split")
     if task.chat == "required":  # a model without a chat template fails here, not inside the actors
-        from transformers import AutoTokenizer
-
         task.prompt_for(task.examples("test")[0], AutoTokenizer.from_pretrained(where))
     if cfg.registry.url or cfg.registry.name:
         check_registry(cfg)
@@ -76,8 +78,6 @@ def preflight(cfg: Config) -> None:
 
 def check_sharding(cfg: Config) -> None:
     """``learner.shard_factors``: R must divide every target's components and rows (shapes from a meta model)."""
-    from t2dist.svf.sharded import check_shardable, target_shapes_from_config, use_sharding
-
     if not use_sharding(cfg):
         return
     try:
@@ -98,8 +98,6 @@ def registry_url(cfg: Config) -> str | None:
 
 def check_registry(cfg: Config) -> None:
     """The registry must be writable and the expert name valid before any actor starts."""
-    from t2dist.registry import Registry, RegistryError, check_name
-
     try:
         check_name(cfg.registry.name or cfg.task.name, "registry.name")
         if cfg.registry.alias:
@@ -234,8 +232,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, progress: bool = True):
-        from t2dist.policy.load import policy_parametrization
-
         self.cfg, self.driver, self.tracker, self.run_dir, self.progress = cfg, driver, tracker, run_dir, progress
         self.task = get_task(cfg.task.name)
         self.param = policy_parametrization(cfg)  # SVF scales, or LoRA (whose z/* histograms show A and B)

@@ -31,10 +31,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
-
-from pydantic import Field
 
 from t2dist.config_section import Section
 from t2dist.policy.base import card_fields_of, check_z_shapes
@@ -111,7 +110,7 @@ class LoRAModel:
 
     def __init__(self, model: nn.Module, targets: list[str], parametrization: LoRAParametrization, *,
                  fingerprint: str, target_spec: str = "", init_seed: int = 0):
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # lazy: seconds to import, only LoRA needs it
 
         self.parametrization = parametrization
         self.fingerprint = fingerprint

@@ -20,14 +20,15 @@ import time
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from pydantic import Field
-
 from t2dist.config_section import Section
 from t2dist.policy.base import Z, card_fields_of, check_z_shapes, merged_in_place
-from t2dist.svf.factors import Factors, fingerprint as model_fingerprint, get_factors
+from t2dist.svf.factors import Factors
+from t2dist.svf.factors import fingerprint as model_fingerprint
+from t2dist.svf.factors import get_factors
 from t2dist.svf.parametrization import Parametrization
 from t2dist.svf.targets import select_targets
 
