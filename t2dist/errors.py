@@ -24,4 +24,8 @@ class TrainingError(UserError, RuntimeError):
     """The run cannot go on (a learner rank died, the cluster is too small, ...)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended a run; the message is the one line that says what was kept (the CLI prints it, exit 130)."""
+
+
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)

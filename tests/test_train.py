@@ -331,3 +331,26 @@ def test_killed_run_resumes_to_the_same_z(tmp_path):
     assert state["step"] == 12
     for n in z_full:
         assert torch.allclose(z_full[n], z_resumed[n], atol=1e-6), n
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during `t2dist train`: exit 130, one line that
+    names the last complete checkpoint and its step, no traceback; that checkpoint loads and resumes."""
+    run = tmp_path / "run"
+    proc = _cli(["train", "--config", str(DEMO), "rl.steps=400", "train.checkpoint_every=2", "train.eval_every=400",
+                 "rollout.actors=1", "learner.ranks=1", "rl.prompts_per_step=4", "rl.samples_per_prompt=2",
+                 "eval.limit=8", "train.eval_limit=8", f"svf.cache_dir={tmp_path / 'factors'}",
+                 f"registry.url={tmp_path / 'registry'}", "ray.address=local", f"run_dir={run}"])
+    deadline = time.time() + 600
+    while time.time() < deadline and latest_checkpoint(run) is None and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    lines = [line for line in out.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    ckpt = latest_checkpoint(run)
+    z, state = load_checkpoint(ckpt)
+    assert lines[0] == (f"[t2dist] interrupted: kept the checkpoint of step {state['step']}, {ckpt} "
+                        f"(go on with: t2dist train --resume {run})")
+    assert state["step"] >= 2 and z and not (run / "summary.json").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 from t2dist.cli.common import config_from_args as _config
 from t2dist.cli.common import policy_overrides_from_card  # noqa: F401  (also t2dist.cli.main's public name)
 from t2dist.cli.common import write_json as _write_json
-from t2dist.errors import USER_ERRORS
+from t2dist.errors import USER_ERRORS, Interrupted
 
 COMMANDS = {
     "train": "distributed SVF-RL: Ray rollout actors, a DeepSpeed learner, evaluator, checkpoints, TensorBoard",
@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"t2dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a run's Interrupted says what it kept), no traceback
+        print(str(exc) if isinstance(exc, Interrupted) else f"[t2dist] {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

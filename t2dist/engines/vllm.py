@@ -289,15 +289,23 @@ class VLLMEngine(RolloutEngine):
             raise VLLMEngineError(f"rollout.engine=vllm needs model.path as a local directory; {cfg.model.path!r} "
                                   "resolved to a hub name")
         self._tmp: str | None = None
+        self._t0 = time.perf_counter()
+        if policy is None:
+            self._say("1/3 the SVF policy on the CPU (targets, fingerprint, SVD factors for the worker)")
         self.policy, self.tokenizer = (policy, tokenizer) if policy is not None else self._load_policy(cfg)
         self.factor_path = self._factor_path()
         self._closing = threading.Event()
         self.llm = self._start()
+        self._say("started")
         _unblock_calls_on_death(self.llm, self._closing)
         self.on_gpu = self.cfg.model.device != "cpu" and torch.cuda.is_available()
         self.token_budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
         self._version = None
         self.last_update_ms = 0.0
+
+    def _say(self, what: str) -> None:
+        """A start-up line (the engine takes tens of seconds to start: say which stage it is in)."""
+        print(f"[t2dist] vLLM engine: {what} ({time.perf_counter() - self._t0:.0f}s)", flush=True)
 
     def _load_policy(self, cfg):
         """The SVF policy on the CPU (fingerprint, targets, factor cache, check_z); vLLM holds the model that runs."""
@@ -337,7 +345,10 @@ class VLLMEngine(RolloutEngine):
             kw["max_num_batched_tokens"] = vc.max_num_batched_tokens
         if on_gpu:
             kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
+        self._say(f"2/3 vLLM's engine process: loading {self.model_dir} (about 25 s on 2 CPU cores; vLLM logs its own "
+                  "steps)")
         llm = LLM(**kw)
+        self._say(f"3/3 the factors of {len(self.policy.targets)} targets into vLLM's worker")
         infos = llm.collective_rpc("t2dist_init", args=(self._worker_spec(),))
         self.worker_info = infos
         if any(i["targets"] != len(self.policy.targets) for i in infos):

