@@ -285,3 +285,19 @@ def test_grouped_vllm_lora_ops_equal_a_per_token_loop_and_skip_requests_without_
     one = torch.zeros(7, 6)
     ops.bgmv_expand(x, weights, one, torch.full((7,), 1), add_inputs=False)  # one adapter: the fast path
     torch.testing.assert_close(one, x @ weights[1, 0].T)
+
+
+def test_a_cache_keeps_what_is_there(tmp_path, toy_svf, expert_dir):
+    """exists='keep' (the server's cache): a finished adapter is returned with its card's report, not rewritten."""
+    svf, tok = toy_svf
+    expert = read_expert(expert_dir)
+    (tmp_path / "c").mkdir()  # an empty directory is filled
+    out, first = export_lora(svf, tok, expert.z, expert.card, tmp_path / "c", rank=32, exists="keep")
+    stamp = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    again = export_lora(svf, None, svf.neutral_z(), expert.card, out, rank=32, exists="keep")[1]
+    assert again == first and (out / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert first.rank == 32 and not first.exact
+    with pytest.raises(LoRAExportError, match="for --rank 32, not 64"):
+        export_lora(svf, tok, expert.z, expert.card, out, rank=64, exists="keep")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_lora(svf, tok, expert.z, expert.card, out, rank=32)
