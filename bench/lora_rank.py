@@ -5,10 +5,9 @@
 task's whole test split unless ``--limit``) and the relative Frobenius error
 ``‖ΔW − B_K A_K‖_F / ‖ΔW‖_F`` over all targets at K = full, 512, 256, 128, 64, 32, 16 (``--ranks``):
 
-    python bench/lora_rank.py --registry REG \\
-        --run configs/smollm2-arith.yaml smollm2-arith:champion \\
-        --run configs/smollm2-sentiment.yaml smollm2-sentiment:champion \\
-        --run configs/gemma3-arith.yaml gemma3-arith:champion \\
+    python bench/lora_rank.py --registry t2dist/assets/experts-smollm2 \\
+        --run configs/smollm2-arith.yaml arith:champion --run configs/smollm2-sentiment.yaml sentiment:champion
+    python bench/lora_rank.py --registry REG --run configs/gemma3-arith.yaml gemma3-arith:champion \\
         --run configs/smollm2-arith.yaml smollm2-arith-r512:champion      # trained with svf.rank=512
 
 ``full`` is the expert itself (``SVFModel.merge_``, no cap); a K at or above an expert's full rank is
