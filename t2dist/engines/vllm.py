@@ -32,7 +32,8 @@ engine's.  Stops are token ids (eos plus every token whose text holds a stop str
 ``t2dist.engines.generation``) and completions are cut by the same :func:`t2dist.engines.generation.finish`.
 
 Only SVF policies: a LoRA adapter would need vLLM's own LoRA path (an error says so).  This
-is the only module that imports vllm; scripts that build this engine need the
+and ``vllm_lora_ops.py`` (vLLM's CPU LoRA ops, grouped per adapter) are the only modules that
+import vllm; scripts that build this engine need the
 ``if __name__ == "__main__":`` guard (vLLM spawns its engine process).
 """
 from __future__ import annotations
