@@ -41,6 +41,8 @@ from typing import Any, Callable, Sequence
 from t2dist.tasks.base import Example, Verdict, apply_chat_template, register_task
 from t2dist.tasks.synthetic import SyntheticTask
 from t2dist.tasks.words import word_list
+from t2dist.verifiers.answers import extract_code
+from t2dist.verifiers.code import code_verdicts
 
 INTS, STRS, WORDS, NUMS = ("xs", "nums", "numbers", "values"), ("s", "text", "sentence"), ("words", "items"), ("n", "x")
 N_TESTS = 5
@@ -404,7 +406,7 @@ PLAIN_DEMO = '''def double_evens(xs: list[int]) -> list[int]:
 
 
 '''
-ANSWER_START = "```\n"
+ANSWER_START = "```python\n"
 INSTRUCTION = "Complete the following Python function. Write the whole function in a ```python code block."
 
 
@@ -434,13 +436,11 @@ class PyFuncTask(SyntheticTask):
         return apply_chat_template(self.format_prompt(example), tokenizer, self.chat, self.name) + ANSWER_START
 
     def reference_completion(self, example: Example) -> str:
-        return example.meta["completion"].replace("return", "return 0 or")
+        return example.meta["completion"]
 
     def program(self, completion: str, example: Example) -> str:
         """The program the sandbox runs: the stub and the completion's body, or the completion's own
         function (fenced or bare) after the stub, which it then redefines."""
-        from t2dist.verifiers.answers import extract_code
-
         text = completion or ""
         body = body_of(text)
         if body is not None:
@@ -451,7 +451,5 @@ class PyFuncTask(SyntheticTask):
         return self.verify_batch([completion], [example])[0]
 
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
-        from t2dist.verifiers.code import code_verdicts
-
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
         return code_verdicts(programs, [e.answer for e in examples])
