@@ -238,8 +238,14 @@ def _cache_kwarg(model) -> str:
 
 
 def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, top_p: float,
-                   max_new_tokens: int, end_ids: Sequence[int], pad: int, device) -> tuple[list, list]:
-    """Prefill ``rows`` once, expand the KV cache ``n`` times, sample; ``(token ids, log-probs)`` per row×n."""
+                   max_new_tokens: int, end_ids: Sequence[int], pad: int, device,
+                   on_step=None) -> tuple[list, list]:
+    """Prefill ``rows`` once, expand the KV cache ``n`` times, sample; ``(token ids, log-probs)`` per row×n.
+
+    ``on_step(tokens, alive)``, when given, is called after every decode step with this step's token of
+    every row×n (a LongTensor; padding where a row had already finished) and ``alive``, the rows whose
+    token is real; it may return a bool tensor of rows to finish now (a server's per-request token
+    limits, early stops, cancellations, streaming).  It cannot change the tokens sampled."""
     ids, mask = _left_pad(rows, pad, device)
     pos = mask.cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
@@ -266,7 +272,12 @@ def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, 
         logps.append(torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1))
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
         tokens.append(nxt)
+        alive = unfinished.clone() if on_step is not None else None
         unfinished &= ~torch.isin(nxt, ends)
+        if on_step is not None:
+            stop_rows = on_step(nxt, alive)
+            if stop_rows is not None:
+                unfinished &= ~stop_rows.to(unfinished.device)
         if t == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -289,11 +300,14 @@ def generate_shared(
     stop: Sequence[str] = ("\n",),
     batch_size: int = 64,
     seed: int | None = None,
+    on_step=None,
 ) -> list[Completion]:
     """Like :func:`generate` (same arguments and result order), prefilling each prompt once.
 
     A chunk holds ``max(1, batch_size // num_samples)`` whole prompts (longest first), i.e.
     ``batch_size`` sequences while decoding; each completion carries its ``logprobs``.
+    ``on_step(rows, tokens, alive)``: :func:`_decode_shared`'s hook, with ``rows`` the ``(prompt index,
+    sample)`` of each row of the chunk (t2dist/engines/requests.py streams and stops requests with it).
     """
     stop = tuple(s for s in (stop or ()) if s)
     encoded = encode_prompts(tokenizer, list(prompts))
@@ -308,9 +322,11 @@ def generate_shared(
     with _seeded(seed, device):
         for start in range(0, len(order), per_chunk):
             chunk = order[start: start + per_chunk]
+            rows = [(i, s) for i in chunk for s in range(num_samples)]
+            step = None if on_step is None else (lambda tok, alive, rows=rows: on_step(rows, tok, alive))
             toks, lps = _decode_shared(model, [encoded[i] for i in chunk], num_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, end_ids=end_ids, pad=pad,
-                                       device=device)
+                                       device=device, on_step=step)
             for r, (ids, lp) in enumerate(zip(toks, lps)):
                 i, s = chunk[r // num_samples], r % num_samples
                 results[i * num_samples + s] = finish(tokenizer, i, encoded[i], ids, stop, eos, end_ids, lp)

@@ -54,5 +54,12 @@ class HFEngine(RolloutEngine):
             torch.cuda.empty_cache()
         return out
 
+    def generate_requests(self, requests):
+        """Per-request parameters, token streaming and early stops on the shared-prefix sampler
+        (:func:`t2dist.engines.requests.generate_requests_shared`: one decode loop per compatible sub-group)."""
+        from t2dist.engines.requests import generate_requests_shared
+
+        return generate_requests_shared(self.policy.model, self.tokenizer, requests, batch_size=self.batch_size)
+
     def info(self) -> dict:
         return {**super().info(), "device": str(next(self.policy.model.parameters()).device)}
