@@ -72,7 +72,8 @@ class ServerProcess:
         raise RuntimeError(f"t2dist serve not ready after {timeout}s:\n{self.output()[-4000:]}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 120) -> int:

@@ -2,7 +2,8 @@
 
 Routes (OpenAI's, plus health and metrics):
 
-* ``GET /health`` — ``{"status": "ok", ...}`` (no key needed: for load balancers);
+* ``GET /health`` — ``{"status": "ok" | "degraded", "deployments": {name: {"status", "replicas": {state:
+  count}}}}`` (Ray Serve's view; no key needed: for load balancers and operators);
 * ``GET /metrics`` — Prometheus text format (:mod:`t2dist.serve.metrics`; no key needed);
 * ``GET /v1/models``, ``GET /v1/models/{id}`` — the base, every served expert, ``auto``;
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` — with ``stream: true`` as server-sent
@@ -71,7 +72,10 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": front.plan.model_name, "strategy": front.serve.strategy}
+        deployments = await front.backend.health() if hasattr(front.backend, "health") else {}
+        ok = all(d.get("status") == "HEALTHY" for d in deployments.values())
+        return {"status": "ok" if ok else "degraded", "model": front.plan.model_name,
+                "strategy": front.serve.strategy, "deployments": deployments}
 
     @app.get("/metrics")
     async def metrics() -> Response:

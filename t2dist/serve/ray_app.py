@@ -71,6 +71,15 @@ class RayBackend:
         except Exception as exc:  # noqa: BLE001 - every Ray failure becomes an HTTP error
             return {"error": ray_error(exc, self.max_queue).to_dict()}
 
+    async def health(self) -> dict:
+        """Ray Serve's view of the app's deployments: status and replicas by state."""
+        st = (await asyncio.to_thread(serve.status)).applications.get(APP_NAME)
+        if st is None:
+            return {}
+        return {name: {"status": str(getattr(d.status, "value", d.status)),
+                       "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
+                for name, d in st.deployments.items()}
+
     async def stream(self, model_id: str, spec: dict) -> AsyncIterator[dict]:
         handle = self.experts.options(multiplexed_model_id=model_id, stream=True)
         try:
@@ -246,11 +255,3 @@ def run(plan: ServePlan, engine_name: str, api_key: str | None, say: Callable[[s
             if owns:
                 ray.shutdown()
     say("stopped")
-
-
-def deployment_status() -> dict[str, Any]:
-    """Ray Serve's view of the app (for tests and `t2dist serve` progress)."""
-    st = serve.status().applications.get(APP_NAME)
-    if st is None:
-        return {}
-    return {name: d.status for name, d in st.deployments.items()}
