@@ -46,7 +46,7 @@ def node_ports() -> list[str]:
 def base_env() -> dict:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "NODE_IP": "127.0.0.1", "RAY_AUTH_TOKEN": TOKEN, "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)  # clients (probes, `ray job submit`) need the token and the mode, as the README says
+    env.pop("RAY_ADDRESS", None)  # clients (probes, `ray job submit`) need the token and the mode, as docs/cluster.md says
     return env
 
 
@@ -133,7 +133,7 @@ def test_two_node_cluster_from_the_scripts_runs_a_submitted_job(tmp_path):
         assert any("loopback_node2" in n["resources"] for n in nodes)
 
         run_dir = tmp_path / "run"
-        # the README's line, with a tiny run: 2 sharded learner ranks packed together, actors spread over both nodes
+        # docs/cluster.md's line, with a tiny run: 2 sharded learner ranks packed together, actors spread over both nodes
         job = subprocess.run(
             ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
              "t2dist", "train", "--config", "configs/demo.yaml", "rl.steps=2", "rl.prompts_per_step=4",

@@ -8,7 +8,7 @@ checkpoints resume unchanged (unknown keys are kept aside, not dropped).
 
 The per-step record (``step_record``) is built once; the TensorBoard scalars derive from it
 through one table (``TB_SCALARS``), and the card metrics and ``summary.json`` from one
-``FinalResult``. Pure Python: no Ray, no DeepSpeed (layering of DESIGN.md).
+``FinalResult``. Pure Python: no Ray, no DeepSpeed (the layers of docs/design.md).
 """
 from __future__ import annotations
 
