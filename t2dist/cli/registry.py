@@ -8,7 +8,7 @@ import sys
 REGISTRY_HELP = "registry URL: a directory or fsspec URL such as s3://bucket/prefix (default $T2DIST_REGISTRY or ./registry)"
 COMMANDS = {
     "registry": "publish, list, show, promote, verify and delete experts in a registry (local or s3://…)",
-    "export": "write a merged Hugging Face checkpoint (W' baked in) of one expert",
+    "export": "write one expert as a merged Hugging Face checkpoint (W' baked in) or as a PEFT LoRA adapter",
 }
 
 
@@ -45,6 +45,12 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
     p.add_argument("--expert", required=True, help="expert directory or NAME[@VERSION|:ALIAS] in --registry")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--format", choices=["merged", "lora"], default="merged",
+                   help="merged: a full checkpoint with W' baked in (default); lora: a PEFT LoRA adapter for the base "
+                        "model (vLLM, SGLang, peft...; see docs/lora.md)")
+    p.add_argument("--rank", type=int, metavar="K",
+                   help="--format lora: the adapter's rank K (default: the expert's full rank, capped at 512, "
+                        "vLLM's largest max_lora_rank); below the full rank the K largest changes are kept")
     p.add_argument("--model", help="base model (model.path); default: the one named in the expert's card")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     add_registry_arg(p)
@@ -109,24 +115,63 @@ def cmd_registry(args) -> int:
 
 def cmd_export(args) -> int:
     from t2dist.cli.common import config_from_args, svf_overrides_from_card
-    from t2dist.experts.expert import check_compatible
-    from t2dist.experts.export import check_export_target, export_merged
+    from t2dist.experts.export import check_export_target
+    from t2dist.experts.lora import LoRAExportError, check_base_has_targets, check_rank
     from t2dist.registry import read_expert_ref
-    from t2dist.policy.load import load_svf
 
+    if args.rank is not None:  # every check that needs no model comes first
+        if args.format != "lora":
+            raise LoRAExportError(f"--rank is for --format lora (got --format {args.format})")
+        check_rank(args.rank)
     check_export_target(args.out)
     expert = read_expert_ref(args.expert, args.registry)  # fails on a bad reference before loading a model
     extra = {"model.path": args.model or expert.card.get("base_model") or None}
     extra.update(svf_overrides_from_card(expert.card, args.overrides))
     cfg = config_from_args(args, extra)
-    svf, tokenizer = load_svf(cfg)
-    check_compatible(expert, svf, source=f"expert {args.expert}")
+    check_base_has_targets(cfg.model.path, expert.card["targets"], cfg.model.cache_dir, source=f"expert {args.expert}")
+    return (_export_lora if args.format == "lora" else _export_merged)(args, cfg, expert)
+
+
+def _load_checked(args, cfg, expert):
+    from t2dist.experts.expert import check_compatible
+    from t2dist.policy.load import load_svf
+
+    policy, tokenizer = load_svf(cfg)
+    check_compatible(expert, policy, source=f"expert {args.expert}")
+    return policy, tokenizer
+
+
+def _dtype(args):
     import torch
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = export_merged(svf, tokenizer, expert.z, expert.card, args.out, dtype=dtype)
+    return getattr(torch, args.dtype) if args.dtype else None
+
+
+def _export_merged(args, cfg, expert) -> int:
+    from t2dist.experts.export import export_merged
+
+    svf, tokenizer = _load_checked(args, cfg, expert)
+    out = export_merged(svf, tokenizer, expert.z, expert.card, args.out, dtype=_dtype(args))
     print(f"exported {args.expert} (base {cfg.model.path}) to {out}; load it with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r})", file=sys.stdout)
+    return 0
+
+
+def _export_lora(args, cfg, expert) -> int:
+    from t2dist.experts.lora import export_lora
+    from t2dist.models.loading import resolve_model_path
+
+    policy, tokenizer = _load_checked(args, cfg, expert)
+    base = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+    out, report = export_lora(policy, tokenizer, expert.z, expert.card, args.out, args.rank, base_model=base,
+                              dtype=_dtype(args))
+    print(f"exported {args.expert} (base {cfg.model.path}) as a LoRA adapter to {out}")
+    for line in report.summary():
+        print(line)
+    vllm_rank = report.vllm_max_lora_rank
+    if vllm_rank is not None:
+        print(f"serve it with vLLM: LLM(model={base!r}, enable_lora=True, max_lora_rank={vllm_rank}) and "
+              f"LoRARequest(name, 1, {str(out)!r}); or peft: PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0
 
 
