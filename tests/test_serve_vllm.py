@@ -103,3 +103,46 @@ def test_the_http_app_on_vllm_switches_experts_exactly(setup):
     finally:
         srv.stop()
         policy.unmerge_()
+
+
+def test_lora_mode_answers_every_expert_in_one_batch_as_exact_switching_does(setup, tmp_path, monkeypatch):
+    """serve.mode=lora: each expert exported as a PEFT adapter on first use, requests for different experts in one
+    vLLM batch (no switch), greedy answers == the HF engine with the expert's z merged (full rank 128: exact)."""
+    import asyncio
+
+    from t2dist.engines.generation import generate_shared
+    from t2dist.serve.plan import make_plan
+    from t2dist.serve.replica import EngineReplica
+
+    monkeypatch.setenv("T2DIST_CACHE", str(tmp_path / "cache"))
+    cfg, engine, reg = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.serve.mode = "lora"
+    plan = make_plan(cfg, lambda m: None)
+    replica = EngineReplica(plan, "vllm")
+    try:
+        assert replica.engine.lora_options["max_lora_rank"] == 128 and plan.full_rank == 128
+        models = ["math@1", "code@1", "base", "math@1", "code@1"]
+
+        async def ask():
+            return await asyncio.gather(*(replica.generate(m, {"prompt_ids": _ids(engine.tokenizer, p), "n": 1,
+                                                               "temperature": 0.0, "max_tokens": 8, "stop": ["\n"]})
+                                          for m, p in zip(models, PROMPTS)))
+
+        asyncio.run(ask())  # exports the adapters (first use)
+        batches = replica.scheduler.batches
+        got = asyncio.run(ask())
+        assert replica.switches == 0 and replica.scheduler.batches == batches + 1  # one engine call, three models
+        policy = engine.policy
+        for m, p, r in zip(models, PROMPTS, got):
+            if m == "base":
+                policy.unmerge_()
+            else:
+                policy.merge_(reg.load(m).z, m)
+            want = generate_shared(policy.model, engine.tokenizer, [p], max_new_tokens=8, stop=("\n",))[0]
+            assert r["choices"][0]["text"] == want.text, (m, p)
+        adapters = list((tmp_path / "cache" / "serve-lora").rglob("adapter_config.json"))
+        assert len(adapters) == 3  # math@1, code@1 and the base's zero adapter, exported once each
+    finally:
+        replica.engine.close()
+        engine.policy.unmerge_()

@@ -58,6 +58,7 @@ class GenRequest:
     stop_when: Callable[[str], bool] | None = field(default=None, repr=False)
     on_text: Callable[[int, str], None] | None = field(default=None, repr=False)
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
+    adapter: tuple[str, int, str] | None = None  # vLLM multi-LoRA: (name, id, adapter directory); None: W' as set
 
     def __post_init__(self):
         self.stop = tuple(s for s in (self.stop or ()) if s)

@@ -272,7 +272,12 @@ class SVFWorkerExtension:
 class VLLMEngine(RolloutEngine):
     name = "vllm"
 
-    def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None):
+    def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None,
+                 lora: dict | None = None):
+        """``lora``: vLLM's multi-LoRA options (``max_lora_rank``, ``max_loras``, ...) for a server that answers
+        each request with its expert's adapter (``GenRequest.adapter``; t2dist serve's ``serve.mode=lora``);
+        such an engine keeps the base weights and has no ``set_z``."""
+        self.lora_options = dict(lora) if lora else None
         if cfg.policy.kind != "svf":
             raise VLLMEngineError(f"rollout.engine=vllm supports policy.kind=svf only (got {cfg.policy.kind!r}): "
                                   "a LoRA policy samples with rollout.engine=hf")
@@ -340,6 +345,11 @@ class VLLMEngine(RolloutEngine):
             kw["max_num_batched_tokens"] = vc.max_num_batched_tokens
         if on_gpu:
             kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
+        if self.lora_options:  # multi-LoRA: the base weights stay; no z recomposition in the worker
+            kw.pop("worker_extension_cls")
+            llm = LLM(**kw, enable_lora=True, **self.lora_options)
+            self.worker_info = []
+            return llm
         llm = LLM(**kw)
         infos = llm.collective_rpc("t2dist_init", args=(self._worker_spec(),))
         self.worker_info = infos
@@ -351,6 +361,8 @@ class VLLMEngine(RolloutEngine):
     def set_z(self, z: Mapping[str, torch.Tensor], version: object) -> int:
         if version is not None and version == self.version:
             return z_nbytes(z)
+        if self.lora_options:
+            raise VLLMEngineError("this vLLM engine serves LoRA adapters (enable_lora): it has no set_z")
         self.policy.check_z(z)
         payload = {n: z[n].detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for n in self.policy.targets}
         t0 = time.perf_counter()
@@ -361,6 +373,8 @@ class VLLMEngine(RolloutEngine):
         return sum(len(b) for b in payload.values())
 
     def unset_z(self) -> None:
+        if self.lora_options:
+            return
         _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(None,))
         _engine_call(self.llm.reset_prefix_cache)
         self.version = None
@@ -417,7 +431,12 @@ class VLLMEngine(RolloutEngine):
                                     output_kind=RequestOutputKind.CUMULATIVE)
             rid = f"{tag}-{i}"
             live[rid] = _Serving(i, r, eos, end_ids, self.tokenizer)
-            _engine_call(engine.add_request, rid, {"prompt_token_ids": list(r.prompt_ids)}, params)
+            lora = None
+            if r.adapter is not None:
+                from vllm.lora.request import LoRARequest
+
+                lora = LoRARequest(*r.adapter)
+            _engine_call(engine.add_request, rid, {"prompt_token_ids": list(r.prompt_ids)}, params, lora_request=lora)
         try:
             while _engine_call(engine.has_unfinished_requests):
                 for out in _engine_call(engine.step):

@@ -52,6 +52,7 @@ class ServePlan:
     max_model_len: int
     dispatch: DispatchSpec
     has_chat_template: bool
+    full_rank: int  # the most singular triplets a target has (serve.mode=lora sizes its adapters by it)
     registry_url: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -95,10 +96,8 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
-def model_facts(cfg: Config) -> tuple[str, int, bool]:
-    """``(fingerprint, max_model_len, has_chat_template)`` of the base (loads it once, then frees it)."""
-    import gc
-
+def model_facts(cfg: Config):
+    """``(model, fingerprint, max_model_len, has_chat_template)`` of the base (the caller frees the model)."""
     from t2dist.models.loading import load_from_config
     from t2dist.svf.factors import fingerprint
 
@@ -108,10 +107,17 @@ def model_facts(cfg: Config) -> tuple[str, int, bool]:
     if cfg.rollout.vllm.max_model_len:
         limits.append(cfg.rollout.vllm.max_model_len)
     max_len = min(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**7)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    del model
-    gc.collect()
-    return fp, max_len, chat
+    return model, fp, max_len, bool(getattr(tokenizer, "chat_template", None))
+
+
+def full_rank(model, cfg: Config) -> int:
+    """The most singular triplets a target of ``cfg``'s policy setup has (``serve.mode=lora``'s adapter rank)."""
+    from t2dist.svf.targets import select_targets
+
+    if cfg.policy.kind != "svf":
+        return cfg.lora.r
+    ranks = [min(model.get_submodule(n).weight.shape) for n in select_targets(model, cfg.svf.targets)]
+    return min(cfg.svf.rank, max(ranks)) if cfg.svf.rank else max(ranks)
 
 
 def setup_mismatch(card: dict, cfg: Config) -> dict[str, tuple]:
@@ -203,13 +209,15 @@ def make_plan(cfg: Config, say: Callable[[str], None] = print) -> ServePlan:
     from t2dist.tasks import get_task
 
     s = cfg.serve
+    if s.mode == "lora" and s.engine == "hf":
+        raise ServePlanError("serve.mode=lora runs on vLLM's multi-LoRA path: use serve.engine=vllm (or auto)")
     registry = None
     if cfg.registry.url:
         try:
             registry = Registry(cfg.registry.url, cfg.registry.storage_options)
         except RegistryError as exc:
             raise ServePlanError(f"registry.url: {exc}") from None
-    fp, max_len, chat = model_facts(cfg)
+    model, fp, max_len, chat = model_facts(cfg)
     served, cards, engine_cfg = _served_cards(cfg, registry, fp, say)
     cats = {n: category(c) for n, c in cards.items()}
     names = base_names(cfg.model.path)
@@ -220,8 +228,10 @@ def make_plan(cfg: Config, say: Callable[[str], None] = print) -> ServePlan:
     cls_ref, cls_card = (None, None) if s.strategy != "cls" else _check_cls(cfg, registry, fp,
                                                                             engine_cfg if cards else None)
     cfg = engine_cfg if cards else (config_from_card(cfg, cls_card) if cls_card else cfg)
+    rank = full_rank(model, cfg)
+    del model
     plan = ServePlan(dump_config(cfg), cfg.model.path, names, fp, served, cats, s.experts is None, cls_ref,
-                     max_len, DispatchSpec("", "never", "", 1, None, ()), chat, cfg.registry.url,
+                     max_len, DispatchSpec("", "never", "", 1, None, ()), chat, rank, cfg.registry.url,
                      dict(cfg.registry.storage_options))
     task = get_task(cfg.adapt.dispatch_task)
     plan.dispatch = DispatchSpec(dispatch_template(cfg), **_first_pass(first_pass(task)),

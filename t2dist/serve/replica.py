@@ -15,7 +15,9 @@ with ``engine.generate_requests``.  Every answer carries the replica's counters
 (:meth:`EngineReplica.stats`), which the ingress turns into app-wide metrics.
 
 A *pinned* replica (the dispatch deployment) holds one model's weights from the start and serves
-only that model: the first pass never switches.
+only that model: the first pass never switches.  With ``serve.mode: lora`` the engine is vLLM with
+``enable_lora`` and an expert's "z" is its LoRA adapter (:mod:`t2dist.serve.adapters`): every request
+carries its own, all of them batch together, nothing switches.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from t2dist.serve.resolver import BASE_ID
 from t2dist.serve.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
+LORA_GROUP = "lora"  # serve.mode=lora: the scheduler's one group (no weights to switch)
 _CORRUPT = ("sha256", "bytes but the card", "has no z.safetensors", "cannot be read", "damaged")
 
 
@@ -52,7 +55,14 @@ class EngineReplica:
         self.replica_id = replica_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         if s.threads_per_replica and engine is None:
             torch.set_num_threads(s.threads_per_replica)
-        self.engine = engine if engine is not None else make_engine(cfg, engine_name, batch_size=s.max_batch_size)
+        self.lora = s.mode == "lora"  # every expert a LoRA adapter in vLLM (t2dist/serve/adapters.py): no switches
+        extra = {}
+        if self.lora:
+            from t2dist.serve.adapters import lora_options
+
+            extra["lora"] = lora_options(plan)
+        self.engine = engine if engine is not None else make_engine(cfg, engine_name, batch_size=s.max_batch_size,
+                                                                    **extra)
         if self.engine.policy.fingerprint != plan.fingerprint:
             raise internal(f"replica: the base model loaded here (fingerprint {self.engine.policy.fingerprint}) is "
                            f"not the one planned ({plan.fingerprint}); do all nodes see the same model.path?")
@@ -62,13 +72,20 @@ class EngineReplica:
         self._z_limit = s.max_models_per_replica or 10**6
         self.scheduler = BatchScheduler(self._run, self.held, window_s=s.batch_window_ms / 1000,
                                         max_batch=s.max_batch_size, max_queue=s.max_queue)
-        if pinned is not None and pinned != BASE_ID:
+        self.adapters = None
+        if self.lora:
+            from t2dist.serve.adapters import Adapters
+
+            self.adapters = Adapters(plan, self.engine.policy)
+        if pinned is not None and pinned != BASE_ID and not self.lora:
             z = self.load(pinned)
             self.engine.set_z(z, pinned)  # held from the start: not a switch
             self._z[pinned] = z
 
     # -- weights ------------------------------------------------------------------------------
     def held(self) -> str:
+        if self.lora:
+            return LORA_GROUP
         v = self.engine.version
         return BASE_ID if v is None else str(v)
 
@@ -97,7 +114,7 @@ class EngineReplica:
         from t2dist.registry import RegistryError
 
         if model_id == BASE_ID:
-            return None
+            return self.adapters.base() if self.adapters is not None else None
         try:
             expert = self.registry.load(model_id)
             check_compatible(expert, self.engine.policy, source=f"expert {model_id}")
@@ -107,12 +124,14 @@ class EngineReplica:
             raise not_found(f"expert {model_id}: {exc}") from None
         except ExpertError as exc:
             raise not_found(f"expert {model_id} cannot be served by this engine: {exc}") from None
+        if self.adapters is not None:
+            return self.adapters.adapter(model_id, expert)
         device = next(self.engine.policy.model.parameters()).device
         return {k: v.to(device) for k, v in expert.z.items()}
 
     def expert_z(self, model_id: str) -> Mapping | None:
         """:meth:`load` with a small LRU (the in-process backend; Ray Serve's multiplexing caches otherwise)."""
-        if model_id == BASE_ID:
+        if model_id == BASE_ID and not self.lora:
             return None
         if model_id in self._z:
             self._z.move_to_end(model_id)
@@ -124,12 +143,13 @@ class EngineReplica:
         return z
 
     # -- requests -----------------------------------------------------------------------------
-    def _request(self, spec: Mapping[str, Any], on_text=None) -> GenRequest:
+    def _request(self, spec: Mapping[str, Any], on_text=None, adapter=None) -> GenRequest:
         cats = spec.get("label_categories")
         return GenRequest(list(spec["prompt_ids"]), n=int(spec.get("n", 1)),
                           temperature=float(spec.get("temperature", 0.0)), top_p=float(spec.get("top_p", 1.0)),
                           max_new_tokens=int(spec["max_tokens"]), stop=tuple(spec.get("stop") or ()),
-                          seed=spec.get("seed"), stop_when=label_decided(cats) if cats else None, on_text=on_text)
+                          seed=spec.get("seed"), stop_when=label_decided(cats) if cats else None, on_text=on_text,
+                          adapter=adapter)
 
     def _check_model(self, model_id: str) -> None:
         if self.pinned is not None and model_id != self.pinned:
@@ -137,8 +157,10 @@ class EngineReplica:
 
     async def _submit(self, model_id: str, spec, z, on_text=None):
         self._check_model(model_id)
-        if z is None and model_id != BASE_ID:
+        if z is None and (model_id != BASE_ID or self.lora):
             z = await asyncio.to_thread(self.expert_z, model_id)
+        if self.lora:  # one group for all: each request carries its adapter
+            return self.scheduler.submit(LORA_GROUP, None, self._request(spec, on_text, adapter=z))
         return self.scheduler.submit(model_id, z, self._request(spec, on_text))
 
     def _result(self, job, comps) -> dict[str, Any]:
