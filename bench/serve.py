@@ -40,7 +40,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 GOALS = {"mixed_experts_vs_base": (">=", 0.7), "auto_vs_named": (">=", 0.6), "dispatch_share": ("<=", 0.25)}
 OFFLINE_ACCURACY = {"prompt": 0.642, "cls": 0.645}  # the offline two-pass on mixed_real, n=600 (issue 26)
@@ -171,9 +170,8 @@ class Server:
     """``t2dist serve`` in a subprocess (stopped with Ctrl-C)."""
 
     def __init__(self, args, strategy: str, mode: str, log: Path):
-        from serve_helpers import ServerProcess
-
         from t2dist.serve.local import free_port
+        from t2dist.serve.process import ServerProcess
 
         port = args.port or free_port()
         over = [f"serve.strategy={strategy}", f"serve.mode={mode}", f"serve.engine={args.engine}", "serve.replicas=1",

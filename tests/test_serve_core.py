@@ -242,3 +242,38 @@ def test_resolver_follows_the_registry_within_its_cache_period(tmp_path):
         with pytest.raises(ServeError) as err:
             res.resolve(bad)
         assert err.value.status == 404 and why in err.value.message, (bad, err.value.message)
+
+
+def test_engine_auto_measures_once_and_caches_per_machine_and_model(tmp_path, monkeypatch):
+    import json
+
+    from t2dist.config import load_config
+    from t2dist.serve import engine_choice
+    from t2dist.serve.plan import make_plan
+
+    monkeypatch.setenv("T2DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("t2dist.engines.vllm.vllm_available", lambda: (True, "0.32.0"))
+    plan = make_plan(load_config(None, [f"svf.cache_dir={tmp_path / 'f'}"]), lambda m: None)
+    calls = []
+
+    def fake(plan, name):
+        calls.append(name)
+        return {"tokens_per_s": {"hf": 30.0, "vllm": 12.0}[name], "seconds": 1.0, "tokens": 30, "start_s": 0.1}
+
+    name, why = engine_choice.choose_engine(plan, lambda m: None, measure=fake)
+    assert name == "hf" and calls == ["hf", "vllm"] and "hf 30.0 vs vllm 12.0 tokens/s" in why
+    name, why = engine_choice.choose_engine(plan, lambda m: None, measure=fake)
+    assert name == "hf" and calls == ["hf", "vllm"] and "cached" in why  # no second measurement
+    saved = json.loads(engine_choice.cache_file().read_text())
+    (key,) = saved
+    assert plan.fingerprint in key and "vllm 0.32.0" in key and key.startswith("cpu:")
+    plan.fingerprint = "another-model"
+    assert engine_choice.choose_engine(plan, lambda m: None, measure=fake)[0] == "hf" and len(calls) == 4
+    for over, want in (("serve.engine=vllm", ("vllm", "serve.engine=vllm")),
+                       ("serve.mode=lora", ("vllm", "serve.mode=lora runs on vLLM's multi-LoRA path"))):
+        p = make_plan(load_config(None, [f"svf.cache_dir={tmp_path / 'f'}", over]), lambda m: None)
+        assert engine_choice.choose_engine(p, lambda m: None, measure=fake) == want
+    monkeypatch.setattr("t2dist.engines.vllm.vllm_available", lambda: (False, "no vllm"))
+    assert engine_choice.choose_engine(plan, lambda m: None, measure=fake)[0] == "hf" and len(calls) == 4
+    real = engine_choice.measure_engine(plan, "hf")  # the real workload on the toy's HF engine
+    assert real["tokens"] > 0 and real["tokens_per_s"] > 0

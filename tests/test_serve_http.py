@@ -35,7 +35,7 @@ def _cfg(toy_experts, *extra):
 
 @pytest.fixture(scope="module")
 def server(toy_experts):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads on a loaded 2-core machine spin at barriers (15-30x slower)
     plan = make_plan(_cfg(toy_experts), lambda m: None)
     replica = EngineReplica(plan, "hf")
     dispatch = EngineReplica(plan, "hf", pinned="dispatch@1")  # the classifier's weights, held from the start

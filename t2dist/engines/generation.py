@@ -54,18 +54,25 @@ class Completion:
         return "stop" if self.stopped else "length"
 
 
-_STOP_ID_CACHE: dict[tuple[int, tuple[str, ...]], frozenset[int]] = {}
+_STOP_ID_CACHE: dict[tuple, frozenset[int]] = {}
+_VOCAB_TEXTS: dict[tuple, list[str]] = {}
+_STOP_ID_CACHE_MAX = 1024  # distinct stop sets kept (a server's clients send their own stop strings)
 
 
 def _stop_token_ids(tokenizer, stop: Sequence[str]) -> frozenset[int]:
-    """Ids of all tokens whose decoded text contains one of ``stop`` (cached per tokenizer)."""
-    key = (id(tokenizer), tuple(stop))
+    """Ids of all tokens whose decoded text contains one of ``stop`` (cached per tokenizer; the vocabulary is
+    decoded once per tokenizer, each new stop set is one scan of it)."""
+    tok_key = (id(tokenizer), len(tokenizer), getattr(tokenizer, "name_or_path", ""))  # id alone may be reused
+    key = (tok_key, tuple(stop))
     if key not in _STOP_ID_CACHE:
         ids: set[int] = set()
         if stop:
-            n = len(tokenizer)
-            texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-            ids = {i for i, t in enumerate(texts) if any(s in t for s in stop)}
+            if tok_key not in _VOCAB_TEXTS:
+                n = len(tokenizer)
+                _VOCAB_TEXTS[tok_key] = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+            ids = {i for i, t in enumerate(_VOCAB_TEXTS[tok_key]) if any(s in t for s in stop)}
+        if len(_STOP_ID_CACHE) >= _STOP_ID_CACHE_MAX:
+            _STOP_ID_CACHE.pop(next(iter(_STOP_ID_CACHE)))
         _STOP_ID_CACHE[key] = frozenset(ids)
     return _STOP_ID_CACHE[key]
 

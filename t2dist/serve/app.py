@@ -112,6 +112,10 @@ async def handle(front: Frontend, request: Request, cls, chat: bool):
     front.metrics.in_flight.inc()
     try:
         check_auth(request, front.api_key_digest)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before it is read
+            raise ServeError(f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", status=413,
+                             code="request_too_large")
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise ServeError(f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", status=413,

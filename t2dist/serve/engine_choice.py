@@ -14,7 +14,10 @@ fingerprint, the vLLM and torch versions and the thread count, so the next start
 measurement (about a minute, mostly vLLM's start-up).  Decided without measuring: ``hf`` when vLLM
 is not importable, the policy is not SVF, or the base has no local directory; ``vllm`` for
 ``serve.mode: lora``.  The measurement runs where ``t2dist serve`` runs; on a cluster whose nodes
-differ, set ``serve.engine`` explicitly.
+differ, set ``serve.engine`` explicitly.  Measure on a quiet machine: on a loaded one (load average 8-13
+on 2 cores) the HF engine with 2 torch threads ran the toy's workload 15-30x slower than with 1 thread
+(threads spinning at barriers while the other core is taken), which decides nothing about a quiet
+machine; delete the cache file to measure again.
 """
 from __future__ import annotations
 
@@ -88,6 +91,9 @@ def measure_engine(plan: ServePlan, name: str) -> dict:
     from t2dist.engines import make_engine
 
     cfg = plan.cfg
+    threads = torch.get_num_threads()
+    if plan.serve.threads_per_replica:  # as a replica will run it
+        torch.set_num_threads(plan.serve.threads_per_replica)
     t0 = time.perf_counter()
     engine = make_engine(cfg, name, batch_size=len(PROMPTS))
     start_s = time.perf_counter() - t0
@@ -107,6 +113,7 @@ def measure_engine(plan: ServePlan, name: str) -> dict:
         seconds = time.perf_counter() - t1
     finally:
         engine.close()
+        torch.set_num_threads(threads)
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "start_s": start_s}
 
 

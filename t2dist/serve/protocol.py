@@ -24,6 +24,7 @@ from t2dist.serve.errors import ServeError, bad_request
 
 MAX_N = 16
 MAX_STOPS = 4
+MAX_STOP_CHARS = 64
 MAX_PROMPTS = 64
 
 
@@ -54,6 +55,8 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOPS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return tuple(stops)
 
     def unsupported(self) -> list[str]:
