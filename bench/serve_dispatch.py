@@ -27,24 +27,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def first_pass(engine, texts, spec, cats, early: bool, batch: int = 64) -> dict:
+def first_pass(engine, texts, spec, cats, served: bool, batch: int = 64) -> dict:
+    """``served``: as the server runs it (generate_requests: label stop, shared prefix prefilled once);
+    else as ``t2dist adapt`` does (``engine.generate``, all the task's new tokens)."""
     from t2dist.adapt.dispatch import parse_label
     from t2dist.engines.requests import GenRequest
     from t2dist.serve.dispatch import label_decided, question
 
     tok = engine.tokenizer
     ids = [tok(question(t, tok, spec), add_special_tokens=True)["input_ids"] for t in texts]
-    stop_when = label_decided(cats) if early else None
     t0, comps = time.perf_counter(), []
     for i in range(0, len(ids), batch):
-        reqs = [GenRequest(x, max_new_tokens=spec.max_new_tokens, stop=("\n",), stop_when=stop_when)
-                for x in ids[i:i + batch]]
-        comps += [c[0] for c in engine.generate_requests(reqs)]
+        if served:
+            reqs = [GenRequest(x, max_new_tokens=spec.max_new_tokens, stop=("\n",), stop_when=label_decided(cats))
+                    for x in ids[i:i + batch]]
+            comps += [c[0] for c in engine.generate_requests(reqs)]
+        else:
+            comps += engine.generate(ids[i:i + batch], temperature=0.0, max_new_tokens=spec.max_new_tokens,
+                                     stop=("\n",))
     return {"labels": [parse_label(c.text, list(cats)) for c in comps], "seconds": time.perf_counter() - t0,
             "new_tokens": sum(len(c.completion_ids) for c in comps), "prompt_tokens": sum(map(len, ids))}
 
 
-def second_pass(engine, task, exs, batch: int = 64) -> float:
+def second_pass(engine, task, exs, served: bool, batch: int = 64) -> float:
+    """Seconds of the answers with the base (each prompt's own new tokens), served or as adapt generates."""
     from t2dist.engines.requests import GenRequest
 
     tok = engine.tokenizer
@@ -55,8 +61,20 @@ def second_pass(engine, task, exs, batch: int = 64) -> float:
                                max_new_tokens=max_new, stop=stop))
     t0 = time.perf_counter()
     for i in range(0, len(reqs), batch):
-        engine.generate_requests(reqs[i:i + batch])
+        chunk = reqs[i:i + batch]
+        if served:
+            engine.generate_requests(chunk)
+        else:
+            for (max_new, stop), idx in _by_setting(chunk).items():
+                engine.generate([chunk[j].prompt_ids for j in idx], temperature=0.0, max_new_tokens=max_new, stop=stop)
     return time.perf_counter() - t0
+
+
+def _by_setting(reqs) -> dict:
+    out: dict = {}
+    for j, r in enumerate(reqs):
+        out.setdefault((r.max_new_tokens, r.stop), []).append(j)
+    return out
 
 
 def main(argv=None) -> int:
@@ -88,7 +106,8 @@ def main(argv=None) -> int:
     gold = [gold_category(e, list(cats)) for e in exs]
     engine = make_engine(plan.cfg, "hf", batch_size=64)
     out = {"model": args.model, "n": len(exs), "cut": args.cut, "categories": list(cats), "strategies": {}}
-    out["second_pass_s"] = second_pass(engine, task, exs)
+    out["second_pass_s"] = {"adapt": second_pass(engine, task, exs, served=False),
+                            "serve": second_pass(engine, task, exs, served=True)}
     for strategy in [s for s in args.strategies.split(",") if s]:
         if strategy == "cls":
             if not plan.registry_url:
@@ -98,13 +117,13 @@ def main(argv=None) -> int:
             engine.set_z(Registry(plan.registry_url).load(plan.serve.cls_expert).z, "cls")
         else:
             engine.unset_z()
-        offline = first_pass(engine, texts, replace(plan.dispatch, prompt_tokens=None), cats, early=False)
-        served = first_pass(engine, texts, replace(plan.dispatch, prompt_tokens=args.cut), cats, early=True)
+        offline = first_pass(engine, texts, replace(plan.dispatch, prompt_tokens=None), cats, served=False)
+        served = first_pass(engine, texts, replace(plan.dispatch, prompt_tokens=args.cut), cats, served=True)
         row = {}
         for name, r in (("adapt", offline), ("serve", served)):
             row[name] = {"dispatch_accuracy": sum(a == b for a, b in zip(r["labels"], gold)) / len(gold),
                          "seconds": r["seconds"], "new_tokens": r["new_tokens"], "prompt_tokens": r["prompt_tokens"],
-                         "first_vs_second": r["seconds"] / out["second_pass_s"]}
+                         "first_vs_second": r["seconds"] / out["second_pass_s"][name]}
         row["labels_differ"] = sum(a != b for a, b in zip(offline["labels"], served["labels"]))
         out["strategies"][strategy] = row
         print(strategy, json.dumps(row), flush=True)

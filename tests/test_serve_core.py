@@ -277,3 +277,22 @@ def test_engine_auto_measures_once_and_caches_per_machine_and_model(tmp_path, mo
     assert engine_choice.choose_engine(plan, lambda m: None, measure=fake)[0] == "hf" and len(calls) == 4
     real = engine_choice.measure_engine(plan, "hf")  # the real workload on the toy's HF engine
     assert real["tokens"] > 0 and real["tokens_per_s"] > 0
+
+
+def test_a_shared_prefix_is_prefilled_once_with_the_same_numbers(toy):
+    """reuse_prefix: logits after the prompts equal a full prefill's (float tolerance) and greedy answers agree."""
+    from t2dist.engines.generation import _pad_id, _prefill, common_prefix
+
+    model, tok = toy
+    head = "Which task?\nQ: some shared words here\n"  # 39 characters: the toy's tokens are characters
+    prompts = [head + p for p in PROMPTS]
+    rows = [_ids(tok, p) for p in prompts]
+    assert common_prefix(rows) >= 16 and common_prefix([rows[0]]) == len(rows[0]) - 1
+    with torch.no_grad():
+        full, _, _ = _prefill(model, rows, _pad_id(tok), torch.device("cpu"), reuse_prefix=False)
+        once, _, mask = _prefill(model, rows, _pad_id(tok), torch.device("cpu"), reuse_prefix=True)
+    assert torch.allclose(full, once, atol=1e-4, rtol=1e-4)
+    assert mask.shape[1] == common_prefix(rows) + max(len(r) for r in rows) - common_prefix(rows)
+    a = generate_shared(model, tok, prompts, num_samples=2, max_new_tokens=10, stop=("\n",))
+    b = generate_shared(model, tok, prompts, num_samples=2, max_new_tokens=10, stop=("\n",), reuse_prefix=True)
+    assert [c.text for c in a] == [c.text for c in b] and any(c.text for c in a)

@@ -76,7 +76,7 @@ def say(msg: str) -> None:
 
 def describe(plan) -> str:
     experts = ", ".join(f"{n} ({c or 'classifier'})" for n, c in plan.categories.items()) or "none"
-    live = " + any published later" if plan.dynamic else ""
+    live = " + any published later" if plan.dynamic and plan.registry_url else ""
     return (f"base {plan.model_name} (max {plan.max_model_len} tokens); experts: {experts}{live}; auto: "
             f"strategy {plan.serve.strategy}, routes {plan.routes() or '{}'} (other -> base)")
 

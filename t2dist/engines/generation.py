@@ -244,24 +244,63 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in _forward_args(model) else "past_key_values"
 
 
+PREFIX_REUSE_MIN = 16  # shared leading tokens worth a prefill of their own (reuse_prefix)
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every row starts with, leaving each row at least one token of its own."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    k = 0
+    while k < n and all(r[k] == first[k] for r in rows):
+        k += 1
+    return k
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+def _prefill(model, rows: list[list[int]], pad: int, device, reuse_prefix: bool):
+    """``(last-position logits, KV cache, attention mask)`` after the prompts ``rows``.
+
+    ``reuse_prefix``: when every row starts with the same ``P >= PREFIX_REUSE_MIN`` tokens (a chat
+    template's system prompt, the first pass's question), those are prefilled once and their KV cache
+    is copied to every row; each row's own tokens follow, left-padded *after* the prefix (the padding is
+    masked, positions continue from ``P``).  The same numbers up to float rounding (other matmul shapes),
+    so it is off for training rollouts, whose samples must equal ``generate``'s for a seed."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}  # the head on the last position only
+    p = common_prefix(rows) if reuse_prefix and len(rows) > 0 else 0
+    if p < PREFIX_REUSE_MIN:
+        ids, mask = _left_pad(rows, pad, device)
+        pos = mask.cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+        return out.logits[:, -1].to(dtype=torch.float32), _cache_of(out), mask
+    prefix = torch.tensor([rows[0][:p]], dtype=torch.long, device=device)
+    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **keep)
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(len(rows))
+    ids, own = _left_pad([r[p:] for r in rows], pad, device)
+    pos = own.cumsum(-1) - 1 + p
+    pos.masked_fill_(own == 0, 1)
+    mask = torch.cat([torch.ones((len(rows), p), dtype=own.dtype, device=device), own], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kwarg(model): cache},
+                **keep)
+    return out.logits[:, -1].to(dtype=torch.float32), cache, mask
+
+
 def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, top_p: float,
                    max_new_tokens: int, end_ids: Sequence[int], pad: int, device,
-                   on_step=None) -> tuple[list, list]:
+                   on_step=None, reuse_prefix: bool = False) -> tuple[list, list]:
     """Prefill ``rows`` once, expand the KV cache ``n`` times, sample; ``(token ids, log-probs)`` per row×n.
 
     ``on_step(tokens, alive)``, when given, is called after every decode step with this step's token of
     every row×n (a LongTensor; padding where a row had already finished) and ``alive``, the rows whose
     token is real; it may return a bool tensor of rows to finish now (a server's per-request token
-    limits, early stops, cancellations, streaming).  It cannot change the tokens sampled."""
-    ids, mask = _left_pad(rows, pad, device)
-    pos = mask.cumsum(-1) - 1
-    pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}  # the head on the last position only
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
-    cache = getattr(out, "cache", None)
-    cache = out.past_key_values if cache is None else cache
-    logits = out.logits[:, -1].to(dtype=torch.float32)
-    del out
+    limits, early stops, cancellations, streaming).  It cannot change the tokens sampled.
+    ``reuse_prefix``: see :func:`_prefill` (the server's path)."""
+    logits, cache, mask = _prefill(model, rows, pad, device, reuse_prefix)
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
@@ -308,6 +347,7 @@ def generate_shared(
     batch_size: int = 64,
     seed: int | None = None,
     on_step=None,
+    reuse_prefix: bool = False,
 ) -> list[Completion]:
     """Like :func:`generate` (same arguments and result order), prefilling each prompt once.
 
@@ -333,7 +373,7 @@ def generate_shared(
             step = None if on_step is None else (lambda tok, alive, rows=rows: on_step(rows, tok, alive))
             toks, lps = _decode_shared(model, [encoded[i] for i in chunk], num_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, end_ids=end_ids, pad=pad,
-                                       device=device, on_step=step)
+                                       device=device, on_step=step, reuse_prefix=reuse_prefix)
             for r, (ids, lp) in enumerate(zip(toks, lps)):
                 i, s = chunk[r // num_samples], r % num_samples
                 results[i * num_samples + s] = finish(tokenizer, i, encoded[i], ids, stop, eos, end_ids, lp)

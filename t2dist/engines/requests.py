@@ -161,7 +161,7 @@ def _run_group(model, tokenizer, reqs: list[GenRequest], batch_size: int) -> lis
     generate_shared(model, tokenizer, [r.prompt_ids for r in reqs], num_samples=first.n,
                     temperature=first.temperature, top_p=first.top_p if not first.greedy else 1.0,
                     max_new_tokens=max(r.max_new_tokens for r in reqs), stop=first.stop, batch_size=batch_size,
-                    seed=None if first.greedy else first.seed, on_step=on_step)
+                    seed=None if first.greedy else first.seed, on_step=on_step, reuse_prefix=True)
     out = []
     for i, r in enumerate(reqs):
         comps = []

@@ -164,6 +164,9 @@ class Frontend:
         """The first pass on ``text``: ``(label, target that answers, seconds)``."""
         t0 = time.perf_counter()
         routes = await asyncio.to_thread(self.resolver.routes)
+        if not routes:  # no expert to route to: every label is `other` (parse_label of one category)
+            self.metrics.dispatch.labels(self.serve.strategy, "other").inc()
+            return "other", BASE, 0.0
         spec = self.plan.dispatch
         cats = (*routes, "other")
         q = first_pass.question(text, self.tokenizer, spec)
