@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     over = [f"model.path={args.model}", f"adapt.dispatch_task={dtask}", *([f"registry.url={args.registry}"]
                                                                           if args.registry else [])]
     plan = make_plan(load_config(None, over), lambda m: print(m, file=sys.stderr))
-    cats = tuple(plan.dispatch.categories) if plan.routes() else get_task(dtask).categories
+    cats = get_task(dtask).categories  # the dispatch task's (as the offline two-pass), whichever experts are served
     task = get_task("mixed_real" if args.model == "smollm2" else "mixed")
     exs = task.examples("test")[:args.n]
     texts = [task.format_prompt(e) for e in exs]
