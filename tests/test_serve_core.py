@@ -296,3 +296,26 @@ def test_a_shared_prefix_is_prefilled_once_with_the_same_numbers(toy):
     a = generate_shared(model, tok, prompts, num_samples=2, max_new_tokens=10, stop=("\n",))
     b = generate_shared(model, tok, prompts, num_samples=2, max_new_tokens=10, stop=("\n",), reuse_prefix=True)
     assert [c.text for c in a] == [c.text for c in b] and any(c.text for c in a)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["serve.port=70000"], "serve.port"),
+    (["serve.strategy=guess"], "serve.strategy"),
+    (["serve.mode=lora", "serve.engine=hf"], "serve.mode=lora runs on vLLM's multi-LoRA path"),
+    (["serve.experts=[chess]"], "serve.experts: unknown expert 'chess'"),
+    (["serve.strategy=cls"], "serve.cls_expert='dispatch': unknown expert 'dispatch'"),
+])
+def test_serve_refuses_a_bad_setup_in_one_line_before_ray_starts(args, needle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from t2dist.registry import Registry
+
+    Registry(tmp_path / "reg", create=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "t2dist", "serve", "--model", "toy", "--registry", str(tmp_path / "reg"),
+                           f"svf.cache_dir={tmp_path / 'f'}", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Started a local Ray" not in proc.stdout + proc.stderr
