@@ -27,8 +27,9 @@ class AdaptWorker(RolloutWorker):
     def set_experts(self, zs: Sequence[Mapping[str, torch.Tensor]]) -> int:
         """Keep the experts' z (in the driver's order); returns the number of experts."""
         for z in zs:
-            self.svf.check_z(z)
-        self.expert_zs = [{n: z[n] for n in self.svf.targets} for z in zs]  # one order for mix_z
+            self.policy.check_z(z)
+        self.expert_zs = [{n: z[n] for n in self.policy.targets} for z in zs]  # one order for mix_z
+        self.engine.unset_z()  # a mixture of the old experts must not pass for one of the new (same alpha key)
         return len(self.expert_zs)
 
     def score_mixture(self, alpha: torch.Tensor, task: str, examples: Sequence[Example]) -> float:

@@ -40,7 +40,7 @@ class EvaluatorWorker(RolloutWorker):
         def score_of(current: int) -> tuple[float, dict]:
             champion = reg.load(f"{name}@{current}")
             try:
-                check_compatible(champion, self.svf, source=f"{name}@{current}")
+                check_compatible(champion, self.policy, source=f"{name}@{current}")
             except ExpertError as exc:
                 raise NotComparable(str(exc)) from None
             res = self.evaluate(champion.z, "validation", val_limit, version=("champion", name, current))

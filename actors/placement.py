@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ray
+from ray.util import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from t2dist.config import Config
 from t2dist.errors import TrainingError
 
@@ -46,15 +50,11 @@ class Placement:
     def options(self, role: str, i: int = 0) -> dict:
         if (role, i) not in self.slots:
             return {}
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         pg, index = self.slots[(role, i)]
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
 
     def remove(self) -> None:
-        from ray.util import remove_placement_group
-
         for pg in self.groups:
             try:
                 remove_placement_group(pg)
@@ -68,9 +68,6 @@ def make_placement(cfg: Config) -> Placement:
     mode = cfg.ray.placement
     if mode == "none":
         return Placement(mode)
-    import ray
-    from ray.util import placement_group
-
     plan = plan_bundles(cfg)
     roles = [(role, i) for role in ("learner", "rollout", "evaluator") for i in range(len(plan[role]))]
     if mode == "colocated":

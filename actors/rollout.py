@@ -10,13 +10,14 @@ driver redoes its share of the step, as for any actor death.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Mapping
 
 import torch
 
-from t2dist.config import Config
+from t2dist.config import Config, config_from_dict
 from t2dist.engines import make_engine
 from t2dist.engines.base import EngineDied, z_nbytes
 from t2dist.evaluation.accuracy import evaluate
@@ -30,8 +31,6 @@ __all__ = ["RolloutWorker", "z_nbytes"]
 
 def _exit_on_engine_death(fn):
     """Turn the engine process's death into this actor's (Ray restarts it; the driver redoes the work)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapped(self, *args, **kwargs):
         try:
@@ -45,7 +44,7 @@ def _exit_on_engine_death(fn):
 class RolloutWorker:
     role = "rollout"  # the evaluator subclass uses eval.engine
     def __init__(self, cfg: Config | dict, index: int = 0, threads: int | None = None):
-        cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+        cfg = cfg if isinstance(cfg, Config) else config_from_dict(cfg)
         torch.set_num_threads(threads or cfg.rollout.threads_per_actor)
         self.cfg = cfg
         self.index = index
@@ -59,7 +58,7 @@ class RolloutWorker:
         )
         name, batch_size = self.engine_choice(cfg)
         self.engine = make_engine(cfg, name, batch_size=batch_size)
-        self.svf, self.tokenizer = self.engine.policy, self.engine.tokenizer  # the policy: card, check_compatible
+        self.policy, self.tokenizer = self.engine.policy, self.engine.tokenizer  # the policy: card, check_compatible
         self.task = get_task(cfg.task.name)
 
     def engine_choice(self, cfg: Config) -> tuple[str, int]:
@@ -68,17 +67,9 @@ class RolloutWorker:
             return cfg.eval.engine or cfg.rollout.engine, cfg.eval.batch_size
         return cfg.rollout.engine, cfg.rollout.batch_size
 
-    @property
-    def version(self) -> object:
-        return self.engine.version
-
-    @version.setter
-    def version(self, value: object) -> None:  # AdaptWorker: candidates were merged behind the engine's back
-        self.engine.version = value
-
     def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "fingerprint": self.svf.fingerprint,
-                "num_z": self.svf.num_z, **self.engine.info()}
+        return {"index": self.index, "pid": os.getpid(), "fingerprint": self.policy.fingerprint,
+                "num_z": self.policy.num_z, **self.engine.info()}
 
     @_exit_on_engine_death
     def set_expert(self, z: Mapping[str, torch.Tensor], version: object) -> int:
@@ -101,11 +92,10 @@ class RolloutWorker:
             self.engine.unset_z()
         else:
             self.engine.set_z(z, version)
-        res = evaluate(None, self.tokenizer, self.task, split=split, limit=limit, engine=self.engine,
-                       batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.task.max_new_tokens)
+        res = evaluate(self.engine, self.task, split=split, limit=limit, max_new_tokens=self.cfg.task.max_new_tokens)
         return {**res.as_dict(), "seconds": time.perf_counter() - t0, "version": version}
 
     def card(self, name: str, metrics: dict, config: dict, extra: dict | None = None) -> dict:
         """An expert card for this actor's base model and SVF setup."""
-        return make_card(self.svf, name=name, task=self.task.name, metrics=metrics, config=config,
+        return make_card(self.policy, name=name, task=self.task.name, metrics=metrics, config=config,
                          base_model=self.cfg.model.path, **(extra or {}))

@@ -54,7 +54,7 @@ def main() -> None:
         single = {}
         for cat, e in tp.experts.items():
             tp.use(("expert", cat), e.z)
-            single[cat] = evaluate(tp.svf.model, tp.tokenizer, task, "test", engine=tp.engine).accuracy
+            single[cat] = evaluate(tp.engine, task, "test").accuracy
         best = max(single.values())
         for name in names:
             s = CEMSettings(**SETTINGS[name], iterations=a.iterations, patience=a.patience)
@@ -63,7 +63,7 @@ def main() -> None:
             cem = tp.fewshot(task, shots, s)
             secs = time.perf_counter() - t0
             tp.use(("mix", name, tname), tp.mixed_z(cem.alpha))
-            r = evaluate(tp.svf.model, tp.tokenizer, task, "test", engine=tp.engine)
+            r = evaluate(tp.engine, task, "test")
             lo, hi = wilson_interval(r.correct, r.n)
             alpha = [round(x, 2) for x in cem.alpha.reshape(len(tp.experts), -1).mean(1).tolist()]
             rows.append(f"| {tname} | {name} | {cem.score:.2f} | {r.accuracy:.3f} [{lo:.3f}–{hi:.3f}] | {best:.3f} | "

@@ -61,14 +61,14 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return wilson_interval(k, n)
 
 
-def eval_tasks(model, tok, tasks, limit, split="test", max_new_tokens: dict | None = None) -> dict:
-    """Greedy accuracy on each task; ``max_new_tokens`` maps a task to its budget (else the task's own)."""
+def eval_tasks(engine, tasks, limit, split="test", max_new_tokens: dict | None = None) -> dict:
+    """Greedy accuracy on each task with ``engine``; ``max_new_tokens`` maps a task to its budget (else the task's own)."""
     from t2dist.evaluation.accuracy import evaluate
 
     out = {}
     for t in tasks:
         t0 = time.perf_counter()
-        r = evaluate(model, tok, t, split=split, limit=limit, max_new_tokens=(max_new_tokens or {}).get(t))
+        r = evaluate(engine, t, split=split, limit=limit, max_new_tokens=(max_new_tokens or {}).get(t))
         out[t] = {**r.as_dict(), "seconds": time.perf_counter() - t0}
     return out
 
@@ -95,24 +95,27 @@ def cfg_for(job: dict):
 
 
 def job_base(job: dict) -> dict:
+    from t2dist.engines.in_process import base_model_engine
     from t2dist.models.loading import load_model
 
     from t2dist.svf.factors import fingerprint
 
     model, tok = load_model(job.get("model", "toy"))
-    return {"eval": eval_tasks(model, tok, job["eval_tasks"], job["eval_limit"]),
+    return {"eval": eval_tasks(base_model_engine(model, tok), job["eval_tasks"], job["eval_limit"]),
             "base_info": f"weights fingerprint {fingerprint(model)[:16]}"}
 
 
 def job_t2dist(job: dict) -> dict:
+    from t2dist.engines.hf import HFEngine
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
 
     cfg = cfg_for(job)
     t_load = time.perf_counter()
-    policy, tok = load_svf(cfg)
+    policy, tok = load_policy(cfg)
+    scorer = HFEngine(cfg, policy=policy, tokenizer=tok, batch_size=64)  # evaluate()'s batch before engines
     load_s = time.perf_counter() - t_load
     task = get_task(job["task"])
     curve: list[dict] = []
@@ -121,14 +124,15 @@ def job_t2dist(job: dict) -> dict:
     def callback(step, z, rec):
         history_time["train"] += rec["rollout_s"] + rec["learn_s"]
         if step % job["val_every"] == 0 or step == job["steps"]:
-            policy.merge_(z, version=("val", step))
-            r = evaluate(policy.model, tok, task, split="validation", limit=job["val_limit"])
+            scorer.set_z(z, version=("val", step))
+            r = evaluate(scorer, task, split="validation", limit=job["val_limit"])
             curve.append({"step": step, "train_seconds": history_time["train"], "val_accuracy": r.accuracy})
 
-    run = train_local(cfg, policy, tok, task, progress=False, callback=callback)
+    run = train_local(cfg, HFEngine(cfg, policy=policy, tokenizer=tok, batch_size=128), task, progress=False,  # as measured
+                      callback=callback)
     rss = peak_rss_mb()
-    policy.merge_(run.z, version="final")
-    evals = eval_tasks(policy.model, tok, job["eval_tasks"], job["eval_limit"])
+    scorer.set_z(run.z, version="final")
+    evals = eval_tasks(scorer, job["eval_tasks"], job["eval_limit"])
     return {"train_seconds": history_time["train"], "load_seconds": load_s, "s_per_step": history_time["train"] / job["steps"],
             "peak_rss_mb": rss, "trainable": policy.num_z, "curve": curve, "seconds_to_final": seconds_to_final(curve),
             "eval": evals, "reward_first": run.history[0]["reward"], "reward_last": run.history[-1]["reward"]}
@@ -142,8 +146,9 @@ def job_trl(job: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from t2dist.evaluation.accuracy import evaluate
     from t2dist.engines.generation import _stop_token_ids
+    from t2dist.engines.in_process import base_model_engine
+    from t2dist.evaluation.accuracy import evaluate
     from t2dist.models.loading import load_model
     from t2dist.tasks import get_task
 
@@ -157,7 +162,7 @@ def job_trl(job: dict) -> dict:
     base_eval = None
     if job.get("eval_base"):  # the base on the same test problems, before any training (not timed)
         t_base = time.perf_counter()
-        base_eval = eval_tasks(model, tok, job["eval_tasks"], job["eval_limit"], max_new_tokens=budgets)
+        base_eval = eval_tasks(base_model_engine(model, tok), job["eval_tasks"], job["eval_limit"], max_new_tokens=budgets)
         t_load += time.perf_counter() - t_base
     # the task's stop string ends a completion, as in t2dist's generate (TRL masks after any eos id)
     eos = [tok.eos_token_id] + sorted(_stop_token_ids(tok, task.stop))
@@ -186,7 +191,8 @@ def job_trl(job: dict) -> dict:
                 t0 = time.perf_counter()
                 was_training = model.training
                 model.eval()
-                r = evaluate(model, tok, val_task, split="validation", limit=job["val_limit"], max_new_tokens=max_new)
+                r = evaluate(base_model_engine(model, tok), val_task, split="validation", limit=job["val_limit"],
+                             max_new_tokens=max_new)
                 if was_training:
                     model.train()
                 train_s = t0 - clock["start"] - clock["eval"]
@@ -217,7 +223,7 @@ def job_trl(job: dict) -> dict:
         wall = time.perf_counter() - t0 - clock["eval"]
         rss = peak_rss_mb()
         final = trainer.model.eval()
-        evals = eval_tasks(final, tok, job["eval_tasks"], job["eval_limit"], max_new_tokens=budgets)
+        evals = eval_tasks(base_model_engine(final, tok), job["eval_tasks"], job["eval_limit"], max_new_tokens=budgets)
         rewards = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
     return {"train_seconds": wall, "load_seconds": load_s, "s_per_step": wall / job["steps"], "peak_rss_mb": rss,
             "trainable": trainable, "curve": curve, "seconds_to_final": seconds_to_final(curve), "eval": evals,
@@ -267,11 +273,11 @@ LLAMA = {  # hidden, intermediate, layers, kv width (8 KV heads × 128)
 def traffic_rows(r: int) -> list[dict]:
     """Values and bytes one update sends to every rollout actor."""
     from t2dist.config import load_config
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     rows = []
-    svf, _ = load_svf(load_config(DEMO, ["svf.cache_dir=null"]))
-    lora, _ = load_svf(load_config(DEMO, ["policy.kind=lora", f"lora.r={r}"]))
+    svf, _ = load_policy(load_config(DEMO, ["svf.cache_dir=null"]))
+    lora, _ = load_policy(load_config(DEMO, ["policy.kind=lora", f"lora.r={r}"]))
     svf_w = sum(svf.model.get_submodule(t).weight.numel() for t in svf.targets)
     lora_w = sum(lora.model.get_submodule(t).base_layer.weight.numel() for t in lora.targets)
     z_bytes = sum(v.numel() * 4 for v in svf.init_z().values())  # what RolloutWorker.set_expert reports (fp32)

@@ -93,7 +93,7 @@ def measured(model: str, ranks=(1, 2), prompts: int = 16, samples: int = 8, step
     from safetensors.torch import load_file
 
     from learner.worker import LearnerWorker
-    from t2dist.config import Config
+    from t2dist.config import config_from_dict
     from t2dist.svf.factors import FACTORS_FILE
 
     from learner.group import split_batch
@@ -109,7 +109,7 @@ def measured(model: str, ranks=(1, 2), prompts: int = 16, samples: int = 8, step
     try:
         Actor = ray.remote(num_cpus=1)(LearnerWorker)
         for R, shard in [(1, False)] + [(r, True) for r in ranks]:
-            cfg = Config.model_validate({**base, "learner": {**base["learner"], "ranks": R, "shard_factors": shard}})
+            cfg = config_from_dict({**base, "learner": {**base["learner"], "ranks": R, "shard_factors": shard}})
             workers = [Actor.remote(cfg.model_dump(), r, R) for r in range(R)]
             try:
                 addr, port = ray.get(workers[0].endpoint.remote("127.0.0.1"))

@@ -327,7 +327,7 @@ def main(argv=None):
               "fewer cores; compare against a quiet run.")
 
     from t2dist.config import load_config
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.orchestration.train import resources_needed
 
@@ -345,7 +345,7 @@ def main(argv=None):
     history, summary, wall = [], {}, 0.0
     if not args.skip_train:
         history, summary, wall = run_training(cfg)
-    svf, tok = load_svf(cfg)  # factors from the run's cache
+    svf, tok = load_policy(cfg)  # factors from the run's cache
     task = get_task(cfg.task.name)
     b = bench_rollout(cfg, svf, tok, task, args)
     if history:

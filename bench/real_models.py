@@ -107,21 +107,22 @@ def test_curve(run_dir: Path) -> list[dict]:
     from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
     from t2dist.config import load_config
     from t2dist.evaluation.accuracy import evaluate
+    from t2dist.engines.hf import HFEngine
     from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
 
     cfg = load_config(run_dir / "config.json")
     policy, tok = load_policy(cfg)
+    engine = HFEngine(cfg, policy=policy, tokenizer=tok, batch_size=cfg.eval.batch_size)
     task = get_task(cfg.task.name)
     history = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["history"]
     elapsed = step_seconds(history)
     out = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
         z, state = load_checkpoint(ckpt)
-        policy.merge_(z)
-        res = evaluate(policy.model, tok, task, split=cfg.eval.split, limit=cfg.eval.limit,
-                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.task.max_new_tokens)
-        policy.unmerge_()
+        engine.set_z(z, version=state["step"])
+        res = evaluate(engine, task, split=cfg.eval.split, limit=cfg.eval.limit, max_new_tokens=cfg.task.max_new_tokens)
+        engine.unset_z()
         out.append({"step": state["step"], "train_seconds": round(elapsed[state["step"]], 1),
                     "test_accuracy": res.accuracy})
         print(f"  {run_dir.name} step {state['step']}: test {100 * res.accuracy:.1f}%", flush=True)

@@ -74,7 +74,7 @@ def bench_model(name: str, args) -> dict:
     from t2dist.engines.generation import generate, generate_shared
     from t2dist.tasks import get_task
 
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     config, task_name = MODELS[name]
     cfg = load_config(ROOT / config, [f"task.name={task_name}", "rollout.engine=vllm",
@@ -85,7 +85,7 @@ def bench_model(name: str, args) -> dict:
                              f"rollout.vllm.max_num_batched_tokens={args.vllm_tokens}",
                              *([f"svf.rank={args.svf_rank}"] if args.svf_rank else [])])
     task = get_task(task_name)
-    policy, tok = load_svf(cfg)  # the HF paths' model (on --device); the vLLM engine shares its factor cache
+    policy, tok = load_policy(cfg)  # the HF paths' model (on --device); the vLLM engine shares its factor cache
     t0 = time.perf_counter()
     vl = make_engine(cfg, policy=policy, tokenizer=tok)
     start_s = time.perf_counter() - t0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from t2dist.config import Config
 
 
@@ -19,8 +21,6 @@ def make_ds_config(cfg: Config, *, on_gpu: bool | None = None) -> dict:
       itself and never hands a data loader to DeepSpeed.
     """
     if on_gpu is None:
-        import torch
-
         on_gpu = torch.cuda.is_available()
     lc = cfg.learner
     ds: dict = {

@@ -13,11 +13,16 @@ import gc
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from t2dist.config import Config, ConfigError
-from t2dist.svf.factors import cache_key, get_factors, load_factor_slices
+from t2dist.models.loading import load_from_config
+from t2dist.svf.factors import META_FILE, cache_key
+from t2dist.svf.factors import fingerprint as model_fingerprint
+from t2dist.svf.factors import get_factors, load_factor_slices
 from t2dist.svf.model import SVFModel
 from t2dist.svf.sharded import block, check_shardable, components, factor_dtype, shard_model
+from t2dist.svf.targets import select_targets
 
 
 # -- communication ------------------------------------------------------------------------
@@ -36,8 +41,6 @@ class RowComm:
         """Every rank's token count (one small all-gather per model forward)."""
         if self.world == 1:
             return [n]
-        import torch.distributed as dist
-
         t = torch.tensor([n], dtype=torch.long, device=device if self.backend == "nccl" else "cpu")
         out = [torch.zeros_like(t) for _ in range(self.world)]
         dist.all_gather(out, t)
@@ -47,8 +50,6 @@ class RowComm:
         """``(T, D)`` local rows → ``(R, Tmax, D)`` of all ranks."""
         if self.world == 1:
             return x.unsqueeze(0)
-        import torch.distributed as dist
-
         pad = torch.zeros((tmax, x.shape[1]), dtype=x.dtype, device=x.device)
         pad[: x.shape[0]] = x
         if self.backend == "nccl":
@@ -63,8 +64,6 @@ class RowComm:
         """``(R, Tmax, D)`` partials of every rank → the summed ``(Tmax, D)`` block of this rank."""
         if self.world == 1:
             return buf[0]
-        import torch.distributed as dist
-
         buf = buf.contiguous()
         if self.backend == "nccl":
             out = torch.empty(buf.shape[1:], dtype=buf.dtype, device=buf.device)
@@ -79,11 +78,6 @@ def build_sharded_svf(cfg: Config, *, rank: int, world: int, backend: str, devic
 
     A collective (a barrier when the factor cache has to be built): call on every rank.
     """
-    from t2dist.models.loading import load_from_config
-    from t2dist.svf.factors import META_FILE
-    from t2dist.svf.factors import fingerprint as model_fingerprint
-    from t2dist.svf.targets import select_targets
-
     if cfg.svf.cache_dir is None:
         raise ConfigError("learner.shard_factors needs the factor cache: set svf.cache_dir (or learner.shard_factors=false)")
     mcfg = cfg.model.model_copy(update={"device": device})
@@ -96,8 +90,6 @@ def build_sharded_svf(cfg: Config, *, rank: int, world: int, backend: str, devic
     fp = model_fingerprint(model)
     path = Path(cfg.svf.cache_dir) / cache_key(fp, names, cfg.svf.rank)
     if world > 1:
-        import torch.distributed as dist
-
         if rank == 0 and not (path / META_FILE).is_file():
             get_factors(model, names, cfg.svf.rank, cfg.svf.cache_dir, model_fingerprint=fp, model_name=cfg.model.path)
             gc.collect()

@@ -7,7 +7,7 @@ Every rank holds the frozen base model and its SVF factors (or another policy ki
 with ``learner.shard_factors``, a 1/R shard of the target weights and factors
 (``t2dist/svf/sharded.py``, built by ``learner/sharding.py``: each rank reads only its
 slice of the factor cache); the only trainable parameters (what DeepSpeed and the
-optimizer see) are the ``z`` vectors, wrapped in a :class:`~t2dist.svf.model.ZParams`
+optimizer see) are the ``z`` vectors, wrapped in a :class:`~t2dist.policy.zparams.ZParams`
 whose ``forward`` is the RL loss of a shard.
 
 Exactness with the single-process oracle (:func:`t2dist.rl.local.train_local`): the
@@ -28,12 +28,18 @@ import time
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 
-from t2dist.config import Config
+from learner.ds_config import make_ds_config
+from learner.group import free_port, node_ip
+from learner.sharding import build_sharded_svf
+from t2dist.config import Config, config_from_dict
+from t2dist.policy.load import load_policy
+from t2dist.policy.zparams import ZParams
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
-from t2dist.svf.model import ZParams
+from t2dist.svf.sharded import use_sharding
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
 # reported only when the batch carries the rollout engine's log-probs (rl.behaviour_correction, mismatch logging)
@@ -49,15 +55,15 @@ class ZLoss(ZParams):
     Going through the engine's forward keeps ZeRO-3's parameter gathering hooks working.
     """
 
-    def __init__(self, z, svf, rl_cfg, pad_id: int):
+    def __init__(self, z, policy, rl_cfg, pad_id: int):
         super().__init__(z)
-        self.svf = svf
+        self.policy = policy
         self.rl_cfg = rl_cfg
         self.pad_id = pad_id
 
     def forward(self, batch: RolloutBatch, advantages: torch.Tensor, normalizer: float, old_logp=None,
                 with_kl: bool = True):
-        return rl_loss(self.svf, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
+        return rl_loss(self.policy, self.as_dict(), batch, self.rl_cfg, pad_id=self.pad_id,
                        advantages=advantages, normalizer=normalizer, old_logp=old_logp, with_kl=with_kl)
 
 
@@ -80,7 +86,7 @@ class LearnerWorker:
                  master_port: int | None = None, local_rank: int = 0):
         """With ``master_addr=None`` the rank waits for :meth:`connect` (the driver first asks rank 0
         for :meth:`endpoint`: on a multi-node cluster the rendezvous must be on rank 0's node)."""
-        self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(dict(cfg))
+        self.cfg = cfg if isinstance(cfg, Config) else config_from_dict(dict(cfg))
         self.rank, self.world_size = int(rank), int(world_size)
         self.local_rank = int(local_rank)
         if master_addr is not None:
@@ -91,8 +97,6 @@ class LearnerWorker:
 
         ``ip``: the node's address as the cluster knows it (the driver passes Ray's); default: the outgoing route.
         """
-        from learner.group import free_port, node_ip
-
         ip = ip or node_ip()
         return ip, free_port("" if ip != "127.0.0.1" else ip)
 
@@ -107,7 +111,7 @@ class LearnerWorker:
         torch.set_num_threads(lc.threads_per_rank)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local_rank),
                           LOCAL_SIZE=str(self.world_size), MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port))
-        import deepspeed
+        import deepspeed  # lazy (heavy): only a learner rank builds an engine
 
         self._deepspeed = deepspeed
         backend = lc.backend if lc.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
@@ -125,27 +129,20 @@ class LearnerWorker:
 
         # the frozen base + factors on this rank's device (a 1/R shard of them under learner.shard_factors)
         device = f"cuda:{local_rank}" if self.on_gpu else "cpu"
-        from learner.sharding import build_sharded_svf
-        from t2dist.svf.sharded import use_sharding
-
         self.sharded = use_sharding(self.cfg)
         if self.sharded:
-            self.svf, self.tokenizer = build_sharded_svf(self.cfg, rank=self.rank, world=self.world_size,
+            self.policy, self.tokenizer = build_sharded_svf(self.cfg, rank=self.rank, world=self.world_size,
                                                          backend=backend, device=device, on_gpu=self.on_gpu)
         else:
             mcfg = self.cfg.model.model_copy(update={"device": device})
             cfg_here = self.cfg.model_copy(update={"model": mcfg})
-            from t2dist.policy.load import load_policy
-
-            self.svf, self.tokenizer = load_policy(cfg_here)
+            self.policy, self.tokenizer = load_policy(cfg_here)
         self.pad_id = self.tokenizer.pad_token_id
-
-        from learner.ds_config import make_ds_config
 
         self.ds_config = make_ds_config(self.cfg, on_gpu=self.on_gpu)
         self.zero_stage = lc.zero_stage
         self.grad_accum = lc.grad_accum
-        self.module = ZLoss(self.svf.init_z(self.cfg.svf.init), self.svf, self.cfg.rl, self.pad_id)
+        self.module = ZLoss(self.policy.init_z(self.cfg.svf.init), self.policy, self.cfg.rl, self.pad_id)
         # the torch Adam itself: DeepSpeed's wrappers (ZeRO, bf16) step it with its own param_groups,
         # so the lr schedule is set there (t2dist.rl.schedule.set_step_lr)
         self.adam = optimizer = torch.optim.Adam(self.module.parameters(), lr=self.cfg.rl.lr)
@@ -163,8 +160,8 @@ class LearnerWorker:
             "world_size": self.world_size,
             "device": str(self.engine.device),
             "backend": self.backend,
-            "num_z": self.svf.num_z,
-            "num_targets": len(self.svf.targets),
+            "num_z": self.policy.num_z,
+            "num_targets": len(self.policy.targets),
             "zero_stage": self.zero_stage,
             "deepspeed": self._deepspeed.__version__,
             "init_seconds": self.init_seconds,
@@ -174,7 +171,7 @@ class LearnerWorker:
 
     def memory(self) -> dict:
         """Resident bytes of this rank: factors, target weights, the rest of the base (see t2dist/svf/sharded.py)."""
-        return self.svf.memory()
+        return self.policy.memory()
 
     # -- z ------------------------------------------------------------------------------
     def _params(self):
@@ -199,10 +196,10 @@ class LearnerWorker:
 
     def set_z(self, z: Mapping[str, torch.Tensor]) -> None:
         """Overwrite z; a collective: call on every rank with the same z. The optimizer state is kept."""
-        self.svf.check_z(z)
+        self.policy.check_z(z)
         params = self._params()
         if self.zero_stage == 3:
-            from deepspeed.utils import safe_set_full_fp32_param
+            from deepspeed.utils import safe_set_full_fp32_param  # lazy, as deepspeed above
 
             # modifier_rank=0: rank 0's values are scattered back into every rank's partition on exit
             with self._deepspeed.zero.GatheredParameters(params, modifier_rank=0):
@@ -225,8 +222,6 @@ class LearnerWorker:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def _global_sums(self, values: list[float]) -> list[float]:
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64)
         if self.world_size > 1:
             if self.backend == "nccl":
@@ -249,7 +244,7 @@ class LearnerWorker:
         old = [None] * len(micro)
         if epochs > 1:  # PPO: log-probs of the behaviour policy (z before this batch's updates)
             with torch.no_grad():
-                old = [behaviour_logprobs(module.svf, module.as_dict(), mb, pad_id=module.pad_id,
+                old = [behaviour_logprobs(module.policy, module.as_dict(), mb, pad_id=module.pad_id,
                                           share_prefix=module.rl_cfg.shared_prefix)
                        for mb, _ in micro]
         rl_step = int(self.engine.global_steps) // epochs  # 0-based; restored with a checkpoint
@@ -324,8 +319,6 @@ class LearnerWorker:
         return dict((client_state or {}).get(CLIENT_KEY, {}))
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             try:
                 dist.barrier()

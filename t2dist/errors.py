@@ -16,8 +16,16 @@ class UserError(Exception):
     """Base of every error caused by the user's input or setup; the message says what to change."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be used; the message names the key (also ``t2dist.config.ConfigError``)."""
+
+
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (a learner rank died, the cluster is too small, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended a run; the message is the one line that says what was kept (the CLI prints it, exit 130)."""
 
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)

@@ -154,6 +154,26 @@ def test_grouping_composes_each_expert_once_per_batch(toy):
         svf.unmerge_()
 
 
+def test_two_pass_objects_on_one_policy_never_take_each_others_weights(toy):
+    """The engine's version is the truth of what it holds; each TwoPass tags the versions it sets, so a second
+    TwoPass over the same policy with an ``("expert", "math")`` of its own composes its own weights."""
+    from t2dist.engines.generation import generate
+
+    svf, tok = toy
+    a = TwoPass(svf, tok, {"math": _random_expert(svf, "math", "math", 0)})
+    b = TwoPass(svf, tok, {"math": _random_expert(svf, "math", "math", 5)})
+    prompts = [f"Q: {i}+{2 * i}=\nA:" for i in range(16)]
+    try:
+        got_a = a.answer(prompts, ["math"] * 16, max_new_tokens=5)
+        assert a.current == ("expert", "math")
+        got_b = b.answer(prompts, ["math"] * 16, max_new_tokens=5)
+        assert b.merges == 1 and a.current is not None and a.current != ("expert", "math")  # b's weights now
+        svf.merge_(b.experts["math"].z)
+        assert [c.text for c in generate(svf.model, tok, prompts, max_new_tokens=5)] == got_b != got_a
+    finally:
+        svf.unmerge_()
+
+
 def test_bad_input_is_refused_before_any_work(toy, tmp_path):
     svf, tok = toy
     a = _random_expert(svf, "math", "math", 0)
@@ -197,6 +217,7 @@ def test_bad_input_is_refused_before_any_work(toy, tmp_path):
 def trained(toy):
     """Two tiny real experts (math, code), a few RL steps each with train_local."""
     from t2dist.config import load_config
+    from t2dist.engines.hf import HFEngine
     from t2dist.rl.local import train_local
     from t2dist.tasks import get_task
 
@@ -204,7 +225,7 @@ def trained(toy):
     out = {}
     for task in ("math", "code"):
         cfg = load_config(None, [f"task.name={task}", "rl.steps=6", "rl.prompts_per_step=8", "rl.lr=0.02"])
-        run = train_local(cfg, svf, tok, get_task(task), progress=False)
+        run = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task(task), progress=False)
         out[task] = _expert(svf, task, task, run.z)
     return out
 

@@ -132,6 +132,10 @@ class RecordingEngine:
         self.calls: list[tuple[object, list[str], int]] = []
         self.z = None
 
+    @property
+    def version(self):
+        return self.z
+
     def set_z(self, z, key=None):
         self.z = key
 

@@ -155,11 +155,12 @@ def test_chat_template_applied_required_or_never(toy_base):
 
 
 def test_evaluate_fails_before_generation_without_chat_template(toy_base):
+    from t2dist.engines.in_process import base_model_engine
     from t2dist.evaluation.accuracy import evaluate
 
     model, tok = toy_base
     with pytest.raises(ChatTemplateError):
-        evaluate(model, tok, get_task("gsm8k"), split="test", limit=2)  # arc_easy: plain prompt since issue 14
+        evaluate(base_model_engine(model, tok), get_task("gsm8k"), split="test", limit=2)  # arc_easy: plain prompt since issue 14
 
 
 def test_training_a_chat_task_on_a_model_without_template_fails_in_preflight():

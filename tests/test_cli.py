@@ -61,3 +61,30 @@ def test_bad_input_is_one_clear_line(args, needle):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_ends_train_local_with_one_line(tmp_path):
+    """Ctrl-C during train-local's steps: exit 130 and one line saying nothing was kept (no traceback, no expert)."""
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "t2dist", "train-local", "--config", "configs/demo.yaml",
+                             "--out", str(tmp_path / "expert"), "--no-eval", "rl.steps=5000",
+                             f"svf.cache_dir={tmp_path / 'factors'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("train-local math:" in s and "1/5000" in s for s in seen):
+        time.sleep(0.2)  # the progress bar has counted a step: we are inside the training loop
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    out = "".join(seen)
+    assert proc.returncode == 130, out
+    lines = [line for line in out.replace("\r", "\n").splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and lines[0].startswith("[t2dist] interrupted: train-local stopped after "), out
+    assert "nothing kept" in lines[0] and "Traceback" not in out and not (tmp_path / "expert").exists()

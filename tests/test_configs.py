@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2dist.config import load_config
+from t2dist.config import ConfigError, load_config
 from t2dist.tasks import TASKS
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -85,3 +85,78 @@ def test_paper_recipe_matches_the_paper_and_shards(path):
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     assert sum(min(s) for s in shapes.values()) == 393_216  # the paper's 0.39M SVF parameters (MLP)
     check_shardable(cfg, shapes)
+
+
+def test_a_new_policy_kind_brings_its_own_section_without_touching_config_py():
+    """Components own their settings: registering a kind whose class declares a ``Config`` adds its section
+    (named after the kind) to the config; removing the kind removes the section (no state left behind)."""
+    from pydantic import Field
+
+    from t2dist.config import config_class, config_from_dict, dump_config
+    from t2dist.config_section import Section
+    from t2dist.policy.registry import register_policy, unregister_policy
+
+    class ScaledConfig(Section):
+        alpha: float = Field(1.0, gt=0.0, description="how much to scale")
+
+    class Scaled:
+        kind = "scaled"
+        Config = ScaledConfig
+
+    register_policy("scaled", Scaled)
+    try:
+        cfg = load_config(None, ["policy.kind=scaled", "scaled.alpha=2"])
+        assert cfg.policy.kind == "scaled" and cfg.scaled.alpha == 2 and isinstance(cfg.scaled, ScaledConfig)
+        assert load_config(None).scaled.alpha == 1.0  # the section's defaults
+        assert config_from_dict(dump_config(cfg)).scaled.alpha == 2  # what actors and --resume read back
+        with pytest.raises(ConfigError, match=r"scaled\.alpah: Extra inputs are not permitted"):
+            load_config(None, ["policy.kind=scaled", "scaled.alpah=2"])
+        with pytest.raises(ConfigError, match=r"scaled\.alpha: .*greater than 0"):
+            load_config(None, ["scaled.alpha=0"])
+        assert cfg.svf.targets == "mlp" and cfg.rollout.vllm.seed == 0  # the other sections are still there
+    finally:
+        unregister_policy("scaled")
+    assert "scaled" not in config_class().model_fields
+    with pytest.raises(ConfigError, match=r"scaled: Extra inputs are not permitted"):
+        load_config(None, ["scaled.alpha=2"])
+    with pytest.raises(ConfigError, match=r"policy\.kind: unknown policy kind 'scaled'"):
+        load_config(None, ["policy.kind=scaled"])
+
+
+def test_an_engine_registered_with_settings_gets_a_rollout_section():
+    from pydantic import Field
+
+    from t2dist.config_section import Section
+    from t2dist.engines import register_engine, unregister_engine
+
+    class FakeConfig(Section):
+        slots: int = Field(4, ge=1)
+
+    register_engine("fake", "t2dist.engines.hf:HFEngine", settings=FakeConfig)
+    try:
+        cfg = load_config(None, ["rollout.engine=fake", "rollout.fake.slots=8"])
+        assert cfg.rollout.fake.slots == 8 and cfg.rollout.vllm.tensor_parallel_size == 1
+        with pytest.raises(ConfigError, match=r"rollout\.fake\.slot: Extra inputs"):
+            load_config(None, ["rollout.fake.slot=8"])
+    finally:
+        unregister_engine("fake")
+    with pytest.raises(ConfigError, match=r"rollout\.fake: Extra inputs"):
+        load_config(None, ["rollout.fake.slots=8"])
+
+
+def test_registered_settings_may_not_replace_a_section_of_the_config():
+    from t2dist.config import config_class
+    from t2dist.config_section import Section
+    from t2dist.policy.registry import register_policy, unregister_policy
+
+    class Model:
+        kind = "model"
+        Config = Section
+
+    register_policy("model", Model)
+    try:
+        with pytest.raises(ConfigError, match=r"\['model'\] would replace sections"):
+            config_class()
+    finally:
+        unregister_policy("model")
+    assert "svf" in config_class().model_fields

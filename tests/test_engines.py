@@ -126,9 +126,14 @@ def test_hf_engine_set_z_matches_merged_generate(tmp_path, toy_prompts):
     ref = generate(eng.policy.model, eng.tokenizer, prompts[:16], num_samples=2, temperature=1.0, max_new_tokens=6,
                    stop=task.stop, seed=3, batch_size=32)
     assert _same(adapted, ref) and eng.version == 1
+    with pytest.raises(AttributeError):  # only set_z / unset_z change what the engine says it holds
+        eng.version = 2
     assert not _same(eng.generate(prompts[:16], max_new_tokens=6, stop=task.stop), base)  # z changed the model
     eng.unset_z()
     assert _same(eng.generate(prompts[:16], max_new_tokens=6, stop=task.stop), base) and eng.version is None
+    eng.set_z(z, version=None)  # set without a name: held as an unnamed version, never taken for the base
+    assert eng.version is not None and eng.version != eng.policy.merged_version.__class__()
+    eng.unset_z()
 
 
 def test_hf_engine_with_a_lora_policy(tmp_path, toy_prompts):

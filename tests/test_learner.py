@@ -11,7 +11,7 @@ import torch
 
 from learner.ds_config import make_ds_config
 from learner.group import free_port, global_normalizer, split_batch
-from t2dist.config import Config
+from t2dist.config import Config, config_from_dict
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
 from tiny_models import save_char_llama
@@ -31,7 +31,7 @@ def make_cfg(model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("factors")
 
     def make(ranks: int = 1, **learner) -> Config:
-        return Config.model_validate({
+        return config_from_dict({
             "model": {"path": str(model_dir)},
             "svf": {"cache_dir": str(cache)},
             "rl": {"prompts_per_step": P, "samples_per_prompt": N, "lr": 1e-2, "beta": 0.1,
@@ -45,9 +45,9 @@ def make_cfg(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_svf(make_cfg):
     """The single-process SVF model (also fills the factor cache before any worker starts)."""
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
-    return load_svf(make_cfg())
+    return load_policy(make_cfg())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def train_on(ray, workers, batch: RolloutBatch, cfg: Config) -> list[dict]:
 def oracle_steps(svf, tok, cfg: Config, batches, z0: dict | None = None) -> tuple[dict, list[float], list[float]]:
     """What train_local's inner step computes, batch by batch: ``(z, grad_norms, losses)``."""
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(svf.init_z(cfg.svf.init) if z0 is None else z0)
     opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)
@@ -119,7 +119,7 @@ def oracle_steps(svf, tok, cfg: Config, batches, z0: dict | None = None) -> tupl
 
 def one_fresh_step(svf, tok, cfg: Config, z0: dict, batch) -> dict:
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(z0)
     opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)
@@ -132,7 +132,7 @@ def one_fresh_step(svf, tok, cfg: Config, z0: dict, batch) -> dict:
 
 def oracle_grad(svf, tok, cfg: Config, batch) -> dict:
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(svf.init_z(cfg.svf.init))
     loss, _ = rl_loss(svf, zp.as_dict(), batch, cfg.rl, pad_id=tok.pad_token_id)
@@ -148,7 +148,7 @@ def assert_z_close(a: dict, b: dict, atol: float):
 
 # -- pure helpers -----------------------------------------------------------------------
 def test_make_ds_config_maps_the_learner_section():
-    cfg = Config.model_validate({"rl": {"clip_grad": 0.5},
+    cfg = config_from_dict({"rl": {"clip_grad": 0.5},
                                  "learner": {"zero_stage": 2, "precision": "bf16", "grad_accum": 4}})
     gpu = make_ds_config(cfg, on_gpu=True)
     assert gpu["zero_optimization"]["stage"] == 2
@@ -158,9 +158,9 @@ def test_make_ds_config_maps_the_learner_section():
     with pytest.warns(UserWarning, match="learner.precision"):
         cpu = make_ds_config(cfg, on_gpu=False)
     assert "bf16" not in cpu and "fp16" not in cpu
-    fp16 = make_ds_config(Config.model_validate({"learner": {"precision": "fp16"}}), on_gpu=True)
+    fp16 = make_ds_config(config_from_dict({"learner": {"precision": "fp16"}}), on_gpu=True)
     assert fp16["fp16"]["enabled"] is True and "bf16" not in fp16
-    plain = make_ds_config(Config.model_validate({"rl": {"clip_grad": None}}), on_gpu=False)
+    plain = make_ds_config(config_from_dict({"rl": {"clip_grad": None}}), on_gpu=False)
     assert plain["gradient_clipping"] == 0.0 and plain["zero_optimization"]["stage"] == 0
     assert "bf16" not in plain and "fp16" not in plain
 
@@ -208,7 +208,7 @@ def test_one_rank_follows_the_lr_schedule_across_a_resume(ray_cluster, make_cfg,
     from transformers import get_scheduler
 
     from t2dist.rl.step import rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     cfg = make_cfg(ranks=1, zero_stage=stage)
     cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"lr_schedule": "linear", "steps": 4})})

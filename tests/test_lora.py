@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call
 
 from t2dist.config import ConfigError, load_config
+from t2dist.engines.hf import HFEngine
 from t2dist.experts.expert import ExpertError, check_compatible, load_expert, make_card, read_expert, save_expert
 from t2dist.policy.lora import LoRAModel
 from t2dist.svf.targets import TargetSpecError
@@ -127,14 +128,14 @@ def test_lora_expert_save_load_eval_round_trip(tmp_path):
     from t2dist.cli.main import main
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
 
     cfg = load_config(DEMO, ["policy.kind=lora", "lora.r=4", "lora.alpha=8", "rl.steps=2", "rl.prompts_per_step=4",
                              "rl.samples_per_prompt=4", "rl.lr=0.02"])
-    lora, tok = load_svf(cfg)
+    lora, tok = load_policy(cfg)
     assert isinstance(lora, LoRAModel)
-    run = train_local(cfg, lora, tok, get_task("math"), progress=False)
+    run = train_local(cfg, HFEngine(cfg, policy=lora, tokenizer=tok), get_task("math"), progress=False)
     assert max(float(v.abs().max()) for n, v in run.z.items() if ".lora_B." in n) > 1e-3  # B moved off zero
     card = make_card(lora, name="lora-math", task="math", metrics={}, base_model="toy")
     save_expert(tmp_path / "e", run.z, card)
@@ -143,14 +144,14 @@ def test_lora_expert_save_load_eval_round_trip(tmp_path):
     assert on_disk["kind"] == "lora" and on_disk["rank"] == 4 and on_disk["num_z"] == lora.num_z
     assert on_disk["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.05, "targets": lora.targets,
                                "target_spec": "q_proj,v_proj"}
-    fresh, _ = load_svf(load_config(DEMO, ["policy.kind=lora", "lora.r=4", "lora.alpha=8", "rl.seed=5"]))
+    fresh, _ = load_policy(load_config(DEMO, ["policy.kind=lora", "lora.r=4", "lora.alpha=8", "rl.seed=5"]))
     expert = load_expert(tmp_path / "e", fresh)  # another init seed: A comes from the expert
     fresh.merge_(expert.z)
     lora.merge_(run.z)
     with torch.no_grad():
         assert torch.allclose(fresh.model(input_ids=IDS).logits, lora.model(input_ids=IDS).logits, atol=1e-6)
     limit = 30
-    want = evaluate(fresh.model, tok, get_task("math"), split="test", limit=limit)
+    want = evaluate(HFEngine(cfg, policy=fresh, tokenizer=tok), get_task("math"), split="test", limit=limit)
 
     out = tmp_path / "eval.json"
     assert main(["eval", "--expert", str(tmp_path / "e"), "--task", "math", "--limit", str(limit),
@@ -159,10 +160,10 @@ def test_lora_expert_save_load_eval_round_trip(tmp_path):
     assert main(["expert", "show", str(tmp_path / "e")]) == 0  # LoRA statistics instead of SVF scales
 
     # refusals: an SVF model for a LoRA expert, another rank, and a LoRA model for an SVF expert
-    svf, _ = load_svf(load_config(DEMO))
+    svf, _ = load_policy(load_config(DEMO))
     with pytest.raises(ExpertError, match="policy.kind=lora"):
         load_expert(tmp_path / "e", svf)
-    r8, _ = load_svf(load_config(DEMO, ["policy.kind=lora", "lora.r=8"]))
+    r8, _ = load_policy(load_config(DEMO, ["policy.kind=lora", "lora.r=8"]))
     with pytest.raises(ExpertError, match="rank 4"):
         load_expert(tmp_path / "e", r8)
     svf_card = make_card(svf, name="s", task="math")
@@ -180,7 +181,7 @@ def test_distributed_lora_run_matches_train_local(tmp_path):
 
     from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.orchestration.train import train
 
@@ -197,8 +198,8 @@ def test_distributed_lora_run_matches_train_local(tmp_path):
     assert state["step"] == 3
     expert = read_expert(summary["expert"])
     assert expert.kind == "lora" and expert.card["lora"]["r"] == 4
-    lora, tok = load_svf(cfg)
-    local = train_local(cfg, lora, tok, get_task("math"), progress=False)
+    lora, tok = load_policy(cfg)
+    local = train_local(cfg, HFEngine(cfg, policy=lora, tokenizer=tok), get_task("math"), progress=False)
     assert set(z_dist) == set(local.z)
     assert max(float(v.abs().max()) for n, v in local.z.items() if ".lora_B." in n) > 1e-3
     for n in local.z:

@@ -257,3 +257,47 @@ def test_bad_input_fails_in_one_line_before_a_model_loads(tmp_path, expert_dir, 
     err = capsys.readouterr().err
     assert "'model.layers.9.mlp.down_proj', which base model toy does not have" in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("fn", ["bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"])
+def test_grouped_vllm_lora_ops_equal_a_per_token_loop_and_skip_requests_without_lora(fn):
+    """t2dist/engines/vllm_lora_ops.py against ``out[t] = W[idx[t]] · x[t]`` (0 where idx[t] = -1), no engine."""
+    from t2dist.engines import vllm_lora_ops as ops
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(3, 1, 6, 5, generator=g)  # 3 adapter slots of (out 6 × in 5), vLLM's stacked layout
+    x = torch.randn(7, 5, generator=g)
+    idx = torch.tensor([0, -1, 2, 2, -1, 0, 1])
+    want = torch.stack([weights[i, 0] @ x[t] if i >= 0 else torch.zeros(6) for t, i in enumerate(idx.tolist())])
+    start = torch.randn(7, 9, generator=g)
+    out = start.clone()
+    if fn == "bgmv_shrink":
+        ops.bgmv_shrink(x, weights, out, idx, 0.5)
+        torch.testing.assert_close(out[:, :6], 0.5 * want)
+        torch.testing.assert_close(out[:, 6:], start[:, 6:])
+    elif fn == "bgmv_expand":
+        ops.bgmv_expand(x, weights, out, idx, add_inputs=True)
+        torch.testing.assert_close(out[:, :6], start[:, :6] + want)
+    else:
+        ops.bgmv_expand_slice(x, weights, out, idx, 2, 6, add_inputs=True)
+        torch.testing.assert_close(out[:, 2:8], start[:, 2:8] + want)
+        torch.testing.assert_close(out[:, :2], start[:, :2])
+    one = torch.zeros(7, 6)
+    ops.bgmv_expand(x, weights, one, torch.full((7,), 1), add_inputs=False)  # one adapter: the fast path
+    torch.testing.assert_close(one, x @ weights[1, 0].T)
+
+
+def test_a_cache_keeps_what_is_there(tmp_path, toy_svf, expert_dir):
+    """exists='keep' (the server's cache): a finished adapter is returned with its card's report, not rewritten."""
+    svf, tok = toy_svf
+    expert = read_expert(expert_dir)
+    (tmp_path / "c").mkdir()  # an empty directory is filled
+    out, first = export_lora(svf, tok, expert.z, expert.card, tmp_path / "c", rank=32, exists="keep")
+    stamp = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    again = export_lora(svf, None, svf.neutral_z(), expert.card, out, rank=32, exists="keep")[1]
+    assert again == first and (out / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert first.rank == 32 and not first.exact
+    with pytest.raises(LoRAExportError, match="for --rank 32, not 64"):
+        export_lora(svf, tok, expert.z, expert.card, out, rank=64, exists="keep")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_lora(svf, tok, expert.z, expert.card, out, rank=32)

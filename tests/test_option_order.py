@@ -68,23 +68,24 @@ def test_balanced_stream_cycles_the_letters_over_the_same_questions():
 def test_train_local_samples_balanced_prompts(monkeypatch):
     """``train-local`` takes its prompts from the balanced stream (``t2dist train`` builds the same stream)."""
     import t2dist.rl.local as local
-    from t2dist.policy.load import load_svf
+    from t2dist.engines.hf import HFEngine
+    from t2dist.policy.load import load_policy
 
     seen = []
 
     class Seen(Exception):
         pass
 
-    def recording_rollout(model, tokenizer, task, examples, **kw):
+    def recording_rollout(engine, task, examples, **kw):
         seen.extend(examples)
         raise Seen
 
     cfg = load_config(None, ["task.name=arc_easy", "task.option_order=balanced", "rl.prompts_per_step=8",
                              "rl.samples_per_prompt=2", "rl.steps=1", "task.max_new_tokens=1"])
-    svf, tok = load_svf(cfg)
-    monkeypatch.setattr(local, "rollout", recording_rollout)
+    svf, tok = load_policy(cfg)
+    monkeypatch.setattr(local, "engine_rollout", recording_rollout)
     with pytest.raises(Seen):
-        local.train_local(cfg, svf, tok, get_task("arc_easy"), progress=False)
+        local.train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("arc_easy"), progress=False)
     assert [e.answer for e in seen] == list("ABCDABCD")
 
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from t2dist.config import Config, load_config
+from t2dist.config import Config, config_from_dict, load_config
 from t2dist.experts.expert import Expert, check_compatible, make_card
 from t2dist.policy.base import Policy
 from t2dist.policy.registry import (POLICIES, PolicyKindError, config_from_card, policy_class, register_policy)
@@ -30,7 +30,7 @@ SETUPS = {
 
 
 def config_of(kind: str) -> Config:
-    return Config.model_validate({"policy": {"kind": kind}, "svf": {"cache_dir": None}, **SETUPS.get(kind, {})})
+    return config_from_dict({"policy": {"kind": kind}, "svf": {"cache_dir": None}, **SETUPS.get(kind, {})})
 
 
 def build(kind: str, seed: int = 0) -> Policy:
@@ -124,7 +124,7 @@ def test_check_z_rejects_a_missing_tensor_and_a_wrong_shape(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_card_to_config_to_from_config_gives_back_the_same_policy(kind):
     """The one card→config function, used by ``t2dist eval/export`` (as overrides) and by adaptation."""
-    from t2dist.cli.main import svf_overrides_from_card
+    from t2dist.cli.main import policy_overrides_from_card
 
     policy = build(kind)
     z = away_from_neutral(policy)
@@ -133,7 +133,7 @@ def test_card_to_config_to_from_config_gives_back_the_same_policy(kind):
     cfg = config_from_card(other, card)
     assert cfg.policy.kind == kind
     cli = load_config(None, ["policy.kind=svf" if kind != "svf" else "policy.kind=lora",
-                             *(f"{k}={v}" for k, v in svf_overrides_from_card(card, []).items())])
+                             *(f"{k}={v}" for k, v in policy_overrides_from_card(card, []).items())])
     assert cli == cfg  # the CLI's overrides and adaptation's config agree
     again = policy_class(cfg.policy.kind).from_config(tiny_model(seed=0), cfg.model_copy(
         update={"svf": cfg.svf.model_copy(update={"cache_dir": None})}))
@@ -145,10 +145,10 @@ def test_card_to_config_to_from_config_gives_back_the_same_policy(kind):
 
 
 def test_user_overrides_win_over_the_card():
-    from t2dist.cli.main import svf_overrides_from_card
+    from t2dist.cli.main import policy_overrides_from_card
 
     card = make_card(build("svf"), name="e", task="math")
-    over = svf_overrides_from_card(card, ["svf.rank=4"])
+    over = policy_overrides_from_card(card, ["svf.rank=4"])
     assert "svf.rank" not in over and over["svf.parametrization"] == "sigmoid" and over["svf.rescale"] == "true"
 
 

@@ -25,9 +25,9 @@ def factor_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def svf(factor_cache):
     from t2dist.config import load_config
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
-    model, _tok = load_svf(load_config(None, [f"svf.cache_dir={factor_cache}"]))
+    model, _tok = load_policy(load_config(None, [f"svf.cache_dir={factor_cache}"]))
     return model
 
 
@@ -354,7 +354,7 @@ def test_champion_moves_only_when_beaten_on_the_same_validation_set(tmp_path):
     cfg = load_config(None, ["svf.cache_dir=null", "eval.batch_size=64"])
     ev = EvaluatorWorker(cfg, index=-1, threads=1)
     url = str(tmp_path / "reg")
-    neutral = ev.svf.neutral_z()
+    neutral = ev.policy.neutral_z()
     base_val = ev.evaluate(neutral, "validation", 60)["accuracy"]
     card = ev.card("math", {}, {})
     first = ev.publish(neutral, card, url=url, name="math", val_accuracy=base_val, val_limit=60)
@@ -470,9 +470,9 @@ def test_export_of_a_lora_expert_is_a_plain_checkpoint(tmp_path):
 
     from t2dist.config import load_config
     from t2dist.experts.export import export_merged
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
-    lora, tok = load_svf(load_config(None, ["policy.kind=lora", "lora.r=4", "lora.alpha=8"]))
+    lora, tok = load_policy(load_config(None, ["policy.kind=lora", "lora.r=4", "lora.alpha=8"]))
     gen = torch.Generator().manual_seed(1)
     z = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in lora.init_z().items()}
     out = export_merged(lora, tok, z, make_card(lora, name="math-lora", task="math"), tmp_path / "merged")

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.group import free_port, global_normalizer, split_batch
-from t2dist.config import Config, ConfigError
+from t2dist.config import Config, ConfigError, config_from_dict
 from t2dist.rl.losses import compute_advantages
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.svf.factors import FACTORS_FILE, FactorCacheError, load_factor_slices, read_meta
@@ -31,7 +31,7 @@ def make_cfg(model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("factors")
 
     def make(ranks: int = 1, svf: dict | None = None, **learner) -> Config:
-        return Config.model_validate({
+        return config_from_dict({
             "model": {"path": str(model_dir)},
             "svf": {"cache_dir": str(cache), "parametrization": "sigmoid", "rescale": True, **(svf or {})},
             "rl": {"prompts_per_step": P, "samples_per_prompt": N, "lr": 1e-2, "beta": 0.1, "clip_grad": 0.3,
@@ -45,10 +45,10 @@ def make_cfg(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_svf(make_cfg):
     """The unsharded single-process SVF model (also writes the factor cache the ranks slice)."""
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
     torch.set_num_threads(1)
-    return load_svf(make_cfg())
+    return load_policy(make_cfg())
 
 
 def cache_of(cfg: Config) -> Path:
@@ -73,7 +73,7 @@ def make_batch(seed: int, vocab: int = 60) -> RolloutBatch:
 def oracle_ppo_steps(svf, tok, cfg: Config, batches):
     """What ``train_local`` does per batch with ``rl.update_epochs`` PPO-clipped updates, unsharded."""
     from t2dist.rl.step import behaviour_logprobs, rl_loss
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.zparams import ZParams
 
     zp = ZParams(svf.init_z(cfg.svf.init))
     opt = torch.optim.Adam(zp.parameters(), lr=cfg.rl.lr)

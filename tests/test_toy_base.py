@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from t2dist.evaluation.accuracy import evaluate, wilson_interval  # noqa: E402
 from t2dist.engines.generation import generate  # noqa: E402
+from t2dist.engines.in_process import base_model_engine  # noqa: E402
 from t2dist.tasks import get_task  # noqa: E402
 from t2dist.tasks.synthetic import TRAINED, UNSEEN  # noqa: E402
 
@@ -108,7 +109,7 @@ def _band_eval(model, tok, name):
     task = get_task(name)
     if task.skill == "code" and not _has_sandbox():
         pytest.skip("code sandbox (t2dist.verifiers.code + bwrap) not available")
-    return evaluate(model, tok, task, "test", records=True)
+    return evaluate(base_model_engine(model, tok), task, "test", records=True)
 
 
 @needs_asset
@@ -162,7 +163,7 @@ def test_build_smoke(tmp_path):
     info = json.loads((out / "toy_base.json").read_text())
     assert info["training"]["steps"] == 3 and (out / "model.safetensors").exists()
     assert 0.8e6 < sum(p.numel() for p in model.parameters()) < 0.95e6
-    res = evaluate(model, tok, "math", limit=8)
+    res = evaluate(base_model_engine(model, tok), "math", limit=8)
     assert res.n == 8
     # deterministic given the seed: a second build has identical weights
     from safetensors.torch import load_file
@@ -177,7 +178,7 @@ def test_build_smoke(tmp_path):
 def test_base_is_a_mediocre_dispatch_classifier(toy):
     """The first pass: the base names the kind of a prompt, but fails on the dispatch trap subset."""
     model, tok = toy
-    res = evaluate(model, tok, get_task("dispatch"), "test", limit=400, records=True)
+    res = evaluate(base_model_engine(model, tok), get_task("dispatch"), "test", limit=400, records=True)
     assert 0.6 <= res.accuracy <= 0.97, f"dispatch: {res.accuracy:.3f}"
     trap = [r["correct"] for r in res.records if r["trap"]]
     clean = [r["correct"] for r in res.records if not r["trap"]]

@@ -14,6 +14,7 @@ import torch
 
 from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
 from t2dist.config import ConfigError, load_config
+from t2dist.engines.hf import HFEngine
 from t2dist.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +62,7 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     the KL to the neutral model, a forward of its own, on step 2 only; z is unchanged by it.
     With ``rl.lr_schedule=linear`` both decay the lr by RL step (not by optimizer update)."""
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.orchestration.train import train
 
@@ -73,8 +74,8 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     kl_steps = [1, 2, 3] if kl_every == 1 else [2]
     assert [h["step"] for h in state["history"] if "kl" in h] == kl_steps
     torch.set_num_threads(1)
-    svf, tok = load_svf(cfg)
-    local = train_local(cfg, svf, tok, get_task("math"), progress=False)
+    svf, tok = load_policy(cfg)
+    local = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("math"), progress=False)
     assert [h["step"] for h in local.history if "kl" in h] == kl_steps
     moved = max(float((local.z[n] - 1).abs().max()) for n in local.z)
     assert moved > 1e-3  # training really changed z
@@ -201,14 +202,15 @@ def lagged_local_z(cfg):
     """Single-process oracle of rl.off_policy_steps=1: the batch of step s is sampled with z_(s-2) (z_0 for s<=2)."""
     from t2dist.rl.data import PromptStream
     from t2dist.rl.local import step_seed
-    from t2dist.rl.rollout import rollout
+    from t2dist.rl.rollout import engine_rollout
     from t2dist.rl.step import rl_loss
-    from t2dist.policy.load import load_svf
-    from t2dist.svf.model import ZParams
+    from t2dist.policy.load import load_policy
+    from t2dist.policy.zparams import ZParams
     from t2dist.tasks import get_task
 
     torch.set_num_threads(1)
-    svf, tok = load_svf(cfg)
+    svf, tok = load_policy(cfg)
+    engine = HFEngine(cfg, policy=svf, tokenizer=tok)
     rl, task = cfg.rl, get_task(cfg.task.name)
     torch.manual_seed(rl.seed)
     stream = PromptStream(task.examples("train"), rl.seed)
@@ -217,17 +219,17 @@ def lagged_local_z(cfg):
     zs = [zp.detached()]
     for i in range(rl.steps):  # step s = i + 1
         examples = stream.next_batch(rl.prompts_per_step)
-        svf.merge_(zs[max(i - 1, 0)], version=max(i - 1, 0))
-        batch = rollout(svf.model, tok, task, examples, samples_per_prompt=rl.samples_per_prompt,
-                        temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=cfg.task.max_new_tokens,
-                        seed=step_seed(rl.seed, i))
+        engine.set_z(zs[max(i - 1, 0)], version=max(i - 1, 0))
+        batch = engine_rollout(engine, task, examples, samples_per_prompt=rl.samples_per_prompt,
+                               temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=cfg.task.max_new_tokens,
+                               seed=step_seed(rl.seed, i))
         opt.zero_grad(set_to_none=True)
         loss, _ = rl_loss(svf, zp.as_dict(), batch, rl, pad_id=tok.pad_token_id)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(zp.parameters(), rl.clip_grad or float("inf"))
         opt.step()
         zs.append(zp.detached())
-    svf.unmerge_()
+    engine.unset_z()
     return zs[-1]
 
 
@@ -237,7 +239,7 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     (rl.lr=0.1: at 0.02 the lag changed no sampled token in 3 steps, so the two oracles were equal)."""
     import t2dist.orchestration.checkpoint as ckpt_mod
     from t2dist.rl.local import train_local
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
     from t2dist.tasks import get_task
     from t2dist.orchestration.train import train
 
@@ -262,8 +264,8 @@ def test_off_policy_step_matches_lagged_oracle_across_a_resume(cluster, tmp_path
     z_lagged = lagged_local_z(cfg)
     for n in z_lagged:
         assert torch.allclose(z_dist[n], z_lagged[n].float(), atol=1e-5), n
-    svf, tok = load_svf(cfg)
-    on_policy = train_local(cfg, svf, tok, get_task("math"), progress=False).z
+    svf, tok = load_policy(cfg)
+    on_policy = train_local(cfg, HFEngine(cfg, policy=svf, tokenizer=tok), get_task("math"), progress=False).z
     assert max(float((on_policy[n] - z_lagged[n]).abs().max()) for n in z_lagged) > 1e-4  # the lag is visible
 
 
@@ -329,3 +331,26 @@ def test_killed_run_resumes_to_the_same_z(tmp_path):
     assert state["step"] == 12
     for n in z_full:
         assert torch.allclose(z_full[n], z_resumed[n], atol=1e-6), n
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during `t2dist train`: exit 130, one line that
+    names the last complete checkpoint and its step, no traceback; that checkpoint loads and resumes."""
+    run = tmp_path / "run"
+    proc = _cli(["train", "--config", str(DEMO), "rl.steps=400", "train.checkpoint_every=2", "train.eval_every=400",
+                 "rollout.actors=1", "learner.ranks=1", "rl.prompts_per_step=4", "rl.samples_per_prompt=2",
+                 "eval.limit=8", "train.eval_limit=8", f"svf.cache_dir={tmp_path / 'factors'}",
+                 f"registry.url={tmp_path / 'registry'}", "ray.address=local", f"run_dir={run}"])
+    deadline = time.time() + 600
+    while time.time() < deadline and latest_checkpoint(run) is None and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    lines = [line for line in out.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    ckpt = latest_checkpoint(run)
+    z, state = load_checkpoint(ckpt)
+    assert lines[0] == (f"[t2dist] interrupted: kept the checkpoint of step {state['step']}, {ckpt} "
+                        f"(go on with: t2dist train --resume {run})")
+    assert state["step"] >= 2 and z and not (run / "summary.json").exists()

@@ -9,15 +9,15 @@ from typing import Mapping, Sequence
 
 from t2dist.adapt.strategies import AdaptError, TwoPass, check_expert_set
 from t2dist.config import Config
+from t2dist.engines import make_engine
 from t2dist.experts.expert import Expert, ExpertError
 from t2dist.policy.registry import config_from_card
-from t2dist.tasks import get_task
+from t2dist.registry import RegistryError, read_expert_ref
+from t2dist.tasks import TASKS, get_task
 
 
 def read_experts(refs: Sequence[str], registry: str | None = None) -> dict[str, Expert]:
     """``{category: expert}`` for registry refs or expert directories; the category is the task's skill."""
-    from t2dist.registry import RegistryError, read_expert_ref
-
     out: dict[str, Expert] = {}
     for ref in refs:
         ref = ref.strip()
@@ -38,8 +38,6 @@ def read_experts(refs: Sequence[str], registry: str | None = None) -> dict[str, 
 def read_cls_expert(ref: str | None, registry: str | None = None) -> Expert | None:
     if not ref:
         return None
-    from t2dist.registry import RegistryError, read_expert_ref
-
     try:
         return read_expert_ref(ref, registry)
     except (RegistryError, ExpertError) as exc:
@@ -48,8 +46,6 @@ def read_cls_expert(ref: str | None, registry: str | None = None) -> Expert | No
 
 def category_of(expert: Expert, ref: str = "") -> str:
     """The dispatch category an expert serves: its training task's skill (``math`` for a math expert)."""
-    from t2dist.tasks import TASKS
-
     task = expert.card.get("task", "")
     if task in TASKS and TASKS[task].skill:
         return TASKS[task].skill
@@ -60,18 +56,16 @@ def build_two_pass(cfg: Config, experts: Mapping[str, Expert], cls_expert: Exper
                    verbose: bool = False) -> TwoPass:
     """Load the base model with the experts' policy setup into the engine the config names
     (``eval.engine``, else ``rollout.engine``) and check every expert against it."""
-    from t2dist.engines import make_engine
-
     check_expert_set(experts)
     cfg = config_from_card(cfg, next(iter(experts.values())).card)
     if verbose:
         print(f"[t2dist] adaptation engine: {cfg.eval.engine or cfg.rollout.engine}", flush=True)
     engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.adapt.batch_size)
-    svf, tokenizer = engine.policy, engine.tokenizer
-    device = next(svf.model.parameters()).device
+    policy, tokenizer = engine.policy, engine.tokenizer
+    device = next(policy.model.parameters()).device
     for e in [*experts.values(), *([cls_expert] if cls_expert else [])]:
         e.z = {k: v.to(device) for k, v in e.z.items()}
-    return TwoPass(svf, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
+    return TwoPass(policy, tokenizer, experts, template=dispatch_template(cfg), cls_expert=cls_expert,
                    batch_size=cfg.adapt.batch_size, engine=engine, **first_pass(get_task(cfg.adapt.dispatch_task)))
 
 

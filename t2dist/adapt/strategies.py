@@ -19,6 +19,8 @@ Without an engine, :class:`TwoPass` wraps its SVF model in the HF engine (in thi
 """
 from __future__ import annotations
 
+import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -27,15 +29,18 @@ import torch
 
 from t2dist.adapt.cem import CEMResult, CEMSettings, Evaluator, cem_search
 from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, OTHER, check_template, dispatch_prompt, parse_label
+from t2dist.engines.in_process import InProcessEngine
 from t2dist.errors import UserError
 from t2dist.evaluation.accuracy import generate_grouped, wilson_interval
 from t2dist.experts.expert import Expert, ExpertError, card_kind, check_compatible
 from t2dist.policy.registry import POLICIES, policy_class
 from t2dist.svf.model import mix_z
+from t2dist.tasks import get_task
 from t2dist.tasks.base import Example, Task, apply_chat_template
 
 STRATEGIES = ("prompt", "cls", "fewshot")
 _UNKNOWN = object()
+_SERIALS = itertools.count(1)  # tags the versions each TwoPass sets (see TwoPass.current)
 DISPATCH_MAX_NEW_TOKENS = 10
 
 
@@ -43,8 +48,8 @@ class AdaptError(UserError, ValueError):
     """Bad adaptation input (experts, strategy, task, shots); raised before any model work."""
 
 
-def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
-    """All experts must come from one base model (and match ``svf`` when given)."""
+def check_expert_set(experts: Mapping[str, Expert], policy=None) -> None:
+    """All experts must come from one base model (and match ``policy`` when given)."""
     if not experts:
         raise AdaptError("adaptation needs at least one expert (adapt.experts / --experts)")
     items = list(experts.items())
@@ -67,18 +72,16 @@ def check_expert_set(experts: Mapping[str, Expert], svf=None) -> None:
                 f"mix and dispatch only experts of one base")
         if list(e.card.get("targets", [])) != list(e0.card.get("targets", [])):
             raise AdaptError(f"experts {name0!r} and {name!r} adapt different target matrices")
-    if svf is not None:
+    if policy is not None:
         for name, e in items:
             try:
-                check_compatible(e, svf, source=f"expert {name!r}")
+                check_compatible(e, policy, source=f"expert {name!r}")
             except ExpertError as exc:
                 raise AdaptError(str(exc)) from None
 
 
 def gold_category(example: Example, categories: Sequence[str]) -> str:
     """The dispatch category an example should get: its task's skill, or ``other``."""
-    from t2dist.tasks import get_task
-
     skill = get_task(example.task).skill if example.task else ""
     if example.task == "dispatch":
         return example.answer
@@ -133,19 +136,19 @@ class TwoPass:
 
     ``experts`` maps a category (``math``, ``code``, ``reasoning``) to its expert;
     ``cls_expert`` is the classifier expert of the ``cls`` strategy; ``engine`` the rollout
-    engine that generates (default: the HF engine over ``svf``).
+    engine that generates (default: the HF engine over ``policy``).
     """
 
-    def __init__(self, svf, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
+    def __init__(self, policy, tokenizer, experts: Mapping[str, Expert], *, template: str = DEFAULT_TEMPLATE,
                  cls_expert: Expert | None = None, batch_size: int = 64, engine=None, chat: str = "never",
                  answer_prefix: str = "", dispatch_max_new_tokens: int = DISPATCH_MAX_NEW_TOKENS):
-        check_expert_set(experts, svf)
+        check_expert_set(experts, policy)
         if cls_expert is not None:
-            check_expert_set({**experts, "cls": cls_expert}, svf)
-        self.svf, self.tokenizer = svf, tokenizer
-        self.engine = engine if engine is not None else hf_engine(svf, tokenizer, batch_size)
+            check_expert_set({**experts, "cls": cls_expert}, policy)
+        self.policy, self.tokenizer = policy, tokenizer
+        self.engine = engine if engine is not None else hf_engine(policy, tokenizer, batch_size)
         # z in the model's target order (safetensors files do not keep the order; mix_z needs one)
-        self.experts = {c: Expert({n: e.z[n] for n in svf.targets}, e.card) for c, e in experts.items()}
+        self.experts = {c: Expert({n: e.z[n] for n in policy.targets}, e.card) for c, e in experts.items()}
         self.cls_expert = cls_expert
         self.template = check_template(template)
         self.chat = chat  # how the dispatch question meets the chat template (Task.chat's modes)
@@ -154,20 +157,32 @@ class TwoPass:
         self.batch_size = batch_size
         self.categories = [*self.experts, OTHER]
         self.merges = 0
-        # which weights the engine holds now (None: base); unknown at first (the engine may hold any z)
-        self._current: object = _UNKNOWN
+        self._tag = f"two-pass-{next(_SERIALS)}"
+        self._last: tuple[object, object] = (_UNKNOWN, _UNKNOWN)  # (engine version, key) of this object's last set_z
 
     # -- weights ------------------------------------------------------------------------
+    @property
+    def current(self) -> object:
+        """The key of the weights the engine holds: None (the base), a key this object set last, or
+        ``_UNKNOWN`` (weights set by someone else).  The engine's ``version`` is the truth; the versions
+        this object sets carry its own tag, so another TwoPass on the same engine or policy with an
+        ``("expert", "math")`` of its own is never taken for this one's."""
+        version = self.engine.version
+        if version is None:
+            return None
+        return self._last[1] if version == self._last[0] else _UNKNOWN
+
     def use(self, key: object, z: Mapping[str, torch.Tensor] | None) -> None:
-        """Make the model compute with ``z`` (None: base); composes W' only when ``key`` changes."""
-        if key == self._current:
+        """Make the engine compute with ``z`` (None: base); composes W' only when ``key`` is not held."""
+        if key == self.current:
             return
         if z is None:
             self.engine.unset_z()
-        else:
-            self.engine.set_z(z, key)
-            self.merges += 1
-        self._current = key
+            return
+        version = (*(key if isinstance(key, tuple) else (key,)), self._tag)
+        self.engine.set_z(z, version)
+        self._last = (version, key)
+        self.merges += 1
 
     def reset(self) -> None:
         self.use(None, None)
@@ -218,7 +233,7 @@ class TwoPass:
         return out  # type: ignore[return-value]
 
     def _current_label(self) -> str | None:
-        cur = self._current
+        cur = self.current
         if cur is None:
             return OTHER
         return cur[1] if isinstance(cur, tuple) and cur[0] == "expert" else None
@@ -243,7 +258,7 @@ class TwoPass:
     def fewshot(self, task: Task, shots: Sequence[Example], settings: CEMSettings,
                 evaluator: Evaluator | None = None, log=None) -> CEMResult:
         evaluator = evaluator or self.mixture_evaluator(task, shots)
-        return cem_search(len(self.experts), evaluator, settings, num_matrices=len(self.svf.targets), log=log)
+        return cem_search(len(self.experts), evaluator, settings, num_matrices=len(self.policy.targets), log=log)
 
     def mixed_z(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         return mix_z([e.z for e in self.experts.values()], alpha)
@@ -283,19 +298,27 @@ def per_prompt(settings, n: int, max_new_tokens: int, stop) -> list[tuple[int, t
     return list(settings) if settings is not None else [(max_new_tokens, tuple(stop))] * n
 
 
-def hf_engine(svf, tokenizer, batch_size: int):
+def hf_engine(policy, tokenizer, batch_size: int):
     """The HF engine over an SVF model already loaded in this process (no config needed)."""
-    from t2dist.engines.hf import HFEngine
+    return InProcessEngine(policy, tokenizer, batch_size)
 
-    return HFEngine(None, policy=svf, tokenizer=tokenizer, batch_size=batch_size)
+
+def alpha_key(alpha: torch.Tensor | Sequence[float]) -> tuple:
+    """The version key of the mixture ``alpha`` (its weights as a flat tuple)."""
+    return ("alpha", tuple(torch.as_tensor(alpha).flatten().tolist()))
 
 
 def score_alpha(engine, zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example]) -> float:
     """Greedy accuracy of the mixture ``alpha`` of ``zs`` on ``shots`` (one composition of W', in ``engine``).
 
-    Shared by the in-process evaluator and the rollout actors (``actors/adapt.py``).
+    The rollout actors' scorer (``actors/adapt.py``); in process, :func:`score_mixture`.
     """
-    engine.set_z(mix_z(zs, alpha), ("alpha", tuple(torch.as_tensor(alpha).flatten().tolist())))
+    engine.set_z(mix_z(zs, alpha), alpha_key(alpha))
+    return shots_accuracy(engine, task, shots)
+
+
+def shots_accuracy(engine, task: Task, shots: Sequence[Example]) -> float:
+    """Greedy accuracy of whatever ``engine`` holds on ``shots``."""
     comps = generate_grouped(
         lambda ps, n, st: engine.generate(ps, temperature=0.0, max_new_tokens=n, stop=st),
         [task.prompt_for(e, engine.tokenizer) for e in shots], [task.generation_for(e) for e in shots])
@@ -304,15 +327,13 @@ def score_alpha(engine, zs, alpha: torch.Tensor, task: Task, shots: Sequence[Exa
 
 
 def score_mixture(tp: "TwoPass", zs, alpha: torch.Tensor, task: Task, shots: Sequence[Example]) -> float:
-    tp._current = ("alpha", object())  # the engine's weights are now this candidate's
-    tp.merges += 1
-    return score_alpha(tp.engine, zs, alpha, task, shots)
+    """:func:`score_alpha` on ``tp``'s engine, the candidate set through :meth:`TwoPass.use` (counted in ``merges``)."""
+    tp.use(alpha_key(alpha), mix_z(zs, alpha))
+    return shots_accuracy(tp.engine, task, shots)
 
 
 def pick_shots(task: Task, k: int, split: str = "train", seed: int = 0) -> list[Example]:
     """``k`` examples of ``task``'s ``split`` for the few-shot search (a clear error when there are fewer)."""
-    import random
-
     pool = task.examples(split)
     if k > len(pool):
         raise AdaptError(f"task {task.name!r} has {len(pool)} {split} examples, fewer than "

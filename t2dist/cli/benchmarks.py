@@ -71,11 +71,11 @@ def cmd_loglik(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
     expert = None
     if args.expert:
-        from t2dist.cli.common import svf_overrides_from_card
+        from t2dist.cli.common import policy_overrides_from_card
         from t2dist.registry import read_expert_ref
 
         expert = read_expert_ref(args.expert, args.registry)  # fail on a bad expert before loading the model
-        overrides += [f"{k}={v}" for k, v in svf_overrides_from_card(expert.card, args.overrides).items()]
+        overrides += [f"{k}={v}" for k, v in policy_overrides_from_card(expert.card, args.overrides).items()]
     cfg = load_config(args.config, overrides)
     task = get_task(args.task)
     try:

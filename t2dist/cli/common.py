@@ -25,7 +25,7 @@ def write_json(path: str, data: dict) -> None:
     print(f"wrote {p}")
 
 
-def svf_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
+def policy_overrides_from_card(card: dict, user_overrides: list[str]) -> dict:
     """The policy setup an expert was trained with (kind, targets, rank, parametrization) as CLI overrides,
     except the keys the user overrides (:func:`t2dist.policy.registry.card_overrides`)."""
     from t2dist.policy.registry import card_overrides

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from t2dist.cli.common import config_from_args as _config
-from t2dist.cli.common import svf_overrides_from_card  # noqa: F401  (also t2dist.cli.main's public name)
+from t2dist.cli.common import policy_overrides_from_card  # noqa: F401  (also t2dist.cli.main's public name)
 from t2dist.cli.common import write_json as _write_json
-from t2dist.errors import USER_ERRORS
+from t2dist.errors import USER_ERRORS, Interrupted
 
 COMMANDS = {
     "train": "distributed SVF-RL: Ray rollout actors, a DeepSpeed learner, evaluator, checkpoints, TensorBoard",
@@ -96,10 +96,10 @@ def cmd_train(args) -> int:
             from t2dist.config import ConfigError
 
             raise ConfigError(f"--resume {args.resume}: {saved} does not exist (not a t2dist run directory)")
-        from t2dist.config import Config, apply_overrides
+        from t2dist.config import apply_overrides, config_from_dict
 
         data = apply_overrides(json.loads(saved.read_text()), list(args.overrides))
-        cfg = Config.model_validate(data)
+        cfg = config_from_dict(data, str(saved))
     else:
         cfg = load_config(args.config, list(args.overrides))
     train(cfg, resume=args.resume, progress=not args.quiet)
@@ -128,6 +128,7 @@ def _interval(res) -> str:
 def cmd_train_local(args) -> int:
     import time
 
+    from t2dist.engines.hf import HFEngine
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.experts.expert import make_card, save_expert
     from t2dist.rl.local import train_local
@@ -139,19 +140,22 @@ def cmd_train_local(args) -> int:
     if task.unseen:
         print(f"warning: task {task.name!r} is an unseen variant meant for adaptation, not training", file=sys.stderr)
     out = Path(args.out)
-    svf, tokenizer = load_policy(cfg, verbose=True)
+    policy, tokenizer = load_policy(cfg, verbose=True)
+    # two in-process HF engines over the one policy: sampling in rollout batches, evaluation in eval batches
+    sampler = HFEngine(cfg, policy=policy, tokenizer=tokenizer)
+    scorer = HFEngine(cfg, policy=policy, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
     t0 = time.perf_counter()
     result: dict = {"task": task.name, "model": cfg.model.path, "steps": cfg.rl.steps}
     if not args.no_eval:
-        base = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
+        base = evaluate(scorer, task, split=cfg.eval.split, limit=cfg.eval.limit)
         result["base"] = _eval_json(base)
         print(f"base {cfg.eval.split} accuracy: {base.accuracy:.3f} {_interval(base)}")
-    run = train_local(cfg, svf, tokenizer, task)
+    run = train_local(cfg, sampler, task)
     result["train_seconds"] = run.seconds
     if not args.no_eval:
-        svf.merge_(run.z)
-        final = evaluate(svf.model, tokenizer, task, split=cfg.eval.split, limit=cfg.eval.limit)
-        svf.unmerge_()
+        scorer.set_z(run.z, version="final")
+        final = evaluate(scorer, task, split=cfg.eval.split, limit=cfg.eval.limit)
+        scorer.unset_z()
         result["final"] = _eval_json(final)
         result["gain"] = final.accuracy - base.accuracy
         print(f"expert {cfg.eval.split} accuracy: {final.accuracy:.3f} {_interval(final)} "
@@ -163,7 +167,7 @@ def cmd_train_local(args) -> int:
                         f"base_{cfg.eval.split}_accuracy": result["base"]["accuracy"]})
     from t2dist.config import dump_config
 
-    card = make_card(svf, name=out.name, task=task.name, metrics=metrics, config=dump_config(cfg),
+    card = make_card(policy, name=out.name, task=task.name, metrics=metrics, config=dump_config(cfg),
                      base_model=cfg.model.path, history=run.history[-1:] and run.history)
     save_expert(out, run.z, card)
     result["expert"] = str(out)
@@ -194,17 +198,16 @@ def cmd_eval(args) -> int:
         from t2dist.registry import read_expert_ref
 
         expert = read_expert_ref(args.expert, args.registry)  # fail on a bad expert before loading the model
-        extra.update(svf_overrides_from_card(expert.card, args.overrides))
+        extra.update(policy_overrides_from_card(expert.card, args.overrides))
     cfg = _config(args, extra)
     task = get_task(args.task)
     engine = make_engine(cfg, cfg.eval.engine or cfg.rollout.engine, batch_size=cfg.eval.batch_size)
-    svf, tokenizer = engine.policy, engine.tokenizer
+    policy = engine.policy
     if expert is not None:
-        check_compatible(expert, svf, source=f"expert {args.expert}")
+        check_compatible(expert, policy, source=f"expert {args.expert}")
         engine.set_z(expert.z, version=args.expert)
     try:
-        res = evaluate(None, tokenizer, task, split=args.split, limit=args.limit, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.task.max_new_tokens, engine=engine)
+        res = evaluate(engine, task, split=args.split, limit=args.limit, max_new_tokens=cfg.task.max_new_tokens)
     finally:
         engine.close()
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,
@@ -278,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"t2dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a run's Interrupted says what it kept), no traceback
+        print(str(exc) if isinstance(exc, Interrupted) else f"[t2dist] {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def cmd_registry(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from t2dist.cli.common import config_from_args, svf_overrides_from_card
+    from t2dist.cli.common import config_from_args, policy_overrides_from_card
     from t2dist.experts.export import check_export_target
     from t2dist.experts.lora import LoRAExportError, check_base_has_targets, check_rank
     from t2dist.registry import read_expert_ref
@@ -126,7 +126,7 @@ def cmd_export(args) -> int:
     check_export_target(args.out)
     expert = read_expert_ref(args.expert, args.registry)  # fails on a bad reference before loading a model
     extra = {"model.path": args.model or expert.card.get("base_model") or None}
-    extra.update(svf_overrides_from_card(expert.card, args.overrides))
+    extra.update(policy_overrides_from_card(expert.card, args.overrides))
     cfg = config_from_args(args, extra)
     check_base_has_targets(cfg.model.path, expert.card["targets"], cfg.model.cache_dir, source=f"expert {args.expert}")
     return (_export_lora if args.format == "lora" else _export_merged)(args, cfg, expert)
@@ -134,9 +134,9 @@ def cmd_export(args) -> int:
 
 def _load_checked(args, cfg, expert):
     from t2dist.experts.expert import check_compatible
-    from t2dist.policy.load import load_svf
+    from t2dist.policy.load import load_policy
 
-    policy, tokenizer = load_svf(cfg)
+    policy, tokenizer = load_policy(cfg)
     check_compatible(expert, policy, source=f"expert {args.expert}")
     return policy, tokenizer
 

@@ -32,6 +32,13 @@ class EngineDied(UserError, RuntimeError):
     """The engine's own process (e.g. vLLM's engine core) is gone; the engine cannot be used any more."""
 
 
+class UnnamedZ:
+    """The version of a ``z`` set without one: equal only to itself."""
+
+    def __repr__(self) -> str:
+        return "<unnamed z>"
+
+
 def z_nbytes(z: Mapping[str, torch.Tensor]) -> int:
     """Bytes of a set of z tensors (what a weight sync sends)."""
     return sum(t.numel() * t.element_size() for t in z.values())
@@ -41,18 +48,28 @@ class RolloutEngine(ABC):
     """Samples completions from a base model adapted by the current z (see the module docstring).
 
     Subclasses set ``self.policy`` (the SVF or LoRA policy object: fingerprint, targets,
-    ``check_z``; for the HF engine it also holds the model that generates), ``self.tokenizer``
-    and ``self.version`` (what is set now; None: the base model).
+    ``check_z``; for the HF engine it also holds the model that generates) and ``self.tokenizer``.
+    :attr:`version` says which weights the engine generates with; the engine is its only source
+    of truth, and only its own ``set_z`` / ``unset_z`` change it (a subclass keeps it in
+    ``self._version``, or overrides the property).
     """
 
     name: str = ""
     policy: object
     tokenizer: object
-    version: object = None
+    _version: object = None
+
+    @property
+    def version(self) -> object:
+        """The ``version`` of the last :meth:`set_z` (None: the base weights); read-only."""
+        return self._version
 
     @abstractmethod
     def set_z(self, z: Mapping[str, torch.Tensor], version: object) -> int:
-        """Make ``W'(z)`` the weights that generate (a no-op when ``version`` is already set); returns bytes sent."""
+        """Make ``W'(z)`` the weights that generate (a no-op when ``version`` is already set); returns bytes sent.
+
+        ``version`` None always sets ``z``, which the engine then holds as an :class:`UnnamedZ` version (never
+        None, which means the base weights, and equal to no other)."""
 
     @abstractmethod
     def unset_z(self) -> None:

@@ -33,10 +33,13 @@ the quantity the learner computes).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @dataclass
@@ -140,8 +143,6 @@ def generate(
     seed: int | None = None,
 ) -> list[Completion]:
     """Complete every prompt ``num_samples`` times; results grouped per prompt, in order."""
-    from transformers import GenerationConfig
-
     stop = tuple(s for s in (stop or ()) if s)
     prompts = list(prompts)
     if not prompts or num_samples < 1:
@@ -211,10 +212,6 @@ def finish(tokenizer, prompt_index: int, prompt_ids: list[int], ids: list[int], 
 
 def _warpers(temperature: float, top_p: float):
     """The logits processors ``model.generate`` builds for this temperature / top-p (no top-k)."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper,
-    )
-
     procs = LogitsProcessorList()
     if temperature > 0 and temperature != 1.0:
         procs.append(TemperatureLogitsWarper(float(temperature)))
@@ -234,8 +231,6 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 
 def _forward_args(model) -> frozenset[str]:
-    import inspect
-
     return frozenset(inspect.signature(type(model).forward).parameters)
 
 

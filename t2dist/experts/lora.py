@@ -51,12 +51,13 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from t2dist.atomic import atomic_dir
 from t2dist.errors import UserError
@@ -258,8 +259,6 @@ def check_base_has_targets(model_path: str, targets: list[str], cache_dir: str |
     The model is built from its ``config.json`` on the meta device (no weights, milliseconds), and
     every target must be one of its linear layers.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     where = resolve_model_path(model_path, cache_dir)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(where))
@@ -289,27 +288,27 @@ def peft_selection(model, targets: list[str]) -> tuple[dict[str, Any], list[str]
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
     layers = {int(m.group(1)) for t in targets if (m := _LAYER_INDEX.match(t))}
     all_layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.match(n))}
-    fields = {"target_modules": leaves, "layers_to_transform": None}
+    selection = {"target_modules": leaves, "layers_to_transform": None}
     if all(_LAYER_INDEX.match(t) for t in targets) and layers != all_layers:
-        fields["layers_to_transform"] = sorted(layers)
-    cfg = LoraConfig(r=1, target_modules=leaves, layers_to_transform=fields["layers_to_transform"])
+        selection["layers_to_transform"] = sorted(layers)
+    cfg = LoraConfig(r=1, target_modules=leaves, layers_to_transform=selection["layers_to_transform"])
     chosen = [n for n in names if check_target_module_exists(cfg, n)]
     missing = sorted(set(targets) - set(chosen))
     if missing:  # cannot happen for targets of this model; a clear error beats a silently partial adapter
         raise LoRAExportError(f"peft would not adapt {missing[:3]} with target_modules={leaves}")
     target_set = set(targets)
-    return fields, [n for n in chosen if n not in target_set]
+    return selection, [n for n in chosen if n not in target_set]
 
 
-def adapter_config(report: LoRAReport, fields: Mapping[str, Any], base_model: str, dropout: float = 0.0):
+def adapter_config(report: LoRAReport, selection: Mapping[str, Any], base_model: str, dropout: float = 0.0):
     """peft's ``LoraConfig`` of the adapter (saved with its own ``save_pretrained``)."""
     from peft import LoraConfig
 
     alpha = int(report.alpha) if float(report.alpha).is_integer() else report.alpha
     return LoraConfig(r=report.rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=False,
                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model or None,
-                      target_modules=list(fields["target_modules"]),
-                      layers_to_transform=fields["layers_to_transform"], init_lora_weights=True)
+                      target_modules=list(selection["target_modules"]),
+                      layers_to_transform=selection["layers_to_transform"], init_lora_weights=True)
 
 
 def _zero_adapter(model, module: str, rank: int) -> dict[str, torch.Tensor]:
@@ -328,24 +327,27 @@ def export_lora(policy, tokenizer, z: Mapping[str, torch.Tensor], card: Mapping[
     ``rank`` is K (default: the full rank, capped at 512). ``base_model`` goes into the config's
     ``base_model_name_or_path`` (default: the card's ``base_model``). ``dtype`` casts the saved
     tensors (default float32). ``exists``: ``error`` refuses an ``out`` that exists and is not
-    empty (before any work); ``keep`` is for caches: when another process wrote ``out`` first,
-    its (identical) copy is kept.
+    empty (before any work); ``keep`` is for caches: an adapter already at ``out`` (written for the
+    same ``rank``) is returned with the report from its card, and when another process finishes
+    the same export first, its copy is kept.
     """
     out = Path(out)
+    if exists == "keep" and (out / EXPERT_CARD_FILE).is_file():
+        return out, cached_report(out, rank)
     if exists == "error":
         check_export_target(out)
     tensors, report = lora_factors(policy, z, rank)
-    fields, extra = peft_selection(policy.model, list(policy.targets))
+    selection, extra = peft_selection(policy.model, list(policy.targets))
     for module in extra:
         tensors.update(_zero_adapter(policy.model, module, report.rank))
     report.zero_modules = extra
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     dropout = float(getattr(policy.parametrization, "dropout", 0.0))
-    config = adapter_config(report, fields, base_model if base_model is not None else card.get("base_model", ""),
+    config = adapter_config(report, selection, base_model if base_model is not None else card.get("base_model", ""),
                             dropout)
-    if out.is_dir() and exists == "error" and not any(out.iterdir()):
-        out.rmdir()  # empty (checked above): atomic_dir renames the finished directory into its place
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # empty: atomic_dir renames the finished directory into its place
     with atomic_dir(out, exists="keep" if exists == "keep" else "error") as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -354,12 +356,22 @@ def export_lora(policy, tokenizer, z: Mapping[str, torch.Tensor], card: Mapping[
         saved = {k: v for k, v in card.items() if k != "history"}
         saved["lora_export"] = report.to_dict()
         (tmp / EXPERT_CARD_FILE).write_text(json.dumps(saved, indent=2))
-    return out, report
+    return out, (report if exists == "error" else cached_report(out, rank))
+
+
+def cached_report(out: Path, rank: int | None) -> LoRAReport:
+    """The report in the card of the adapter at ``out``; an adapter written for another rank is an error."""
+    data = json.loads((out / EXPERT_CARD_FILE).read_text()).get("lora_export")
+    if data is None:
+        raise LoRAExportError(f"{out} holds no LoRA export ({EXPERT_CARD_FILE} has no lora_export)")
+    if data.get("requested_rank") != rank:
+        raise LoRAExportError(f"{out} holds this expert's adapter for --rank {data.get('requested_rank')}, "
+                              f"not {rank}; use another directory per rank")
+    names = {f.name for f in fields(LoRAReport)}
+    return LoRAReport(**{k: v for k, v in data.items() if k in names})
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config.json, tensors)`` of an adapter directory (for tests and the benchmark)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     return json.loads((path / ADAPTER_CONFIG_FILE).read_text()), load_file(str(path / ADAPTER_WEIGHTS_FILE))

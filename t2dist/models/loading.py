@@ -23,6 +23,8 @@ half-written checkpoint.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -31,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from t2dist.atomic import atomic_dir
 from t2dist.errors import UserError
@@ -120,6 +125,7 @@ def toy_base_dir(build_if_missing: bool = True) -> Path:
     if not (built / "config.json").is_file():
         if not build_if_missing:
             raise ModelLoadError(f"no toy base at {ASSET_TOY} or {built}; run `t2dist toy-base --out {built}`")
+        # lazy: the builder trains and evaluates a model (engines, tasks): it sits above this loader
         from t2dist.toy.build import build_toy_base
 
         print(f"[t2dist] building the toy base model into {built} (one time, a few minutes)")
@@ -159,8 +165,6 @@ def assemble_gguf(spec: GGUFModel, parts: list[Path], workdir: Path) -> Path:
     """
     if len(parts) == 1:
         return parts[0]
-    import hashlib
-
     out, digest = Path(workdir) / spec.gguf_name, hashlib.sha256()
     with open(out, "wb") as dst:
         for part in parts:
@@ -183,8 +187,6 @@ def _require_gguf_reader() -> None:
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """An exclusive ``flock`` on ``path`` (one converter at a time across processes)."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -197,12 +199,15 @@ def _file_lock(path: Path):
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize ``gguf`` into a float32 safetensors HF checkpoint at ``out`` (atomic: a reader sees
     no directory or the whole checkpoint; if another process committed one first, it is kept)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _require_gguf_reader()
     with atomic_dir(out, exists="keep", mode=0o755) as tmp:  # 0o755: the cache may be shared; keep: the first wins
+        t0 = time.perf_counter()
+        print(f"[t2dist] converting (2/3): dequantizing {gguf.name} to float32 (transformers counts the tensors)",
+              flush=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        print(f"[t2dist] converting (3/3): writing {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters "
+              f"as safetensors ({time.perf_counter() - t0:.0f}s so far)", flush=True)
         # The GGUF quantizer stays attached after dequantizing; save_pretrained would then
         # refuse (or write a quantization_config that the reload chokes on).
         model.hf_quantizer = None
@@ -222,7 +227,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 def gguf_add_bos(gguf: Path) -> bool | None:
     """The GGUF's own ``tokenizer.ggml.add_bos_token`` flag (None when the file does not say)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # lazy: only a GGUF conversion needs it (checked for above)
 
     field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
     return None if field is None else bool(field.parts[field.data[0]][0])
@@ -256,8 +261,10 @@ def gguf_model_dir(spec: GGUFModel, cache_dir: str | os.PathLike | None = None) 
     with _file_lock(out.parent / f".{out.name}.lock"):
         if not (out / "config.json").is_file():
             t0 = time.perf_counter()
-            print(f"[t2dist] converting {spec.gguf_name} into {out} (one time)", flush=True)
+            print(f"[t2dist] converting {spec.gguf_name} into {out} (one time, 3 stages)", flush=True)
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-", dir=out.parent) as work:
+                if len(parts) > 1:
+                    print(f"[t2dist] converting (1/3): joining {len(parts)} GGUF parts", flush=True)
                 convert_gguf(assemble_gguf(spec, parts, Path(work)), out)
             print(f"[t2dist] converted in {time.perf_counter() - t0:.0f}s", flush=True)
     return out
@@ -273,8 +280,6 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 def _hf_cached(name: str) -> str | None:
     """The local snapshot of hub model ``name`` in the HF cache (with a config.json), or None."""
     try:
-        from huggingface_hub import snapshot_download
-
         where = snapshot_download(name, local_files_only=True)
     except Exception:
         return None
@@ -283,10 +288,6 @@ def _hf_cached(name: str) -> str | None:
 
 def hf_cache_models() -> list[tuple[str, str]]:
     """``(name, snapshot dir)`` of the models in the local Hugging Face hub cache."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return []
     root = Path(constants.HF_HUB_CACHE)
     out = []
     for d in sorted(root.glob("models--*")) if root.is_dir() else []:
@@ -343,9 +344,6 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu", cache_dir: str | None = None):
     """``(model, tokenizer)`` in eval mode, with every parameter frozen."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one bar per actor on every load is noise
 
     where = resolve_model_path(path, cache_dir)

@@ -8,17 +8,21 @@ running) and splits each population over them.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from actors.adapt import AdaptWorker
 from t2dist.adapt.cem import CEMResult, CEMSettings
 from t2dist.adapt.loading import build_two_pass, cem_settings, read_cls_expert, read_experts
 from t2dist.adapt.strategies import AdaptError, AdaptRun, TwoPass, pick_shots
 from t2dist.config import Config, dump_config
 from t2dist.evaluation.accuracy import evaluate, wilson_interval
+from t2dist.experts.expert import make_card
+from t2dist.registry import Registry
 from t2dist.tasks import get_task
 from t2dist.tasks.base import Example, Task
 
@@ -27,17 +31,13 @@ class ParallelEvaluator:
     """Score CEM candidates on N rollout actors, each with its own merged W'."""
 
     def __init__(self, cfg: Config, zs: Sequence[dict], task: Task, shots: Sequence[Example], actors: int):
-        import ray
-
-        from actors.adapt import AdaptWorker
+        import ray  # lazy: `t2dist adapt` with adapt.actors=0 (the default) runs in process, without Ray
 
         if not ray.is_initialized():
             need = actors * max(cfg.rollout.cpus_per_actor, 0.01)
             try:
                 ray.init(address="auto" if cfg.ray.address == "auto" else cfg.ray.address, log_to_driver=False)
             except (ConnectionError, ValueError):
-                import os
-
                 ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
                          log_to_driver=False)
             self._owns_ray = True
@@ -86,9 +86,7 @@ def run_fewshot(tp: TwoPass, cfg: Config, task: Task, settings: CEMSettings | No
 
 
 def mixture_card(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, task: Task) -> dict:
-    from t2dist.experts.expert import make_card
-
-    return make_card(tp.svf, name=f"mix-{task.name}", task=task.name, metrics={"shots_accuracy": cem.score},
+    return make_card(tp.policy, name=f"mix-{task.name}", task=task.name, metrics={"shots_accuracy": cem.score},
                      config=dump_config(cfg), base_model=cfg.model.path,
                      mixture={"experts": list(refs), "categories": list(tp.experts),
                               "alpha": cem.alpha.tolist(), "per_matrix": cem.alpha.dim() == 2,
@@ -97,8 +95,6 @@ def mixture_card(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, 
 
 def publish_mixture(tp: TwoPass, cfg: Config, refs: Sequence[str], cem: CEMResult, task: Task,
                     registry: str) -> str:
-    from t2dist.registry import Registry
-
     card = mixture_card(tp, cfg, refs, cem, task)
     return Registry(registry, create=True).publish(tp.mixed_z(cem.alpha), card)
 
@@ -175,8 +171,7 @@ def adaptation_table(cfg: Config, refs: Sequence[str], cls_ref: str | None, regi
     for col, task in tasks.items():
         for row, key, z in [("Base", None, None), *((f"{c} expert", ("expert", c), e.z) for c, e in tp.experts.items())]:
             tp.use(key, z)
-            r = evaluate(None, tp.tokenizer, task, split, limit=limit, batch_size=tp.batch_size, engine=tp.engine,
-                         records=True)
+            r = evaluate(tp.engine, task, split, limit=limit, records=True)
             put(row, col, [rec["correct"] for rec in r.records])
         for row, strat in (("Prompt", "prompt"), ("Cls-expert", "cls"), ("Few-shot", "fewshot")):
             if (strat == "cls" and tp.cls_expert is None) or strat not in strategies:

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from actors.evaluator import EvaluatorWorker
+from actors.placement import make_placement
 from actors.rollout import RolloutWorker
 from learner.group import global_normalizer, split_batch
 from learner.worker import LearnerWorker
@@ -80,6 +81,23 @@ def check_resources(cfg: Config) -> None:
 
 
 
+def wait_all(refs: list, names: list[str], t0: float, every_s: float = 30.0) -> list:
+    """``ray.get(refs)`` saying which finished as they do (``ready 3/5: evaluator (14s)``: seconds since ``t0``),
+    and every ``every_s`` seconds which are still loading; the first failure raises, as ``ray.get`` does."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=every_s)
+        for ref in ready:
+            ray.get(ref)  # an actor that failed to start raises here
+            done += 1
+            print(f"[t2dist] ready {done}/{len(refs)}: {names[index[ref]]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if not ready:
+            print(f"[t2dist] still loading after {time.perf_counter() - t0:.0f}s: "
+                  f"{', '.join(names[index[r]] for r in pending)}", flush=True)
+    return ray.get(refs)
+
+
 @dataclass
 class PendingRollout:
     """A rollout in flight on the actors: what a restarted actor needs to redo its share."""
@@ -98,8 +116,6 @@ class Driver:
         self.cfg = cfg
         cfg_dict = dump_config(cfg)
         self.tag = f"{os.getpid()}-{int(time.time() * 1000) % 10**8}"  # actor names: t2dist-<role>-<i>-<tag>
-        from actors.placement import make_placement
-
         self.placement = make_placement(cfg)  # ray.placement: none | colocated | separate (actors/placement.py)
         place = self.placement.options
         actor_cls = ray.remote(RolloutWorker)
@@ -117,11 +133,19 @@ class Driver:
             name=f"t2dist-learner-{r}-{self.tag}", num_cpus=cfg.learner.cpus_per_rank,
             num_gpus=cfg.learner.gpus_per_rank, max_restarts=0, **place("learner", r),
         ).remote(cfg_dict, r, cfg.learner.ranks) for r in range(cfg.learner.ranks)]
+        print(f"[t2dist] starting {cfg.rollout.actors} rollout actor(s), the evaluator and {cfg.learner.ranks} learner "
+              f"rank(s): each loads {cfg.model.path} and its policy ({cfg.policy.kind}: SVD factors from the cache, "
+              "or computed once)", flush=True)
+        t0 = time.perf_counter()
         # the torch.distributed rendezvous lives on rank 0's node, wherever Ray put it
         ip = ray.get(self.learners[0].__ray_call__.remote(_actor_node_ip))
         addr, port = ray.get(self.learners[0].endpoint.remote(ip))
-        infos = ray.get([a.ready.remote() for a in self.actors] + [self.evaluator.ready.remote()]
-                        + [lw.connect.remote(addr, port) for lw in self.learners])
+        names = [f"rollout actor {i}" for i in range(len(self.actors))] + ["evaluator"] + \
+            [f"learner rank {r}" for r in range(len(self.learners))]
+        infos = wait_all([a.ready.remote() for a in self.actors] + [self.evaluator.ready.remote()]
+                         + [lw.connect.remote(addr, port) for lw in self.learners], names, t0)
+        self.startup_s = time.perf_counter() - t0
+        print(f"[t2dist] all {len(names)} ready after {self.startup_s:.0f}s", flush=True)
         self.fingerprint = infos[0]["fingerprint"]
         self.restarts = 0
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 
 class Tracker:
@@ -13,8 +14,6 @@ class Tracker:
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.writer = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:

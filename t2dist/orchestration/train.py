@@ -30,25 +30,29 @@ from pathlib import Path
 
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from actors.rollout import z_nbytes
-from t2dist.orchestration import checkpoint
 from t2dist.atomic import atomic_write_json
-from t2dist.orchestration.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint, load_extra_z,
-                               prune_checkpoints, rng_state, set_rng_state)
 from t2dist.config import Config, ConfigError, dump_config
-from t2dist.orchestration.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401 (resources_needed:
-                           resources_needed)                                      # bench/pipeline.py imports it here)
-from t2dist.errors import TrainingError
+from t2dist.errors import Interrupted, TrainingError
 from t2dist.experts.expert import save_expert
 from t2dist.models.loading import resolve_model_path
+from t2dist.orchestration import checkpoint
+from t2dist.orchestration.checkpoint import (ROLLOUT_Z, begin_checkpoint, latest_checkpoint, load_checkpoint,
+                                             load_extra_z, prune_checkpoints, rng_state, set_rng_state)
+from t2dist.orchestration.driver import (Driver, LearnerDied, PendingRollout, check_resources, connect_ray,  # noqa: F401
+                                         resources_needed)  # (resources_needed: bench/pipeline.py imports it here)
 from t2dist.orchestration.paths import resolve_outputs
+from t2dist.orchestration.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step,
+                                            step_record, tb_scalars, training_curve)
+from t2dist.orchestration.tracking import Tracker
+from t2dist.policy.load import policy_parametrization
+from t2dist.registry import Registry, RegistryError, check_name
 from t2dist.rl.data import training_stream
 from t2dist.rl.losses import compute_advantages
-from t2dist.orchestration.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step, step_record,
-                              tb_scalars, training_curve)
+from t2dist.svf.sharded import check_shardable, target_shapes_from_config, use_sharding
 from t2dist.tasks import get_task
-from t2dist.orchestration.tracking import Tracker
 
 
 # -- checks before anything starts -----------------------------------------------------------
@@ -66,8 +70,6 @@ def preflight(cfg: Config) -> None:
         if not task.examples(split):
             raise ConfigError(f"task {task.name!r} has an empty {split} split")
     if task.chat == "required":  # a model without a chat template fails here, not inside the actors
-        from transformers import AutoTokenizer
-
         task.prompt_for(task.examples("test")[0], AutoTokenizer.from_pretrained(where))
     if cfg.registry.url or cfg.registry.name:
         check_registry(cfg)
@@ -76,8 +78,6 @@ def preflight(cfg: Config) -> None:
 
 def check_sharding(cfg: Config) -> None:
     """``learner.shard_factors``: R must divide every target's components and rows (shapes from a meta model)."""
-    from t2dist.svf.sharded import check_shardable, target_shapes_from_config, use_sharding
-
     if not use_sharding(cfg):
         return
     try:
@@ -98,8 +98,6 @@ def registry_url(cfg: Config) -> str | None:
 
 def check_registry(cfg: Config) -> None:
     """The registry must be writable and the expert name valid before any actor starts."""
-    from t2dist.registry import Registry, RegistryError, check_name
-
     try:
         check_name(cfg.registry.name or cfg.task.name, "registry.name")
         if cfg.registry.alias:
@@ -127,9 +125,28 @@ def open_run(cfg: Config, resume: str | os.PathLike | None) -> tuple[Config, Pat
 
 
 def train(cfg: Config, *, resume: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """Run (or resume) one distributed SVF-RL job; returns the summary (also in summary.json)."""
+    """Run (or resume) one distributed SVF-RL job; returns the summary (also in summary.json).
+
+    Ctrl-C ends it with :class:`t2dist.errors.Interrupted`, whose one line says what was kept."""
     wall0 = time.perf_counter()
     cfg, run_dir, ckpt = open_run(cfg, resume)
+    try:
+        return _run(cfg, run_dir, ckpt, progress, wall0)
+    except KeyboardInterrupt:
+        raise Interrupted(what_was_kept(run_dir)) from None
+
+
+def what_was_kept(run_dir: Path) -> str:
+    """One line: the last complete checkpoint (its path and step) and how to go on, or that there is none."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return f"[t2dist] interrupted: nothing kept yet (no checkpoint in {run_dir})"
+    _, state = load_checkpoint(last)
+    return (f"[t2dist] interrupted: kept the checkpoint of step {state['step']}, {last} "
+            f"(go on with: t2dist train --resume {run_dir})")
+
+
+def _run(cfg: Config, run_dir: Path, ckpt: Path | None, progress: bool, wall0: float) -> dict:
     preflight(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", dump_config(cfg))
@@ -234,8 +251,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, driver: Driver, tracker: Tracker, run_dir: Path, progress: bool = True):
-        from t2dist.policy.load import policy_parametrization
-
         self.cfg, self.driver, self.tracker, self.run_dir, self.progress = cfg, driver, tracker, run_dir, progress
         self.task = get_task(cfg.task.name)
         self.param = policy_parametrization(cfg)  # SVF scales, or LoRA (whose z/* histograms show A and B)
@@ -247,6 +262,7 @@ class Trainer:
         for step in range(self.state.step + 1, self.cfg.rl.steps + 1):  # steps count from 1
             self.train_step(step)
             self.evals.maybe_evaluate(step, self.z)
+            self.settle_base(block=False)
             self.state.step, self.state.position = step, self.consumed_position()
             self.maybe_checkpoint(step)
         return self.finish(wall0)
@@ -266,7 +282,11 @@ class Trainer:
         self.stream = training_stream(self.task, self.cfg.task.option_order, self.cfg.rl.seed, self.state.position)
         self.base_ref = None
         if self.state.base is None:
+            n = len(self.task.examples("test")[: self.cfg.eval.limit])
+            print(f"[t2dist] base model: test accuracy on {n} examples, measured by the evaluator in the background "
+                  "(its line follows when it is done)", flush=True)
             self.base_ref = self.driver.evaluator.evaluate.remote(None, "test", self.cfg.eval.limit, None)
+        self.tracker.scalars(self.state.step, {"time/startup_s": self.driver.startup_s})
         self.t_run = time.perf_counter()
 
     def train_step(self, step: int) -> dict:
@@ -328,20 +348,25 @@ class Trainer:
         now = time.perf_counter()
         self.state.wall_seconds += now - self.t_run
         self.t_run = now
-        self.settle_base()
+        self.settle_base(block=True)
         self.checkpointer.save(step, self.z, self.state, self.best.z, self.prefetched.z if self.prefetched else None)
 
-    def settle_base(self) -> None:
-        if self.base_ref is not None:
-            self.state.base = ray.get(self.base_ref)
-            self.base_ref = None
+    def settle_base(self, block: bool) -> None:
+        """The base model's test result, once the evaluator has it (``block``: wait for it): printed, and in TensorBoard."""
+        if self.base_ref is None or (not block and not ray.wait([self.base_ref], timeout=0)[0]):
+            return
+        self.state.base, self.base_ref = ray.get(self.base_ref), None
+        b = self.state.base
+        print(f"[t2dist] base model test accuracy {b['accuracy']:.3f} (95% CI {b['ci_low']:.3f}-{b['ci_high']:.3f}, "
+              f"n={b['n']}, {b['seconds']:.0f}s)", flush=True)
+        self.tracker.scalars(self.state.step, {"eval/base_test_accuracy": b["accuracy"], "time/base_eval_s": b["seconds"]})
 
     # the end of a run -------------------------------------------------------------------------------
     def finish(self, wall0: float) -> dict:
         """Test the best and the last z, write the expert, publish it, write ``summary.json``."""
         cfg, state, ev = self.cfg, self.state, self.driver.evaluator
         self.evals.collect(block=True)
-        self.settle_base()
+        self.settle_base(block=True)
         result = FinalResult(base=state.base, best=ray.get(ev.evaluate.remote(self.best.z, "test", cfg.eval.limit, "best")),
                              last=ray.get(ev.evaluate.remote(self.z, "test", cfg.eval.limit, "last")))
         expert_dir = self.run_dir / "expert"

@@ -98,6 +98,8 @@ class PolicyKind(Protocol):
     shardable: ClassVar[bool]
     #: heading of ``t2dist expert show``'s statistics
     stats_title: ClassVar[str]
+    #: its settings, a :class:`t2dist.config_section.Section` (the config section named after the kind); optional
+    Config: ClassVar[type]
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg: Any, verbose: bool = False) -> Policy:

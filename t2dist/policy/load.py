@@ -21,6 +21,3 @@ def load_policy(cfg: Config, verbose: bool = False):
     model, tokenizer = load_from_config(cfg.model)
     return kind.from_config(model, cfg, verbose=verbose), tokenizer
 
-
-#: the historical name (callers that predate LoRA): any kind, as ``policy.kind`` says
-load_svf = load_policy

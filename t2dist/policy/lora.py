@@ -31,9 +31,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
+from t2dist.config_section import Section
 from t2dist.policy.base import card_fields_of, check_z_shapes
 from t2dist.svf.factors import fingerprint as model_fingerprint
 from t2dist.svf.targets import PRESETS, TargetSpecError, select_targets
@@ -41,6 +43,16 @@ from t2dist.svf.targets import PRESETS, TargetSpecError, select_targets
 Params = dict[str, torch.Tensor]
 ADAPTER = "default"
 _SUFFIX_LIST = re.compile(r"^[A-Za-z0-9_]+(?:\s*,\s*[A-Za-z0-9_]+)*$")
+
+
+class LoRAConfig(Section):
+    """The ``lora:`` section (peft); the paper's comparison used r=16, alpha=32, dropout 0.05 on q/v."""
+
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0.0, description="scaling alpha/r of the update B·A")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input, learning forward only")
+    targets: str = Field("q_proj,v_proj", description="comma-separated module-name suffixes, a preset or a regex")
+    init_seed: int | None = Field(None, description="seed of the A initialisation (null: rl.seed)")
 
 
 @dataclass(frozen=True)
@@ -91,13 +103,14 @@ class LoRAModel:
     """A base model with peft LoRA adapters on its target matrices (see the module docstring)."""
 
     kind = "lora"
+    Config = LoRAConfig  # its settings: the lora: section (registered with the kind, t2dist/policy/registry.py)
     mixable = False  # A and B of two experts do not mix linearly into a meaningful adapter
     shardable = False
     stats_title = "LoRA statistics (alpha/r·BA; 0 = neutral):"
 
     def __init__(self, model: nn.Module, targets: list[str], parametrization: LoRAParametrization, *,
                  fingerprint: str, target_spec: str = "", init_seed: int = 0):
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # lazy: seconds to import, only LoRA needs it
 
         self.parametrization = parametrization
         self.fingerprint = fingerprint

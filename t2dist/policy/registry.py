@@ -3,7 +3,10 @@
 ``POLICIES`` maps a kind (``policy.kind`` in the config, ``kind`` in an expert card) to
 the class implementing :class:`t2dist.policy.base.Policy` (instance side) and
 :class:`t2dist.policy.base.PolicyKind` (class side). Adding a kind is one module plus
-one :func:`register_policy` line below; registering a name twice is an error.
+one :func:`register_policy` line below; registering a name twice is an error.  A kind with
+settings declares them as its ``Config`` (a :class:`t2dist.config_section.Section`): registering
+the kind adds that section to the config under the kind's name (``svf:``, ``lora:``;
+:func:`t2dist.config.config_class` assembles the tree).
 
 The learner's sharded SVF (:class:`t2dist.svf.sharded.ShardedSVF`) is not a kind of its
 own: it is the ``svf`` kind cut over ranks, writes ``svf`` cards, and is chosen by
@@ -33,6 +36,16 @@ def register_policy(kind: str, cls: type) -> type:
         raise PolicyKindError(f"{cls.__qualname__}.kind is {getattr(cls, 'kind', None)!r}, not {kind!r}")
     POLICIES[kind] = cls
     return cls
+
+
+def unregister_policy(kind: str) -> None:
+    """Remove a kind (and with it its config section): tests that register a kind leave nothing behind."""
+    POLICIES.pop(kind, None)
+
+
+def policy_settings() -> dict[str, type]:
+    """``{kind: section class}`` of the kinds that declare settings (their ``Config``)."""
+    return {k: c.Config for k, c in POLICIES.items() if getattr(c, "Config", None) is not None}
 
 
 def policy_class(kind: str) -> type:

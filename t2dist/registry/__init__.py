@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from t2dist.experts.expert import check_compatible, read_expert
 from t2dist.registry.store import DEFAULT_ALIAS, ExpertRef, Registry, RegistryError, check_name, sha256_hex
 
 __all__ = ["DEFAULT_ALIAS", "ExpertRef", "Registry", "RegistryError", "check_name", "load_expert_ref",
@@ -23,8 +24,6 @@ def read_expert_ref(ref: str, registry: str | Registry | None = None,
     An existing directory wins; otherwise ``ref`` is ``NAME[@VERSION|:ALIAS]`` in ``registry``
     (default :func:`default_registry_url`).
     """
-    from t2dist.experts.expert import read_expert
-
     if Path(ref).is_dir():
         return read_expert(ref)
     if registry is None and ("/" in ref or os.sep in ref):
@@ -34,13 +33,11 @@ def read_expert_ref(ref: str, registry: str | Registry | None = None,
     return reg.load(ref)
 
 
-def load_expert_ref(ref: str, svf, registry: str | Registry | None = None,
+def load_expert_ref(ref: str, policy, registry: str | Registry | None = None,
                     storage_options: Mapping[str, Any] | None = None):
-    """Like :func:`read_expert_ref`, then checked against ``svf`` and moved to its device."""
-    from t2dist.experts.expert import check_compatible
-
+    """Like :func:`read_expert_ref`, then checked against ``policy`` (any kind) and moved to its device."""
     expert = read_expert_ref(ref, registry, storage_options)
-    check_compatible(expert, svf, source=f"expert {ref}")
-    device = next(svf.model.parameters()).device
+    check_compatible(expert, policy, source=f"expert {ref}")
+    device = next(policy.model.parameters()).device
     expert.z = {k: v.to(device) for k, v in expert.z.items()}
     return expert

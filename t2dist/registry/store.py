@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -38,13 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import fsspec
 import torch
+from fsspec.asyn import sync
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from t2dist.atomic import atomic_write_bytes
 from t2dist.errors import UserError
-from t2dist.experts.expert import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, read_expert
+from t2dist.experts.expert import CARD_FILE, REQUIRED_CARD_FIELDS, Z_FILE, Expert, ExpertError, read_expert, save_expert
 
 CLAIM_FILE = ".claim"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -103,8 +106,6 @@ class Registry:
 
     def __init__(self, url: str | os.PathLike = "registry", storage_options: Mapping[str, Any] | None = None,
                  create: bool = False):
-        import fsspec
-
         self.url = str(url)
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
@@ -241,8 +242,6 @@ class Registry:
 
     def publish_dir(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Publish an expert directory (``z.safetensors`` + ``card.json``) trained elsewhere."""
-        from t2dist.experts.expert import ExpertError
-
         try:
             expert = read_expert(path)
         except ExpertError as exc:
@@ -302,8 +301,6 @@ class Registry:
 
     def fetch(self, ref: str | ExpertRef, dest: str | os.PathLike) -> Path:
         """Copy a verified expert into a local expert directory (``z.safetensors`` + ``card.json``)."""
-        from t2dist.experts.expert import save_expert
-
         expert = self.load(ref)
         return save_expert(dest, expert.z, expert.card)
 
@@ -412,8 +409,6 @@ class Registry:
 
     def _s3_get(self, path: str) -> tuple[bytes, str]:
         """Content and ETag of one object, from a single GetObject."""
-        from fsspec.asyn import sync
-
         bucket, key, _ = self.fs.split_path(path)
 
         async def get() -> tuple[bytes, str]:
@@ -427,8 +422,6 @@ class Registry:
         return sync(self.fs.loop, get)
 
     def _cas_local(self, path: str, data: bytes, token: str | None) -> bool:
-        import fcntl
-
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path)[:-5] + ".lock")
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)

@@ -1,10 +1,10 @@
 """One rollout: sample completions for a group of prompts and score them.
 
-Shared by ``train-local`` (:func:`rollout`: a model in this process, through the HF engine's
-shared-prefix sampler) and the distributed rollout actors (:func:`engine_rollout`: any
-:class:`t2dist.engines.base.RolloutEngine`).  Both give the same samples for the same seed
-with the HF engine, and both record the behaviour log-probs (the sampler's own log-probability
-of each sampled token), which the learner compares with its own (``rl.behaviour_correction``).
+Shared by ``train-local`` and the distributed rollout actors: both sample through a
+:class:`t2dist.engines.base.RolloutEngine` (:func:`engine_rollout`), so with the HF engine they give
+the same samples for the same seed and ``rollout.batch_size``, and both record the behaviour
+log-probs (the sampler's own log-probability of each sampled token), which the learner compares
+with its own (``rl.behaviour_correction``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from t2dist.engines.generation import Completion, generate_shared
+from t2dist.engines.generation import Completion
 from t2dist.tasks.base import Example, Task
 
 
@@ -118,26 +118,3 @@ def engine_rollout(engine, task: Task, examples: Sequence[Example], **kw) -> Rol
     """:func:`sampled_rollout` through a :class:`t2dist.engines.base.RolloutEngine` (z already set)."""
     return sampled_rollout(engine.generate, engine.tokenizer, task, examples, **kw)
 
-
-def rollout(
-    model,
-    tokenizer,
-    task: Task,
-    examples: Sequence[Example],
-    *,
-    samples_per_prompt: int,
-    temperature: float,
-    top_p: float = 1.0,
-    max_new_tokens: int | None = None,
-    seed: int | None = None,
-    batch_size: int = 128,
-) -> RolloutBatch:
-    """Sample ``samples_per_prompt`` completions per example from ``model`` and verify them.
-
-    The HF engine's sampler (shared prefix) on ``model`` as it is: the same samples as a rollout
-    actor's HF engine with the same seed and ``rollout.batch_size``."""
-    def sample(prompts, n, **kw):
-        return generate_shared(model, tokenizer, prompts, num_samples=n, batch_size=batch_size, **kw)
-
-    return sampled_rollout(sample, tokenizer, task, examples, samples_per_prompt=samples_per_prompt,
-                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)

@@ -19,7 +19,7 @@ def kl_wanted(cfg: RLConfig, step: int) -> bool:
 
 
 def rl_loss(
-    svf: Policy,
+    policy: Policy,
     z: Mapping[str, torch.Tensor],
     batch: RolloutBatch,
     cfg: RLConfig,
@@ -34,7 +34,7 @@ def rl_loss(
 
     With ``cfg.shared_prefix`` each distinct prompt of the batch runs once and its samples' completions
     run on its KV cache (:func:`t2dist.rl.logprobs.shared_prefix_logits`; the same numbers as the
-    packed forward, ~2.8x fewer token positions on SmolLM2 arith); ``svf.bind`` builds what depends on
+    packed forward, ~2.8x fewer token positions on SmolLM2 arith); ``policy.bind`` builds what depends on
     ``z`` once for both of its passes.
     The reference log-probs come from the same model at neutral ``z`` (no second copy); that
     forward is skipped when ``with_kl`` is false and ``cfg.beta`` is 0 (``stats`` has no ``kl`` then).
@@ -46,15 +46,15 @@ def rl_loss(
     if advantages is None:
         advantages = compute_advantages(batch.rewards, cfg.advantage)
     adv = advantages.reshape(-1)
-    device = next(svf.model.parameters()).device  # every policy kind keeps its tensors with the model
+    device = next(policy.model.parameters()).device  # every policy kind keeps its tensors with the model
     share = cfg.shared_prefix
     logp, mask, entropy = completion_logprobs(
-        svf.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True, share_prefix=share
+        policy.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True, share_prefix=share
     )
     ref_logp = None
     if with_kl or cfg.beta > 0:
         with torch.no_grad():
-            ref_logp, _ = completion_logprobs(svf.bind(svf.neutral_z()), batch.prompt_ids, batch.completion_ids,
+            ref_logp, _ = completion_logprobs(policy.bind(policy.neutral_z()), batch.prompt_ids, batch.completion_ids,
                                               pad_id, device, share_prefix=share)
     loss, stats = policy_loss(
         logp, mask, adv.to(device), ref_logp=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
@@ -68,10 +68,10 @@ def rl_loss(
 
 
 @torch.no_grad()
-def behaviour_logprobs(svf: Policy, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int,
+def behaviour_logprobs(policy: Policy, z: Mapping[str, torch.Tensor], batch: RolloutBatch, *, pad_id: int,
                        share_prefix: bool = False) -> torch.Tensor:
     """Per-token log-probs of the batch under ``z`` before any update (PPO's ``old_logp``)."""
-    device = next(svf.model.parameters()).device  # every policy kind keeps its tensors with the model
-    logp, _ = completion_logprobs(svf.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device,
+    device = next(policy.model.parameters()).device  # every policy kind keeps its tensors with the model
+    logp, _ = completion_logprobs(policy.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device,
                                   share_prefix=share_prefix)
     return logp

@@ -16,43 +16,46 @@ so neutral ``z`` gives ``W' = W`` exactly and truncated factors leave the residu
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
+from t2dist.config_section import Section
+from t2dist.hardware import bf16_matmul
 from t2dist.policy.base import Z, card_fields_of, check_z_shapes, merged_in_place
 from t2dist.svf.factors import Factors, fingerprint as model_fingerprint, get_factors
 from t2dist.svf.parametrization import Parametrization
 from t2dist.svf.targets import select_targets
 
 
-class ZParams(nn.Module):
-    """The trainable ``z`` vectors as an ``nn.Module`` (what optimizers and DeepSpeed see)."""
+class SVFConfig(Section):
+    """The ``svf:`` section: which matrices get a z, how z scales them, where factors are cached."""
 
-    def __init__(self, z: Mapping[str, torch.Tensor]):
-        super().__init__()
-        self.names = list(z)
-        self.params = nn.ParameterList([nn.Parameter(t.detach().clone().float()) for t in z.values()])
-
-    def as_dict(self) -> Z:
-        return dict(zip(self.names, self.params))
-
-    def detached(self) -> Z:
-        return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
-
-    def load(self, z: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(z[n])
+    targets: str = Field("mlp", description="preset (mlp, attention, all-linear) or a regex over module names")
+    rank: int | None = Field(None, ge=1, description="keep the top-k singular triplets; null = full rank")
+    parametrization: Literal["linear", "sigmoid"] = "linear"
+    max_mult: float = Field(2.0, gt=1.0)
+    rescale: bool = False
+    init: float = Field(1.0, gt=0.0, description="initial scale f(z) of every singular value (1 = neutral)")
+    cache_dir: str | None = Field(".cache/t2dist/factors", description="factor cache; null disables it")
+    delta_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="dtype of U, V and the weight change U diag(S'-S) V^T (W' = W + change stays in the "
+                               "model's float32): bfloat16 rebuilds SmolLM2's 90 MLP matrices 5.5x faster on a CPU "
+                               "with AVX512-BF16 (bench/shared_prefix.py) and 7x slower on one without; auto: "
+                               "bfloat16 where bf16 matmul is native (a GPU with bf16, a CPU with AVX512-BF16 or AMX), "
+                               "else float32, decided once per process and logged (t2dist/hardware.py)")
 
 
 class SVFKind:
     """The class side of the ``svf`` kind, shared by :class:`SVFModel` and the learner's sharded SVF."""
 
     kind = "svf"
+    Config = SVFConfig  # its settings: the svf: section (registered with the kind, t2dist/policy/registry.py)
     mixable = True  # z vectors of one base mix linearly (mix_z): self-adaptation works on them
     shardable = True
     stats_title = "z statistics (scale f(z); 1 = neutral):"
@@ -86,10 +89,19 @@ class SVFKind:
 
 
 def resolve_delta_dtype(name: str, model: nn.Module) -> torch.dtype | None:
-    """``svf.delta_dtype`` as a dtype for ``model`` (None: the compute dtype); auto is bfloat16 on a GPU."""
-    if name == "auto":
-        return torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
-    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+    """``svf.delta_dtype`` as a dtype for ``model`` (None: the compute dtype); auto is bfloat16 where bf16 matmul is
+    native on the model's device (:func:`t2dist.hardware.bf16_matmul`), and the choice is printed once per process."""
+    if name != "auto":
+        return {"float32": None, "bfloat16": torch.bfloat16}[name]
+    device = next(model.parameters()).device.type
+    native, why = bf16_matmul(device)
+    _say_once(f"[t2dist] svf.delta_dtype=auto: {'bfloat16' if native else 'float32'} on {device} ({why})")
+    return torch.bfloat16 if native else None
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    print(line, flush=True)
 
 
 class SVFModel(SVFKind):

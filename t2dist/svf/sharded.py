@@ -83,12 +83,16 @@ from typing import Mapping, Protocol
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from t2dist.config import Config, ConfigError
+from t2dist.models.loading import resolve_model_path
 from t2dist.policy.base import Z
+from t2dist.policy.registry import policy_class
 from t2dist.svf.factors import Factors
 from t2dist.svf.model import SVFKind
 from t2dist.svf.parametrization import Parametrization
+from t2dist.svf.targets import select_targets
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -107,8 +111,6 @@ def check_shardable(cfg: Config, shapes: Mapping[str, tuple[int, int]]) -> None:
     """Raise :class:`ConfigError` naming the keys when ``learner.ranks`` does not divide the work."""
     if not use_sharding(cfg):
         return
-    from t2dist.policy.registry import policy_class
-
     R = cfg.learner.ranks
     kind = cfg.policy.kind
     if not policy_class(kind).shardable:
@@ -133,10 +135,6 @@ def check_shardable(cfg: Config, shapes: Mapping[str, tuple[int, int]]) -> None:
 
 def target_shapes_from_config(cfg: Config) -> dict[str, tuple[int, int]]:
     """``{target: (out, in)}`` from the model's config alone (a ``meta``-device model: no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from t2dist.models.loading import resolve_model_path
-    from t2dist.svf.targets import select_targets
 
     where = resolve_model_path(cfg.model.path, getattr(cfg.model, "cache_dir", None))
     mconf = AutoConfig.from_pretrained(where)

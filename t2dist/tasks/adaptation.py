@@ -27,6 +27,7 @@ import string
 from functools import cached_property
 from typing import Sequence
 
+from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, check_template, parse_label
 from t2dist.tasks.base import Example, Task, Verdict, check_split, get_task, register_task
 from t2dist.tasks.synthetic import SyntheticTask
 
@@ -83,8 +84,6 @@ class DispatchTask(Task):
         return super().prompt_for(example, tokenizer) + self.answer_prefix
 
     def __init__(self, template: str | None = None):
-        from t2dist.adapt.dispatch import DEFAULT_TEMPLATE, check_template
-
         self.template = check_template(template or self.default_template() or DEFAULT_TEMPLATE)
 
     @staticmethod
@@ -130,8 +129,6 @@ class DispatchTask(Task):
         return exs[:n]
 
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.adapt.dispatch import parse_label
-
         got = parse_label(completion, self.categories)
         ok = got == example.answer
         return Verdict(1.0 if ok else -1.0, ok, got)

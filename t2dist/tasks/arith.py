@@ -54,6 +54,8 @@ from typing import Any
 
 from t2dist.tasks.base import Example, Verdict, register_task
 from t2dist.tasks.synthetic import SyntheticTask
+from t2dist.verifiers.answers import parse_number
+from t2dist.verifiers.math import extract_final_number
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,6 @@ class ArithTask(SyntheticTask):
         return first.group(0) if first else ""
 
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.verifiers.answers import parse_number
-        from t2dist.verifiers.math import extract_final_number
-
         got = extract_final_number(self._answer_part(completion or "", example))
         value = parse_number(got) if got is not None else None
         if value is None:

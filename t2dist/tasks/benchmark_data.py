@@ -88,7 +88,7 @@ def _json_rows(path: Path) -> Iterable[Any]:
 
 
 def _datasets_rows(path: Path) -> list[dict]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: hub data sets only (online); seconds to import
 
     kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix)
     if kind is None:
@@ -128,7 +128,7 @@ def normalize_rows(rows: Iterable[Any], normalize: Callable[[dict], dict], where
 
 
 def _hub_rows(source: Source) -> list[dict]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: hub data sets only (online); seconds to import
 
     rows: list[dict] = []
     for path, name in source.hub:

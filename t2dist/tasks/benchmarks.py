@@ -46,6 +46,10 @@ from typing import ClassVar, Sequence
 
 from t2dist.tasks.base import Example, Task, Verdict, check_split, register_task
 from t2dist.tasks.benchmark_data import Source, load_records
+from t2dist.verifiers.answers import extract_boxed, extract_code, extract_gsm8k_answer, parse_number
+from t2dist.verifiers.choice import check_choice
+from t2dist.verifiers.code import check_code_batch
+from t2dist.verifiers.math import check_math
 
 TRAIN_FRACTIONS = {"test": 0.4, "validation": 0.1, "train": 0.5}
 TRANSFER_FRACTIONS = {"validation": 0.1, "test": 0.9, "train": 0.0}
@@ -129,8 +133,6 @@ class GSM8K(BenchmarkTask):
 
     @staticmethod
     def to_record(row: dict) -> dict:
-        from t2dist.verifiers.answers import parse_number
-
         question, solution = str(row["question"]), str(row["answer"])
         if "####" not in solution:
             raise ValueError("answer has no '#### <number>' line")
@@ -145,8 +147,6 @@ class GSM8K(BenchmarkTask):
         return Example(self.name, f"{rec['question']}\n\n{self.INSTRUCTION}", answer, {"solution": rec["solution"]})
 
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.verifiers.answers import extract_gsm8k_answer, parse_number
-
         got = extract_gsm8k_answer(completion)
         if got is None:
             return Verdict(-1.0, False, None, "no number")
@@ -173,8 +173,6 @@ class HendrycksMath(BenchmarkTask):
 
     @staticmethod
     def to_record(row: dict) -> dict:
-        from t2dist.verifiers.answers import extract_boxed
-
         problem, solution = str(row["problem"]), str(row["solution"])
         gold = extract_boxed(solution)
         if not gold:
@@ -187,9 +185,6 @@ class HendrycksMath(BenchmarkTask):
                        {"solution": rec["solution"], "level": rec["level"], "type": rec["type"]})
 
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.verifiers.answers import extract_boxed
-        from t2dist.verifiers.math import check_math
-
         got = extract_boxed(completion)
         if got is None:
             return Verdict(-1.0, False, None, "no \\boxed{} answer")
@@ -208,8 +203,6 @@ class CodeBenchmark(BenchmarkTask):
     skill = "code"
 
     def program(self, completion: str, example: Example) -> str:
-        from t2dist.verifiers.answers import extract_code
-
         return extract_code(completion)
 
     def verify(self, completion: str, example: Example) -> Verdict:
@@ -220,8 +213,6 @@ class CodeBenchmark(BenchmarkTask):
         return ""
 
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
-        from t2dist.verifiers.code import check_code_batch
-
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
         checks = check_code_batch(programs, [e.answer for e in examples],
                                   setups=[self.trusted_setup(e) for e in examples])
@@ -358,8 +349,6 @@ class ARC(BenchmarkTask):
         return self.plain_prompt(example)
 
     def verify(self, completion: str, example: Example) -> Verdict:
-        from t2dist.verifiers.choice import check_choice
-
         # A base model runs on past its letter into a new "Question: ... Answer: C" (no stop at a
         # newline, which would change the chat model's completions): that next question's answer
         # is not this one's.

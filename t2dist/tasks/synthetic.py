@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 from t2dist.tasks.base import Example, Task, Verdict, check_split, register_task
 from t2dist.verifiers.choice import check_choice
+from t2dist.verifiers.code import check_code_batch
 from t2dist.verifiers.math import check_math
 
 TRAP_FRACTION = 0.3
@@ -297,8 +298,6 @@ class _CodeBase(SyntheticTask):
         return self.verify_batch([completion], [example])[0]
 
     def verify_batch(self, completions, examples) -> list[Verdict]:
-        from t2dist.verifiers.code import check_code_batch  # sandboxed; imported lazily
-
         completions, examples = list(completions), list(examples)
         if len(completions) != len(examples):
             raise ValueError("completions and examples differ in length")

@@ -27,8 +27,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from t2dist.toy.corpus import CorpusConfig, Corpus
+from t2dist.engines.generation import generate
+from t2dist.engines.in_process import base_model_engine
+from t2dist.evaluation.accuracy import evaluate
+from t2dist.tasks import get_task
+from t2dist.tasks.synthetic import SUITE
+from t2dist.toy.corpus import Corpus, CorpusConfig
 from t2dist.toy.tokenizer import build_char_tokenizer
 
 MODEL_KW = dict(
@@ -46,8 +53,6 @@ MODEL_KW = dict(
 
 
 def make_model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -62,17 +67,12 @@ def make_model(tokenizer, seed: int = 0):
 
 def measure(model, tokenizer, tasks=None, limit=None, trap_samples=8, trap_limit=120, seed=0) -> dict:
     """Greedy test accuracy per task and the sampled (T=1) correct rate on trap test prompts."""
-    from t2dist.evaluation.accuracy import evaluate
-    from t2dist.engines.generation import generate
-    from t2dist.tasks import get_task
-    from t2dist.tasks.synthetic import SUITE
-
     out = {}
     model.eval()
     for name in tasks or (*SUITE, "caps", "dispatch"):
         task = get_task(name)
         try:
-            res = evaluate(model, tokenizer, task, "test", limit=limit, records=True)
+            res = evaluate(base_model_engine(model, tokenizer), task, "test", limit=limit, records=True)
         except ImportError as err:  # code sandbox not importable
             out[name] = {"error": str(err)}
             continue
@@ -155,8 +155,6 @@ def build_toy_base(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps, desc="toy base", unit="step")
     losses = []
     for step in range(steps):

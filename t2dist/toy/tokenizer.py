@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -20,9 +23,6 @@ CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
 def build_char_tokenizer(chars: str = CHARS):
     """A ``PreTrainedTokenizerFast`` with one token per character of ``chars``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in chars:
         vocab.setdefault(ch, len(vocab))

@@ -39,7 +39,7 @@ def _fmt(x: Fraction) -> str:
 def _math_verify(completion: str, gold: str) -> tuple[bool | None, str | None]:
     """(correct, parsed) via math-verify; (None, None) when it cannot parse or is unavailable."""
     try:
-        from math_verify import parse, verify
+        from math_verify import parse, verify  # lazy: sympy underneath (2 s); only math answers need it
     except Exception:  # pragma: no cover - the dependency is declared
         return None, None
     # math-verify's timeouts use signal.alarm, which only works on the main thread.
