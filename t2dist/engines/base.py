@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from t2dist.errors import UserError
 from t2dist.engines.generation import Completion
+from t2dist.engines.requests import generate_requests_batched
+from t2dist.errors import UserError
 
 if TYPE_CHECKING:
     from t2dist.engines.requests import GenRequest
@@ -85,8 +86,6 @@ class RolloutEngine(ABC):
         """One list of ``n`` completions per :class:`~t2dist.engines.requests.GenRequest`, each request with its
         own sampling parameters (batched where they allow it).  This fallback calls :meth:`generate` once per
         distinct parameter set and streams each text whole; the HF and vLLM engines stream token by token."""
-        from t2dist.engines.requests import generate_requests_batched
-
         return generate_requests_batched(self, requests)
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ from safetensors import safe_open
 
 from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, UnnamedZ, z_nbytes
 from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
+from t2dist.engines.requests import TextStream
 from t2dist.engines.vllm_config import VLLMConfig
 from t2dist.engines.vllm_lora_ops import WORKER_EXTENSION as LORA_WORKER_EXTENSION
 from t2dist.errors import UserError
@@ -104,8 +105,12 @@ def _pieces(layer, leaves: list[str]) -> list[tuple[str, int, int, int, str]]:
     ``axis`` is ``rows`` (column-parallel: the output rows are split over ranks) or ``cols``
     (row-parallel: the input columns are).  Replicated layers hold everything.
     """
-    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
-                                                   RowParallelLinear)
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
 
     rank = getattr(layer, "tp_rank", 0)
     if isinstance(layer, QKVParallelLinear):
@@ -493,8 +498,6 @@ class _Serving:
     """One request inside :meth:`VLLMEngine.generate_requests`: its samples' tokens and text streams."""
 
     def __init__(self, index: int, req, eos, end_ids, tokenizer):
-        from t2dist.engines.requests import TextStream
-
         self.index, self.req, self.eos, self.end_ids, self.tokenizer = index, req, eos, end_ids, tokenizer
         self.ids: list[list[int]] = [[] for _ in range(req.n)]
         self.streams = [TextStream(tokenizer, req.stop, lambda d, s=s: req.on_text(s, d)) if req.on_text else None

@@ -26,19 +26,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from t2dist.experts.expert import Expert, make_card
+from t2dist.experts.lora import VLLM_LORA_RANKS, choose_rank, export_lora
 from t2dist.serve.plan import ServePlan
 
 
 def adapter_rank(plan: ServePlan) -> int:
-    from t2dist.experts.lora import choose_rank
-
     return choose_rank(plan.full_rank, plan.serve.lora_rank)[0]
 
 
 def lora_options(plan: ServePlan) -> dict:
     """vLLM's multi-LoRA settings for this plan (module docstring)."""
-    from t2dist.experts.lora import VLLM_LORA_RANKS
-
     k = adapter_rank(plan)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= k), VLLM_LORA_RANKS[-1])
     loras = max(1, min(16, len(plan.experts) + (1 if plan.cls_expert else 0)))
@@ -63,15 +61,11 @@ class Adapters:
 
     def base(self) -> tuple[str, int, str]:
         """The base as an all-zero adapter (``z`` neutral: every δ is 0, so ``B = 0``; see the module docstring)."""
-        from t2dist.experts.expert import Expert, make_card
-
         policy = self.policy
         card = make_card(policy, name="base", task="base", base_model=self.plan.model_name, z_sha256="neutral")
         return self.adapter("base", Expert(policy.neutral_z(), card))
 
     def adapter(self, model_id: str, expert) -> tuple[str, int, str]:
-        from t2dist.experts.lora import export_lora
-
         out = self.directory(model_id, expert.card)
         if not (out / "adapter_config.json").is_file():
             export_lora(self.policy, None, expert.z, expert.card, out, self.rank, exists="keep")

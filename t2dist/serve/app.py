@@ -29,10 +29,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2dist.serve.errors import ServeError, internal, not_found, unauthorized
+from t2dist.serve.errors import ServeError, internal, not_found, timeout, unauthorized
 from t2dist.serve.frontend import Frontend, Prepared, key_digest, raise_if_error
 from t2dist.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, chunk_body, completion_body, error_event, parse_request, sse, usage,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chunk_body,
+    completion_body,
+    error_event,
+    parse_request,
+    sse,
+    usage,
 )
 
 log = logging.getLogger(__name__)
@@ -217,8 +224,6 @@ async def _chunks(front: Frontend, p: Prepared) -> AsyncIterator[dict]:
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                from t2dist.serve.errors import timeout
-
                 raise timeout(front.serve.request_timeout_s) from None
             if "delta" in ev:
                 s, text = ev["delta"]

@@ -29,7 +29,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from t2dist.atomic import atomic_write_text
+from t2dist.engines import make_engine
+from t2dist.engines.vllm import vllm_available
 from t2dist.serve.plan import ServePlan
 
 PROMPTS = ("Q: What is 17 + 25?\nA:", "Q: What is 6 * 7?\nA:", "The capital of France is",
@@ -44,8 +48,6 @@ def cache_file() -> Path:
 
 def device_name(gpus: float) -> str:
     if gpus > 0:
-        import torch
-
         if torch.cuda.is_available():
             return "gpu:" + torch.cuda.get_device_name(0)
     try:
@@ -58,8 +60,6 @@ def device_name(gpus: float) -> str:
 
 
 def cache_key(plan: ServePlan, vllm_version: str) -> str:
-    import torch
-
     s = plan.serve
     threads = s.threads_per_replica or torch.get_num_threads()
     return "|".join([device_name(s.gpus_per_replica), plan.fingerprint, f"vllm {vllm_version}",
@@ -68,8 +68,6 @@ def cache_key(plan: ServePlan, vllm_version: str) -> str:
 
 def fixed_rule(plan: ServePlan) -> tuple[str, str] | None:
     """A decision that needs no measurement, or None."""
-    from t2dist.engines.vllm import vllm_available
-
     s = plan.serve
     if s.engine != "auto":
         return s.engine, f"serve.engine={s.engine}"
@@ -86,10 +84,6 @@ def fixed_rule(plan: ServePlan) -> tuple[str, str] | None:
 
 def measure_engine(plan: ServePlan, name: str) -> dict:
     """Tokens/s of engine ``name`` on the fixed workload (module docstring)."""
-    import torch
-
-    from t2dist.engines import make_engine
-
     cfg = plan.cfg
     threads = torch.get_num_threads()
     if plan.serve.threads_per_replica:  # as a replica will run it
@@ -123,7 +117,6 @@ def choose_engine(plan: ServePlan, say: Callable[[str], None] = print,
     fixed = fixed_rule(plan)
     if fixed is not None:
         return fixed
-    from t2dist.engines.vllm import vllm_available
 
     key = cache_key(plan, vllm_available()[1])
     path = cache_file()

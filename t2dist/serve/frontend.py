@@ -30,7 +30,7 @@ from t2dist.serve import dispatch as first_pass
 from t2dist.serve.errors import ServeError, bad_request, timeout
 from t2dist.serve.metrics import ServeMetrics
 from t2dist.serve.plan import ServePlan, load_tokenizer
-from t2dist.serve.protocol import ChatCompletionRequest, CompletionRequest, new_id
+from t2dist.serve.protocol import ChatCompletionRequest, model_card, new_id
 from t2dist.serve.resolver import BASE, BASE_ID, ExpertResolver, Target
 
 
@@ -228,8 +228,6 @@ class Frontend:
 
     def models(self) -> list[dict[str, Any]]:
         """``/v1/models`` entries: the base, each served expert (name, version now, category), ``auto``."""
-        from t2dist.serve.protocol import model_card
-
         refs, cats = self.resolver.served()
         routes = self.resolver.routes()
         out = [model_card(self.plan.model_name, {"kind": "base", "aliases": [n for n in self.plan.base_names

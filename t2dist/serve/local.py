@@ -13,6 +13,8 @@ import threading
 import time
 from typing import AsyncIterator
 
+import uvicorn
+
 from t2dist.serve.replica import EngineReplica
 
 
@@ -38,8 +40,6 @@ class ThreadedServer:
     """A uvicorn server in a daemon thread (``stop()`` ends it and waits)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
-        import uvicorn
-
         self.host, self.port = host, port or free_port(host)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
                                                     lifespan="off"))

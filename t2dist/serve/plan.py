@@ -27,9 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from transformers import AutoTokenizer
+
+from t2dist.adapt.loading import dispatch_template, first_pass
 from t2dist.config import Config, dump_config
+from t2dist.experts.expert import ExpertError, card_kind
+from t2dist.models.loading import gguf_model, load_from_config, resolve_model_path
+from t2dist.policy.registry import card_overrides, config_from_card, policy_class
+from t2dist.registry import Registry, RegistryError, check_name
+from t2dist.registry.store import ExpertRef
 from t2dist.serve.dispatch import DispatchSpec
 from t2dist.serve.errors import ServeError
+from t2dist.svf.factors import fingerprint
+from t2dist.svf.targets import select_targets
+from t2dist.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +86,6 @@ class ServePlan:
 
 def base_names(path: str) -> tuple[str, ...]:
     """What ``model`` may say to mean the base: ``base``, ``model.path``, its last part, a GGUF model's aliases."""
-    from t2dist.models.loading import gguf_model
-
     names = ["base", path, Path(path.rstrip("/")).name]
     spec = gguf_model(path)
     if spec is not None:
@@ -86,10 +95,6 @@ def base_names(path: str) -> tuple[str, ...]:
 
 def load_tokenizer(model_cfg):
     """The base's tokenizer alone, as :func:`t2dist.models.loading.load_model` loads it (the ingress needs no model)."""
-    from transformers import AutoTokenizer
-
-    from t2dist.models.loading import resolve_model_path
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.path, model_cfg.cache_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -98,9 +103,6 @@ def load_tokenizer(model_cfg):
 
 def model_facts(cfg: Config):
     """``(model, fingerprint, max_model_len, has_chat_template)`` of the base (the caller frees the model)."""
-    from t2dist.models.loading import load_from_config
-    from t2dist.svf.factors import fingerprint
-
     model, tokenizer = load_from_config(cfg.model)
     fp = fingerprint(model)
     limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
@@ -112,8 +114,6 @@ def model_facts(cfg: Config):
 
 def full_rank(model, cfg: Config) -> int:
     """The most singular triplets a target of ``cfg``'s policy setup has (``serve.mode=lora``'s adapter rank)."""
-    from t2dist.svf.targets import select_targets
-
     if cfg.policy.kind != "svf":
         return cfg.lora.r
     ranks = [min(model.get_submodule(n).weight.shape) for n in select_targets(model, cfg.svf.targets)]
@@ -122,8 +122,6 @@ def full_rank(model, cfg: Config) -> int:
 
 def setup_mismatch(card: dict, cfg: Config) -> dict[str, tuple]:
     """``{config key: (engine's value, card's value)}`` where the card's policy setup differs from ``cfg``'s."""
-    from t2dist.policy.registry import card_overrides
-
     data = dump_config(cfg)
     out = {}
     for key, want in card_overrides(card).items():
@@ -137,9 +135,6 @@ def setup_mismatch(card: dict, cfg: Config) -> dict[str, tuple]:
 
 def card_problem(card: dict, fingerprint: str, cfg: Config | None) -> str | None:
     """Why an expert card cannot be served by this base (and by an engine set up as ``cfg``); None: it can."""
-    from t2dist.policy.registry import policy_class
-    from t2dist.experts.expert import ExpertError, card_kind
-
     try:
         kind = card_kind(card)
     except ExpertError as exc:
@@ -158,8 +153,6 @@ def card_problem(card: dict, fingerprint: str, cfg: Config | None) -> str | None
 
 def category(card: dict) -> str | None:
     """auto's category of an expert: its task's skill (None for a classifier, a ``dispatch`` task)."""
-    from t2dist.tasks import TASKS
-
     task = card.get("task", "")
     skill = TASKS[task].skill if task in TASKS else ""
     if skill == "dispatch":
@@ -169,10 +162,6 @@ def category(card: dict) -> str | None:
 
 def _served_cards(cfg: Config, registry, fp: str, say: Callable[[str], None]) -> tuple[dict, dict, Config]:
     """``({name: ref}, {name: card}, cfg with the first served expert's policy setup)``."""
-    from t2dist.policy.registry import config_from_card
-    from t2dist.registry import RegistryError, check_name
-    from t2dist.registry.store import ExpertRef
-
     explicit = cfg.serve.experts is not None
     refs = list(cfg.serve.experts) if explicit else (registry.names() if registry is not None else [])
     if explicit and refs and registry is None:
@@ -203,11 +192,6 @@ def _served_cards(cfg: Config, registry, fp: str, say: Callable[[str], None]) ->
 
 def make_plan(cfg: Config, say: Callable[[str], None] = print) -> ServePlan:
     """Everything the server needs to know before it starts (module docstring); errors name the key."""
-    from t2dist.adapt.loading import dispatch_template, first_pass
-    from t2dist.policy.registry import config_from_card
-    from t2dist.registry import Registry, RegistryError
-    from t2dist.tasks import get_task
-
     s = cfg.serve
     if s.mode == "lora" and s.engine == "hf":
         raise ServePlanError("serve.mode=lora runs on vLLM's multi-LoRA path: use serve.engine=vllm (or auto)")
@@ -245,8 +229,6 @@ def _first_pass(fp: dict) -> dict:
 
 
 def _check_cls(cfg: Config, registry, fp: str, engine_cfg: Config | None) -> tuple[str, dict]:
-    from t2dist.registry import RegistryError
-
     ref = cfg.serve.cls_expert
     if registry is None:
         raise ServePlanError("serve.strategy=cls needs the classifier expert serve.cls_expert in registry.url, "

@@ -32,13 +32,17 @@ import os
 import signal
 import threading
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 import ray
 from ray import serve
 
+from t2dist.registry import Registry
+from t2dist.serve.app import build_app as build_asgi_app
 from t2dist.serve.errors import ServeError, queue_full, unavailable
+from t2dist.serve.frontend import Frontend
 from t2dist.serve.plan import ServePlan
+from t2dist.serve.replica import EngineReplica
 from t2dist.serve.resolver import BASE_ID
 
 APP_NAME = "t2dist"
@@ -101,8 +105,6 @@ class ExpertsDeployment:
     """An engine replica serving every expert, reached under multiplexed model ids."""
 
     def __init__(self, plan: ServePlan, engine_name: str):
-        from t2dist.serve.replica import EngineReplica
-
         self.core = EngineReplica(plan, engine_name, replica_id=_replica_id("experts"))
 
     async def _z(self, model_id: str):
@@ -144,8 +146,6 @@ class DispatchDeployment:
     """An engine replica pinned to the first pass's weights (never switches)."""
 
     def __init__(self, plan: ServePlan, engine_name: str, model_id: str):
-        from t2dist.serve.replica import EngineReplica
-
         self.core = EngineReplica(plan, engine_name, replica_id=_replica_id("dispatch"), pinned=model_id)
 
     async def generate(self, model_id: str, spec: dict) -> dict:
@@ -157,15 +157,11 @@ class DispatchDeployment:
 
 class IngressDeployment:
     def __init__(self, plan: ServePlan, experts, dispatch, api_key_digest: bytes | None):
-        from t2dist.serve.frontend import Frontend
-
         backend = RayBackend(experts, dispatch, plan.serve.max_queue)
         self.front = Frontend(plan, backend, api_key_digest=api_key_digest)
 
     def __serve_build_asgi_app__(self):
-        from t2dist.serve.app import build_app
-
-        return build_app(self.front)
+        return build_asgi_app(self.front)
 
 
 def models_per_replica(plan: ServePlan) -> int:
@@ -197,8 +193,6 @@ def build_app(plan: ServePlan, engine_name: str, api_key_digest: bytes | None = 
 
 def _cls_model_id(plan: ServePlan) -> str:
     """The classifier's version now (the dispatch replicas are pinned to it; a new one needs a restart)."""
-    from t2dist.registry import Registry
-
     name, version = Registry(plan.registry_url, plan.storage_options).resolve(plan.cls_expert)
     return f"{name}@{version}"
 

@@ -28,7 +28,14 @@ import uuid
 from collections import OrderedDict
 from typing import Any, AsyncIterator, Mapping
 
+import torch
+
+from t2dist.engines import make_engine
+from t2dist.engines.base import EngineDied
 from t2dist.engines.requests import GenRequest
+from t2dist.experts.expert import ExpertError, check_compatible
+from t2dist.registry import Registry, RegistryError
+from t2dist.serve.adapters import Adapters, lora_options
 from t2dist.serve.dispatch import label_decided
 from t2dist.serve.errors import ServeError, expert_corrupt, internal, not_found, unavailable
 from t2dist.serve.plan import ServePlan
@@ -45,10 +52,6 @@ class EngineReplica:
 
     def __init__(self, plan: ServePlan, engine_name: str, *, replica_id: str | None = None,
                  pinned: str | None = None, engine=None):
-        import torch
-
-        from t2dist.engines import make_engine
-
         cfg = plan.cfg
         s = cfg.serve
         self.plan, self.engine_name, self.pinned = plan, engine_name, pinned
@@ -58,8 +61,6 @@ class EngineReplica:
         self.lora = s.mode == "lora"  # every expert a LoRA adapter in vLLM (t2dist/serve/adapters.py): no switches
         extra = {}
         if self.lora:
-            from t2dist.serve.adapters import lora_options
-
             extra["lora"] = lora_options(plan)
         self.engine = engine if engine is not None else make_engine(cfg, engine_name, batch_size=s.max_batch_size,
                                                                     **extra)
@@ -74,8 +75,6 @@ class EngineReplica:
                                         max_batch=s.max_batch_size, max_queue=s.max_queue)
         self.adapters = None
         if self.lora:
-            from t2dist.serve.adapters import Adapters
-
             self.adapters = Adapters(plan, self.engine.policy)
         if pinned is not None and pinned != BASE_ID and not self.lora:
             z = self.load(pinned)
@@ -101,8 +100,6 @@ class EngineReplica:
     @property
     def registry(self):
         if self._registry is None:
-            from t2dist.registry import Registry
-
             if not self.plan.registry_url:
                 raise not_found("no registry (registry.url) is set")
             self._registry = Registry(self.plan.registry_url, self.plan.storage_options)
@@ -110,9 +107,6 @@ class EngineReplica:
 
     def load(self, model_id: str) -> Mapping | None:
         """The z of ``model_id`` (``NAME@V``) from the registry, verified (None for the base)."""
-        from t2dist.experts.expert import ExpertError, check_compatible
-        from t2dist.registry import RegistryError
-
         if model_id == BASE_ID:
             return self.adapters.base() if self.adapters is not None else None
         try:
@@ -229,8 +223,6 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Raises when the engine cannot answer any more (Ray Serve then replaces the replica)."""
-        from t2dist.engines.base import EngineDied
-
         llm = getattr(self.engine, "llm", "no-llm")
         if llm is None:
             raise EngineDied("the vLLM engine was closed")

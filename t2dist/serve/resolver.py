@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from t2dist.registry import Registry, RegistryError
+from t2dist.registry.store import ExpertRef
 from t2dist.serve.errors import ServeError, not_found
 from t2dist.serve.plan import ServePlan, card_problem, category
 
@@ -49,8 +51,6 @@ class ExpertResolver:
     """Model names to :class:`Target` s, with the short-lived cache of the module docstring."""
 
     def __init__(self, plan: ServePlan, registry=None, clock: Callable[[], float] = time.monotonic):
-        from t2dist.registry import Registry
-
         self.plan, self.clock = plan, clock
         self.ttl = plan.serve.resolve_ttl_s
         self.registry = registry
@@ -73,8 +73,6 @@ class ExpertResolver:
         return refs, cats
 
     def _list_names(self) -> tuple[dict[str, str], dict[str, str | None]]:
-        from t2dist.registry import RegistryError
-
         refs, cats = {}, {}
         for name in self.registry.names():
             try:
@@ -93,9 +91,6 @@ class ExpertResolver:
     # -- resolving -------------------------------------------------------------------------------
     def resolve(self, model: str) -> Target:
         """The target of ``model`` (a 404 that names the served models when there is none)."""
-        from t2dist.registry import RegistryError
-        from t2dist.registry.store import ExpertRef
-
         m = (model or "").strip()
         if m in self.plan.base_names:
             return BASE
