@@ -30,7 +30,7 @@ from typing import Any, Callable
 from transformers import AutoTokenizer
 
 from t2dist.adapt.loading import dispatch_template, first_pass
-from t2dist.config import Config, dump_config
+from t2dist.config import Config, config_from_dict, dump_config
 from t2dist.experts.expert import ExpertError, card_kind
 from t2dist.models.loading import gguf_model, load_from_config, resolve_model_path
 from t2dist.policy.registry import card_overrides, config_from_card, policy_class
@@ -69,7 +69,7 @@ class ServePlan:
 
     @property
     def cfg(self) -> Config:
-        return Config.model_validate(self.config)
+        return config_from_dict(self.config)
 
     @property
     def serve(self):
