@@ -32,14 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from t2dist.serve.errors import ServeError, internal, not_found, timeout, unauthorized
 from t2dist.serve.frontend import Frontend, Prepared, key_digest, raise_if_error
 from t2dist.serve.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    chunk_body,
-    completion_body,
-    error_event,
-    parse_request,
-    sse,
-    usage,
+    ChatCompletionRequest, CompletionRequest, chunk_body, completion_body, error_event, parse_request, sse, usage,
 )
 
 log = logging.getLogger(__name__)
