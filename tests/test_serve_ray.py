@@ -84,7 +84,7 @@ def test_a_named_expert_answers_as_t2dist_eval_does(client, toy_experts):
     engine = make_engine(cfg, "hf", batch_size=cfg.eval.batch_size)
     try:
         engine.set_z(expert.z, "math")
-        ref = evaluate(None, engine.tokenizer, task, split="test", limit=n, records=True, engine=engine)
+        ref = evaluate(engine, task, split="test", limit=n, records=True)
     finally:
         engine.close()
     exs = task.examples("test")[:n]
