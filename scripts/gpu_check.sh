@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one GPU is enough; about 5 minutes):
+# The prepared GPU check (one GPU is enough; about 5 minutes, 15 with the serving bench):
 #   1. the demo config on the GPU: 2 rollout actors, the evaluator and 1 learner rank sharing it through a
 #      colocated placement group, bf16 base weights and factors, the sharded low-rank learner layer, NCCL;
 #   2. bench/gpu_check.py: SVD / recompose / generation / learner-step throughput on a random ~1B Llama;
 #   3. bench/rollout_engines.py on the GPU: HF (today's path and shared prefix) vs the vLLM engine
 #      (bf16 base, fp32 z, z-only updates), SmolLM2 on ARC-Easy prompts and the toy (needs `vllm`: setup.sh);
 #   4. bench/lora_rank.py --speed on the GPU: vLLM output tokens/s of SmolLM2 as the base, a merged expert, and
-#      the expert as a LoRA adapter at K = 512, 128, 32 (all and MLP-only LoRA modules), same prompts, one run.
+#      the expert as a LoRA adapter at K = 512, 128, 32 (all and MLP-only LoRA modules), same prompts, one run;
+#   5. bench/serve.py on the GPU: t2dist serve (Ray Serve) under load, serve.mode exact and lora (needs `vllm`).
 #
 #   bash scripts/gpu_check.sh [extra t2dist train overrides, e.g. rl.steps=20]
 # Writes everything under $OUT (default /tmp/t2dist-gpu-check) and prints the numbers.
@@ -54,5 +55,14 @@ if "$PY" -c "import vllm" 2>/dev/null; then
 else
   echo "vllm is not installed here: skipping the LoRA speed table"
 fi
-echo "== exit codes: demo ${rc1} | throughput ${rc2} | engines ${rc3:-skipped} | lora speed ${rc4:-skipped}"
-(( rc1 == 0 && rc2 == 0 && ${rc3:-0} == 0 && ${rc4:-0} == 0 ))
+echo "== 5. t2dist serve under load on the GPU (bench/serve.py: exact and lora modes, SmolLM2 on mixed_real)"
+if "$PY" -c "import vllm" 2>/dev/null; then
+  timeout "${SERVE_TIMEOUT:-1500}" "$PY" bench/serve.py --json "$OUT/serve.json" --model smollm2 --n "${SERVE_N:-96}" \
+      --modes exact,lora model.device=cuda model.dtype=bfloat16 serve.gpus_per_replica=0.4 \
+      rollout.vllm.gpu_memory_utilization=0.3 ray.address=local "svf.cache_dir=$OUT/factors-serve" 2>&1 | tee "$OUT/serve.md"
+  rc5=$?
+else
+  echo "vllm is not installed here: skipping the serving bench"
+fi
+echo "== exit codes: demo ${rc1} | throughput ${rc2} | engines ${rc3:-skipped} | lora speed ${rc4:-skipped} | serve ${rc5:-skipped}"
+(( rc1 == 0 && rc2 == 0 && ${rc3:-0} == 0 && ${rc4:-0} == 0 && ${rc5:-0} == 0 ))

@@ -252,6 +252,46 @@ class AdaptConfig(Section):
         return one_of(v, ok, "adapt.dispatch_task", "dispatch tasks")
 
 
+class ServeConfig(Section):
+    """``t2dist serve``: the OpenAI-compatible endpoint on Ray Serve (t2dist/serve/, docs/serving.md)."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP server binds (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1, description="engine replicas (each one engine holding the base + every expert's z)")
+    cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs each engine replica takes")
+    gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs each engine replica takes")
+    threads_per_replica: int | None = Field(None, ge=1, description="torch threads of an HF engine replica "
+                                            "(null: torch's default, every core)")
+    autoscaling: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config of the engine "
+                                               "deployment (min_replicas, max_replicas, target_ongoing_requests...); "
+                                               "set: serve.replicas is ignored")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="hf (shared-prefix sampler), vllm, or auto: measured once per machine, model and vLLM "
+                            "version on a short fixed workload (cached; t2dist/serve/engine_choice.py)")
+    mode: Literal["exact", "lora"] = Field("exact", description="exact: z-only switches of W' (every engine); lora: "
+                                           "vLLM multi-LoRA with each expert exported as an adapter")
+    batch_window_ms: float = Field(10.0, ge=0, description="how long a replica gathers requests before a batch")
+    max_batch_size: int = Field(32, ge=1, description="requests (x n samples) in one engine call")
+    max_queue: int = Field(256, ge=1, description="waiting requests per replica beyond which the server answers 429")
+    strategy: Literal["prompt", "cls"] = Field("prompt", description="model=auto's first pass: the base names the kind "
+                                               "(prompt) or the classifier expert serve.cls_expert does (cls)")
+    cls_expert: str = Field("dispatch", description="the classifier expert of strategy cls (a registry reference)")
+    experts: list[str] | None = Field(None, description="registry references served by name; null: every expert in "
+                                      "registry.url trained on this base model (new names appear within resolve_ttl_s)")
+    resolve_ttl_s: float = Field(5.0, ge=0, description="how long a name, alias or version-less reference stays "
+                                 "resolved: a newly published version or moved alias is served within this time")
+    dispatch_prompt_tokens: int | None = Field(64, ge=1, description="tokens of the prompt the first pass reads "
+                                               "(null: all of it)")
+    dispatch_replicas: int = Field(1, ge=0, description="replicas of the dispatch deployment (an engine pinned to the "
+                                   "first pass's weights: no switches); 0: the first pass runs on the engine replicas")
+    max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still unanswered after this is a 504")
+    max_models_per_replica: int | None = Field(
+        None, ge=1, description="Ray Serve multiplexing: experts' z a replica keeps loaded (null: every served "
+                                "expert, so no replica drops one; smaller values make replicas specialise)")
+    lora_rank: int | None = Field(None, ge=1, description="serve.mode=lora: adapter rank (null: exact, up to 512)")
+
+
 class Config(Section):
     """The pipeline's own sections; :func:`config_class` adds the registered components' (``svf``, ``lora``,
     ``rollout.vllm``).  Build configs with :func:`load_config` / :func:`config_from_dict`, not this class."""
@@ -273,6 +313,7 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     registry: RegistryConfig = RegistryConfig()
     adapt: AdaptConfig = AdaptConfig()
+    serve: ServeConfig = ServeConfig()
 
     def __reduce__(self):  # an assembled class is not importable by name: pickle the data, rebuild it
         return config_from_dict, (self.model_dump(),)

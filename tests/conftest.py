@@ -90,3 +90,12 @@ def gemma_converted(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("gemma-cache")
     return models.gguf_model_dir(models.gguf_model("gemma3-270m"), cache), cache
+
+
+@pytest.fixture(scope="session")
+def toy_experts(tmp_path_factory):
+    """Toy experts math, code and the classifier dispatch, trained with `t2dist train-local` (a few steps each)
+    and published to a registry: ``{"registry": dir, "factors": dir}`` (tests/serve_helpers.py)."""
+    from serve_helpers import train_toy_experts
+
+    return train_toy_experts(tmp_path_factory.mktemp("toy-experts"))

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from t2dist.cli import benchmarks as cli_benchmarks
 
     cli_benchmarks.add_parsers(sub)
+    from t2dist.cli import serve as cli_serve
+
+    cli_serve.add_parsers(sub)
     return parser
 
 
@@ -263,8 +266,12 @@ from t2dist.cli.benchmarks import COMMANDS as _BENCH_COMMANDS  # noqa: E402
 from t2dist.cli.benchmarks import HANDLERS as _BENCH_HANDLERS  # noqa: E402
 
 COMMANDS.update(_BENCH_COMMANDS)
+from t2dist.cli.serve import COMMANDS as _SERVE_COMMANDS  # noqa: E402
+from t2dist.cli.serve import HANDLERS as _SERVE_HANDLERS  # noqa: E402
+
+COMMANDS.update(_SERVE_COMMANDS)
 HANDLERS = {**_REGISTRY_HANDLERS, "train": cmd_train, "toy-base": cmd_toy_base, "train-local": cmd_train_local, "eval": cmd_eval,
-            "expert": cmd_expert, "tasks": cmd_tasks, **_ADAPT_HANDLERS, **_BENCH_HANDLERS}
+            "expert": cmd_expert, "tasks": cmd_tasks, **_ADAPT_HANDLERS, **_BENCH_HANDLERS, **_SERVE_HANDLERS}
 
 
 def main(argv: list[str] | None = None) -> int:

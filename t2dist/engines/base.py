@@ -15,12 +15,16 @@ is what the learner computes, so the two can be compared and importance-weighted
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from t2dist.errors import UserError
 from t2dist.engines.generation import Completion
+from t2dist.engines.requests import generate_requests_batched
+from t2dist.errors import UserError
+
+if TYPE_CHECKING:
+    from t2dist.engines.requests import GenRequest
 
 Prompt = str | Sequence[int]
 
@@ -76,6 +80,13 @@ class RolloutEngine(ABC):
     def generate(self, prompts: Sequence[Prompt], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  max_new_tokens: int = 32, stop: Sequence[str] = ("\n",), seed: int | None = None) -> list[Completion]:
         """``n`` completions of every prompt (text or token ids), grouped per prompt, in order."""
+
+    # -- serving (t2dist serve): per-request parameters, streaming, early stops -------------------
+    def generate_requests(self, requests: Sequence["GenRequest"]) -> list[list[Completion]]:
+        """One list of ``n`` completions per :class:`~t2dist.engines.requests.GenRequest`, each request with its
+        own sampling parameters (batched where they allow it).  This fallback calls :meth:`generate` once per
+        distinct parameter set and streams each text whole; the HF and vLLM engines stream token by token."""
+        return generate_requests_batched(self, requests)
 
     def close(self) -> None:
         """Free what the engine holds (processes, memory); the engine is unusable afterwards."""

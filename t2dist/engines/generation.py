@@ -57,18 +57,25 @@ class Completion:
         return "stop" if self.stopped else "length"
 
 
-_STOP_ID_CACHE: dict[tuple[int, tuple[str, ...]], frozenset[int]] = {}
+_STOP_ID_CACHE: dict[tuple, frozenset[int]] = {}
+_VOCAB_TEXTS: dict[tuple, list[str]] = {}
+_STOP_ID_CACHE_MAX = 1024  # distinct stop sets kept (a server's clients send their own stop strings)
 
 
 def _stop_token_ids(tokenizer, stop: Sequence[str]) -> frozenset[int]:
-    """Ids of all tokens whose decoded text contains one of ``stop`` (cached per tokenizer)."""
-    key = (id(tokenizer), tuple(stop))
+    """Ids of all tokens whose decoded text contains one of ``stop`` (cached per tokenizer; the vocabulary is
+    decoded once per tokenizer, each new stop set is one scan of it)."""
+    tok_key = (id(tokenizer), len(tokenizer), getattr(tokenizer, "name_or_path", ""))  # id alone may be reused
+    key = (tok_key, tuple(stop))
     if key not in _STOP_ID_CACHE:
         ids: set[int] = set()
         if stop:
-            n = len(tokenizer)
-            texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-            ids = {i for i, t in enumerate(texts) if any(s in t for s in stop)}
+            if tok_key not in _VOCAB_TEXTS:
+                n = len(tokenizer)
+                _VOCAB_TEXTS[tok_key] = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+            ids = {i for i, t in enumerate(_VOCAB_TEXTS[tok_key]) if any(s in t for s in stop)}
+        if len(_STOP_ID_CACHE) >= _STOP_ID_CACHE_MAX:
+            _STOP_ID_CACHE.pop(next(iter(_STOP_ID_CACHE)))
         _STOP_ID_CACHE[key] = frozenset(ids)
     return _STOP_ID_CACHE[key]
 
@@ -232,18 +239,63 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in _forward_args(model) else "past_key_values"
 
 
-def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, top_p: float,
-                   max_new_tokens: int, end_ids: Sequence[int], pad: int, device) -> tuple[list, list]:
-    """Prefill ``rows`` once, expand the KV cache ``n`` times, sample; ``(token ids, log-probs)`` per row×n."""
-    ids, mask = _left_pad(rows, pad, device)
-    pos = mask.cumsum(-1) - 1
-    pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}  # the head on the last position only
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+PREFIX_REUSE_MIN = 16  # shared leading tokens worth a prefill of their own (reuse_prefix)
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every row starts with, leaving each row at least one token of its own."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    k = 0
+    while k < n and all(r[k] == first[k] for r in rows):
+        k += 1
+    return k
+
+
+def _cache_of(out):
     cache = getattr(out, "cache", None)
-    cache = out.past_key_values if cache is None else cache
-    logits = out.logits[:, -1].to(dtype=torch.float32)
-    del out
+    return out.past_key_values if cache is None else cache
+
+
+def _prefill(model, rows: list[list[int]], pad: int, device, reuse_prefix: bool):
+    """``(last-position logits, KV cache, attention mask)`` after the prompts ``rows``.
+
+    ``reuse_prefix``: when every row starts with the same ``P >= PREFIX_REUSE_MIN`` tokens (a chat
+    template's system prompt, the first pass's question), those are prefilled once and their KV cache
+    is copied to every row; each row's own tokens follow, left-padded *after* the prefix (the padding is
+    masked, positions continue from ``P``).  The same numbers up to float rounding (other matmul shapes),
+    so it is off for training rollouts, whose samples must equal ``generate``'s for a seed."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model) else {}  # the head on the last position only
+    p = common_prefix(rows) if reuse_prefix and len(rows) > 0 else 0
+    if p < PREFIX_REUSE_MIN:
+        ids, mask = _left_pad(rows, pad, device)
+        pos = mask.cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)  # as model.generate's prepare_inputs_for_generation
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+        return out.logits[:, -1].to(dtype=torch.float32), _cache_of(out), mask
+    prefix = torch.tensor([rows[0][:p]], dtype=torch.long, device=device)
+    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **keep)
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(len(rows))
+    ids, own = _left_pad([r[p:] for r in rows], pad, device)
+    pos = own.cumsum(-1) - 1 + p
+    pos.masked_fill_(own == 0, 1)
+    mask = torch.cat([torch.ones((len(rows), p), dtype=own.dtype, device=device), own], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kwarg(model): cache},
+                **keep)
+    return out.logits[:, -1].to(dtype=torch.float32), cache, mask
+
+
+def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, top_p: float,
+                   max_new_tokens: int, end_ids: Sequence[int], pad: int, device,
+                   on_step=None, reuse_prefix: bool = False) -> tuple[list, list]:
+    """Prefill ``rows`` once, expand the KV cache ``n`` times, sample; ``(token ids, log-probs)`` per row×n.
+
+    ``on_step(tokens, alive)``, when given, is called after every decode step with this step's token of
+    every row×n (a LongTensor; padding where a row had already finished) and ``alive``, the rows whose
+    token is real; it may return a bool tensor of rows to finish now (a server's per-request token
+    limits, early stops, cancellations, streaming).  It cannot change the tokens sampled.
+    ``reuse_prefix``: see :func:`_prefill` (the server's path)."""
+    logits, cache, mask = _prefill(model, rows, pad, device, reuse_prefix)
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
@@ -261,7 +313,12 @@ def _decode_shared(model, rows: list[list[int]], n: int, *, temperature: float, 
         logps.append(torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1))
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
         tokens.append(nxt)
+        alive = unfinished.clone() if on_step is not None else None
         unfinished &= ~torch.isin(nxt, ends)
+        if on_step is not None:
+            stop_rows = on_step(nxt, alive)
+            if stop_rows is not None:
+                unfinished &= ~stop_rows.to(unfinished.device)
         if t == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -284,11 +341,15 @@ def generate_shared(
     stop: Sequence[str] = ("\n",),
     batch_size: int = 64,
     seed: int | None = None,
+    on_step=None,
+    reuse_prefix: bool = False,
 ) -> list[Completion]:
     """Like :func:`generate` (same arguments and result order), prefilling each prompt once.
 
     A chunk holds ``max(1, batch_size // num_samples)`` whole prompts (longest first), i.e.
     ``batch_size`` sequences while decoding; each completion carries its ``logprobs``.
+    ``on_step(rows, tokens, alive)``: :func:`_decode_shared`'s hook, with ``rows`` the ``(prompt index,
+    sample)`` of each row of the chunk (t2dist/engines/requests.py streams and stops requests with it).
     """
     stop = tuple(s for s in (stop or ()) if s)
     encoded = encode_prompts(tokenizer, list(prompts))
@@ -303,9 +364,11 @@ def generate_shared(
     with _seeded(seed, device):
         for start in range(0, len(order), per_chunk):
             chunk = order[start: start + per_chunk]
+            rows = [(i, s) for i in chunk for s in range(num_samples)]
+            step = None if on_step is None else (lambda tok, alive, rows=rows: on_step(rows, tok, alive))
             toks, lps = _decode_shared(model, [encoded[i] for i in chunk], num_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, end_ids=end_ids, pad=pad,
-                                       device=device)
+                                       device=device, on_step=step, reuse_prefix=reuse_prefix)
             for r, (ids, lp) in enumerate(zip(toks, lps)):
                 i, s = chunk[r // num_samples], r % num_samples
                 results[i * num_samples + s] = finish(tokenizer, i, encoded[i], ids, stop, eos, end_ids, lp)

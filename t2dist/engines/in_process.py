@@ -25,6 +25,7 @@ import torch
 
 from t2dist.engines.base import Prompt, RolloutEngine, UnnamedZ, z_nbytes
 from t2dist.engines.generation import Completion, generate_shared
+from t2dist.engines.requests import generate_requests_shared
 
 
 class InProcessEngine(RolloutEngine):
@@ -60,6 +61,11 @@ class InProcessEngine(RolloutEngine):
         if torch.cuda.is_available():  # the KV caches are garbage now: give them back to a colocated learner rank
             torch.cuda.empty_cache()
         return out
+
+    def generate_requests(self, requests):
+        """Per-request parameters, token streaming and early stops on the shared-prefix sampler
+        (:func:`t2dist.engines.requests.generate_requests_shared`: one decode loop per compatible sub-group)."""
+        return generate_requests_shared(self.policy.model, self.tokenizer, requests, batch_size=self.batch_size)
 
     def info(self) -> dict:
         return {**super().info(), "device": str(next(self.policy.model.parameters()).device)}

