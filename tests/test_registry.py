@@ -383,15 +383,21 @@ def test_registry_cli(tmp_path, trained_expert, capsys):
     url = str(tmp_path / "reg")
     assert main(["registry", "publish", str(trained_expert), "--registry", url, "--alias", "champion"]) == 0
     assert main(["registry", "publish", str(trained_expert), "--registry", url, "--name", "math-b"]) == 0
+    long = "math-with-a-name-longer-than-the-old-column"
+    assert main(["registry", "publish", str(trained_expert), "--registry", url, "--name", long]) == 0
     assert main(["registry", "ls", "--registry", url]) == 0
     out = capsys.readouterr().out
     assert "math@1" in out and "champion" in out and "math-b@1" in out and "0.900" in out
+    table = out.splitlines()
+    head, *lines = table[next(i for i, line in enumerate(table) if line.startswith("expert")):]
+    # columns line up under their heads, however long a name
+    assert all(line.index("0.900") + len("0.900") == head.index("test acc") + len("test acc") for line in lines)
     assert main(["registry", "show", "math:champion", "--registry", url]) == 0
     assert json.loads(capsys.readouterr().out)["z_sha256"]
     assert main(["registry", "promote", "math-b@1", "--alias", "stable", "--registry", url]) == 0
     assert Registry(url).aliases("math-b") == {"stable": 1}
     assert main(["registry", "verify", "--registry", url]) == 0
-    assert "2/2 versions verified" in capsys.readouterr().out
+    assert "3/3 versions verified" in capsys.readouterr().out
     z = Path(url) / "experts/math-b/1/z.safetensors"
     z.write_bytes(z.read_bytes()[:-4])
     assert main(["registry", "verify", "--registry", url]) == 1

@@ -16,6 +16,7 @@ from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
 from t2dist.config import ConfigError, load_config
 from t2dist.engines.hf import HFEngine
 from t2dist.errors import TrainingError
+from t2dist.hardware import command_line, cpu_name, machine_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -118,6 +119,9 @@ def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
     assert card["metrics"]["best_val_accuracy"] == on_disk["best_val_accuracy"]
     assert card["config"]["rl"]["steps"] == 8 and card["base_fingerprint"]
     assert [e["step"] for e in card["training_curve"]["evals"]] == [4, 8]
+    # how it was made: the command (here pytest's) and the machine, as the shipped experts' cards say
+    assert card["command"] == command_line() and card["command"].startswith("python -m pytest")
+    assert card["trained_on"] == machine_line("cpu") and cpu_name() in card["trained_on"]
     local = load_file(str(Path(on_disk["expert"]) / "z.safetensors"))
     assert all(torch.equal(local[k], expert.z[k]) for k in local)
     state = json.loads((latest_checkpoint(run) / "state.json").read_text())
@@ -354,3 +358,13 @@ def test_ctrl_c_ends_a_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path)
     assert lines[0] == (f"[t2dist] interrupted: kept the checkpoint of step {state['step']}, {ckpt} "
                         f"(go on with: t2dist train --resume {run})")
     assert state["step"] >= 2 and z and not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["/venv/bin/t2dist", "train", "--config", "my run.yaml"], "t2dist train --config 'my run.yaml'"),
+    (["/repo/t2dist/__main__.py", "train"], "t2dist train"),
+    (["/venv/lib/python3.11/site-packages/pytest/__main__.py", "-q"], "python -m pytest -q"),
+    (["bench/real_models.py", "--seeds", "0"], "bench/real_models.py --seeds 0"),
+])
+def test_a_card_names_the_command_as_it_was_typed(argv, want):
+    assert command_line(argv) == want

@@ -81,12 +81,13 @@ def cmd_registry(args) -> int:
         if not rows:
             print(f"no experts in {reg.url}")
             return 0
-        print(f"{'expert':<28}{'task':<12}{'kind':<6}{'test acc':>9}  {'aliases':<16}created")
-        for r in rows:
-            acc = r["metrics"].get("test_accuracy")
-            acc_s = f"{acc:.3f}" if isinstance(acc, (int, float)) else "-"
-            print(f"{r['name'] + '@' + str(r['version']):<28}{str(r['task']):<12}{r['kind']:<6}{acc_s:>9}  "
-                  f"{','.join(r['aliases']) or '-':<16}{r['created']}")
+        table = [(f"{r['name']}@{r['version']}", str(r["task"]), r["kind"],
+                  f"{acc:.3f}" if isinstance(acc := r["metrics"].get("test_accuracy"), (int, float)) else "-",
+                  ",".join(r["aliases"]) or "-", r["created"]) for r in rows]
+        head = ("expert", "task", "kind", "test acc", "aliases", "created")
+        widths = [max(len(row[i]) for row in (head, *table)) for i in range(len(head))]
+        for row in (head, *table):  # columns as wide as their longest entry (dispatch_real, sentiment@12, ...)
+            print("  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         return 0
     if action == "show":
         card = dict(reg.card(args.ref))

@@ -36,6 +36,7 @@ from actors.rollout import z_nbytes
 from t2dist.atomic import atomic_write_json
 from t2dist.config import Config, ConfigError, dump_config
 from t2dist.errors import Interrupted, TrainingError
+from t2dist.hardware import command_line, machine_line
 from t2dist.experts.expert import save_expert
 from t2dist.models.loading import resolve_model_path
 from t2dist.orchestration import checkpoint
@@ -371,7 +372,8 @@ class Trainer:
                              last=ray.get(ev.evaluate.remote(self.z, "test", cfg.eval.limit, "last")))
         expert_dir = self.run_dir / "expert"
         card = ray.get(ev.card.remote(cfg.name, result.card_metrics(state, cfg.train.eval_limit), dump_config(cfg),
-                                      {"training_curve": training_curve(state, cfg.rl.steps)}))
+                                      {"training_curve": training_curve(state, cfg.rl.steps),
+                                       "command": command_line(), "trained_on": machine_line(cfg.model.device)}))
         save_expert(expert_dir, self.best.z, card)
         published = self.publish(card) if cfg.registry.url else None
         summary = {
