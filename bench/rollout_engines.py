@@ -2,6 +2,10 @@
 
     python bench/rollout_engines.py --json FILE [--models smollm2,toy] [--prompts 8] [--samples 8]
                                     [--max-new-tokens 8] [--greedy 200] [--repeat 2]
+    python bench/rollout_engines.py --config configs/smollm2-pyfunc.yaml --json FILE   # a run's shape
+
+``--config``: one run config instead of ``--models``: its model, SVF targets and task, and (unless given)
+its prompts per step, samples per prompt, new-token limit and temperature; ``--task`` names another task.
 
 For each model, in one process and one run (interleaved per repeat, so other load hits all alike):
 
@@ -68,7 +72,7 @@ def _prompts(task, tok, n: int):
     return [task.prompt_for(e, tok) for e in task.examples("test")[:n]]
 
 
-def bench_model(name: str, args) -> dict:
+def bench_model(name: str, config: str, task_name: str, args) -> dict:
     from t2dist.config import load_config
     from t2dist.engines import make_engine
     from t2dist.engines.generation import generate, generate_shared
@@ -76,7 +80,6 @@ def bench_model(name: str, args) -> dict:
 
     from t2dist.policy.load import load_policy
 
-    config, task_name = MODELS[name]
     cfg = load_config(ROOT / config, [f"task.name={task_name}", "rollout.engine=vllm",
                              f"svf.cache_dir={args.cache_dir}", f"rollout.batch_size={args.prompts * args.samples}",
                              f"model.device={args.device}", f"model.dtype={args.dtype}",
@@ -93,18 +96,22 @@ def bench_model(name: str, args) -> dict:
     policy.merge_(z, "bench")  # the HF paths in this process sample from the same W'(z)
     z_bytes = vl.set_z(z, "bench")
     prompts = _prompts(task, tok, args.prompts)
-    kw = dict(temperature=1.0, max_new_tokens=args.max_new_tokens, stop=task.stop)
+    kw = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, stop=task.stop)
     n_samples = len(prompts) * args.samples
     runs = {"hf": [], "shared": [], "vllm": []}
+    last = {}  # each path's completions of the last repeat (their mean length: samples stop at different points)
     vl.generate(prompts[:1], n=2, seed=0, **kw)  # warm-up (first request)
     for r in range(args.repeat):
-        runs["hf"].append(_timed(lambda: generate(policy.model, tok, prompts, num_samples=args.samples, seed=r,
-                                                  batch_size=n_samples, **kw))[1])
-        runs["shared"].append(_timed(lambda: generate_shared(policy.model, tok, prompts, num_samples=args.samples,
-                                                             seed=r, batch_size=n_samples, **kw))[1])
-        runs["vllm"].append(_timed(lambda: vl.generate(prompts, n=args.samples, seed=r, **kw))[1])
+        last["hf"], t = _timed(lambda: generate(policy.model, tok, prompts, num_samples=args.samples, seed=r,
+                                                batch_size=n_samples, **kw))
+        runs["hf"].append(t)
+        last["shared"], t = _timed(lambda: generate_shared(policy.model, tok, prompts, num_samples=args.samples,
+                                                           seed=r, batch_size=n_samples, **kw))
+        runs["shared"].append(t)
+        last["vllm"], t = _timed(lambda: vl.generate(prompts, n=args.samples, seed=r, **kw))
+        runs["vllm"].append(t)
     sec = {k: statistics.median(v) for k, v in runs.items()}
-    greedy_prompts = _prompts(task, tok, args.greedy if name == "toy" else max(args.prompts, args.greedy_smollm2))
+    greedy_prompts = _prompts(task, tok, args.greedy if cfg.model.path == "toy" else max(args.prompts, args.greedy_smollm2))
     gkw = dict(max_new_tokens=args.max_new_tokens, stop=task.stop)
     ref = generate_shared(policy.model, tok, greedy_prompts, batch_size=64, **gkw)
     got = vl.generate(greedy_prompts, **gkw)
@@ -126,8 +133,10 @@ def bench_model(name: str, args) -> dict:
     return {
         "model": cfg.model.path, "config": config, "svf_targets": cfg.svf.targets, "device": args.device,
         "dtype": args.dtype, "task": task_name, "prompts": len(prompts), "samples_per_prompt": args.samples,
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "prompt_tokens_mean": statistics.mean(len(tok(p)["input_ids"]) for p in prompts),
+        "hf_new_tokens_mean": statistics.mean(len(c.completion_ids) for c in last["shared"]),
+        "vllm_new_tokens_mean": statistics.mean(len(c.completion_ids) for c in last["vllm"]),
         "targets": len(policy.targets), "num_z": policy.num_z,
         "hf_samples_per_s": n_samples / sec["hf"], "hf_shared_prefix_samples_per_s": n_samples / sec["shared"],
         "vllm_samples_per_s": n_samples / sec["vllm"],
@@ -144,14 +153,46 @@ def bench_model(name: str, args) -> dict:
     }
 
 
+def benched(args, ap) -> list[tuple[str, str, str]]:
+    """``(label, config, task)`` of each model to bench; fills the shape arguments left out (from ``--config``)."""
+    from t2dist.config import load_config
+
+    shape = {"prompts": 8, "samples": 8, "max_new_tokens": 4, "temperature": 1.0}
+    if args.config:
+        cfg = load_config(args.config)
+        shape = {"prompts": cfg.rl.prompts_per_step, "samples": cfg.rl.samples_per_prompt,
+                 "max_new_tokens": cfg.task.max_new_tokens or get_task_default(args.task or cfg.task.name),
+                 "temperature": cfg.rl.temperature}
+    for key, value in shape.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.config:
+        return [(Path(args.config).stem, args.config, args.task or load_config(args.config).task.name)]
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in names:
+        if name not in MODELS:
+            ap.error(f"--models: unknown model {name!r}; known: {', '.join(MODELS)}")
+    return [(name, MODELS[name][0], args.task or MODELS[name][1]) for name in names]
+
+
+def get_task_default(task: str) -> int:
+    from t2dist.tasks import get_task
+
+    return get_task(task).max_new_tokens
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--models", default="smollm2,toy")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=4,
-                    help="new tokens per sample (4: the issue's measurement; ARC answers are one letter)")
+    ap.add_argument("--config", help="a run config: its model, targets, task and shape instead of --models")
+    ap.add_argument("--task", help="the task whose test prompts are sampled (default: the model's or --config's)")
+    ap.add_argument("--prompts", type=int, help="prompts per batch (default 8, or --config's rl.prompts_per_step)")
+    ap.add_argument("--samples", type=int, help="samples per prompt (default 8, or --config's rl.samples_per_prompt)")
+    ap.add_argument("--max-new-tokens", type=int,
+                    help="new tokens per sample (default 4, the issue's measurement: ARC answers are one letter; "
+                         "or --config's task.max_new_tokens)")
+    ap.add_argument("--temperature", type=float, help="sampling temperature (default 1, or --config's rl.temperature)")
     ap.add_argument("--greedy", type=int, default=200, help="toy greedy-agreement prompts")
     ap.add_argument("--greedy-smollm2", type=int, default=32, help="SmolLM2 greedy-agreement ARC prompts")
     ap.add_argument("--repeat", type=int, default=2)
@@ -172,12 +213,10 @@ def main(argv=None) -> int:
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "load_avg_start": os.getloadavg(),
            "args": vars(args), "models": {}}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name not in MODELS:
-            ap.error(f"--models: unknown model {name!r}; known: {', '.join(MODELS)}")
-        out["models"][name] = res = bench_model(name, args)
+    for name, config, task in benched(args, ap):
+        out["models"][name] = res = bench_model(name, config, task, args)
         print(f"\n## {name} ({res['task']}, {res['prompts']} prompts x {res['samples_per_prompt']} samples, "
-              f"~{res['prompt_tokens_mean']:.0f} prompt tokens, {res['max_new_tokens']} new tokens, T=1)")
+              f"~{res['prompt_tokens_mean']:.0f} prompt tokens, {res['max_new_tokens']} new tokens, T={res['temperature']})")
         print("| key | value |\n| --- | --- |")
         for k, v in res.items():
             if k not in ("model", "task", "seconds"):

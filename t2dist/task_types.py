@@ -31,3 +31,6 @@ class Verdict:
     correct: bool
     parsed: str | None  # the answer the verifier read from the completion, None if unparsable
     detail: str = ""
+    # code tasks: what the judged program does besides defining functions (t2dist.verifiers.audit.KINDS);
+    # None where the verifier does not read programs
+    flags: tuple[str, ...] | None = None

@@ -13,7 +13,7 @@ from t2dist.experts.expert import Expert, make_card
 from t2dist.engines.generation import Completion
 from t2dist.svf.model import SVFModel
 from t2dist.tasks import get_task
-from t2dist.tasks.adaptation_real import REAL_SOURCES, REAL_TEMPLATE, REAL_TOKENS
+from t2dist.tasks.adaptation_real import REAL4_SOURCES, REAL4_TEMPLATE, REAL4_TOKENS, REAL_SOURCES, REAL_TEMPLATE, REAL_TOKENS
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -107,6 +107,38 @@ def test_dispatch_real_asks_about_the_users_text_and_reads_synonyms():
     review = next(e for e in test if e.answer == "sentiment")
     assert task.verify(" Review", review).correct and task.verify(" sentiment", review).correct
     assert parse_label(" science", ("math", "code", "reasoning", "other")) == "reasoning"
+
+
+def test_the_fourth_kind_code_in_mixed_real4_and_dispatch_real4(chat_toy):
+    """pyfunc joins as the fourth kind, written, generated and verified (in the sandbox) as its own task does;
+    the three-kind tasks stay as they were (a classifier expert was trained on dispatch_real's text)."""
+    _, tok = chat_toy
+    mixed = get_task("mixed_real4")
+    exs = mixed.examples("test")
+    assert [e.task for e in exs[:4]] == list(REAL4_SOURCES) == ["arith", "arc_easy", "sentiment", "pyfunc"]
+    assert len(exs) == 4 * 400 and mixed.max_new_tokens == REAL4_TOKENS["pyfunc"] == 96
+    code = [e for e in exs[:40] if e.task == "pyfunc"]
+    pyfunc = get_task("pyfunc")
+    for e in code:
+        assert mixed.prompt_for(e, tok) == pyfunc.prompt_for(e, tok) and mixed.prompt_for(e, tok).endswith("```python\n")
+        assert mixed.generation_for(e) == (96, pyfunc.stop)
+    answers = [pyfunc.reference_completion(e) for e in code] + ["    return None\n"]
+    verdicts = mixed.verify_batch(answers, code + code[:1])
+    assert [v.correct for v in verdicts] == [True] * len(code) + [False]
+    assert get_task("mixed_real").examples("test")[:3] == exs[:3]  # the three kinds' examples are the same
+
+    disp = get_task("dispatch_real4")
+    assert disp.categories == ("math", "reasoning", "sentiment", "code", "other")
+    test = disp.examples("test")
+    assert len(test) == 400 + 1150 + 400 + 400 and {e.answer for e in test} == {"math", "reasoning", "sentiment", "code"}
+    prog = next(e for e in test if e.answer == "code")
+    assert prog.prompt == REAL4_TEMPLATE.format(prompt=prog.meta["source_prompt"])
+    assert prog.meta["source_prompt"] == pyfunc.format_prompt(next(x for x in pyfunc.examples("test")
+                                                                   if x.prompt in prog.meta["source_prompt"]))
+    assert disp.verify(" programming task.", prog).correct and disp.verify(" Python function", prog).correct
+    assert disp.verify(" code", prog).correct and not disp.verify(" math problem", prog).correct
+    assert get_task("dispatch_real").template == REAL_TEMPLATE and "programming" not in REAL_TEMPLATE
+    assert "pyfunc" not in {e.meta["source_task"] for e in get_task("dispatch_real").examples("validation")}
 
 
 def test_generate_grouped_calls_once_per_setting_and_keeps_the_order():

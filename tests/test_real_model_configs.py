@@ -1,6 +1,6 @@
 """Smoke test of each real-model config through the real pipeline (issue 14, "Done when").
 
-``configs/{smollm2,gemma3}-{arith,arc_easy}.yaml`` (and SmolLM2's arc_easy_text, sentiment,
+``configs/{smollm2,gemma3}-{arith,arc_easy,pyfunc}.yaml`` (and SmolLM2's arc_easy_text, sentiment,
 alphabetical and dispatch configs) each run by ``t2dist.orchestration.train.train``: a Ray rollout
 actor, the evaluator and a DeepSpeed learner rank, for 2 steps; validation on 4 problems at step 2,
 base and expert tested on 8.  Everything else (targets, task, max_new_tokens, temperature, lr,
@@ -61,6 +61,7 @@ class Case:
     targets: int         # matrices the config's targets select
     prompts: int         # rl.prompts_per_step
     signal: bool = True  # a learning signal is (near) certain: z must move
+    extra: tuple[str, ...] = ()  # overrides that keep the case cheap without skipping a stage
 
 
 CASES = {
@@ -71,8 +72,12 @@ CASES = {
     "smollm2-sentiment": Case("smollm2", 90, 2),     # ~50% of samples right at T 1
     "smollm2-alphabetical": Case("smollm2", 90, 2),  # ~40% right at T 1
     "smollm2-dispatch": Case("smollm2", 90, 2, signal=False),  # 2 prompts may both be arith (~100% right)
+    # code: 24 new tokens instead of 96 (a few function bodies still fit): every stage (generation, the
+    # sandbox, the audit, the learner) runs at a quarter of the decoding cost
+    "smollm2-pyfunc": Case("smollm2", 90, 2, signal=False, extra=("task.max_new_tokens=24",)),
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
     "gemma3-arc_easy": Case("gemma3", 54, 2),     # every MLP matrix, as arith
+    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=("task.max_new_tokens=24",)),
 }
 
 pytestmark = pytest.mark.slow
@@ -107,7 +112,7 @@ def test_real_model_config_trains_two_steps(name, request, tmp_path, factor_cach
 
     cfg = load_config(cfg_file, [*SMOKE, f"rl.prompts_per_step={case.prompts}", f"run_dir={tmp_path / 'run'}",
                                  f"model.cache_dir={model_cache}", f"svf.cache_dir={factor_caches[case.model]}",
-                                 f"registry.url={tmp_path / 'registry'}"])
+                                 f"registry.url={tmp_path / 'registry'}", *case.extra])
     summary = train(cfg, progress=False)
 
     run = tmp_path / "run"
@@ -122,6 +127,10 @@ def test_real_model_config_trains_two_steps(name, request, tmp_path, factor_cach
     hist = state["history"]
     assert state["step"] == STEPS and [h["step"] for h in hist] == list(range(1, STEPS + 1))
     assert all(-1.0 <= h["reward"] <= 1.0 for h in hist)
+    if task == "pyfunc":  # reward integrity: counted on the rollout actors, summed over the run in summary.json
+        assert all(h["integrity_passed"] == round(h["accuracy"] * case.prompts * 4) for h in hist)  # 4 samples
+        assert on_disk["integrity"]["passed_flagged"] == sum(h["integrity_passed_flagged"] for h in hist)
+        assert on_disk["integrity"]["passed"] == sum(h["integrity_passed"] for h in hist)
 
     # the expert: one z per matrix the config's targets select, = the step-2 z (the only validated one)
     z = load_file(str(Path(on_disk["expert"]) / "z.safetensors"))

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result to this JSON file")
     p.add_argument("--oracle", action="store_true",
                    help="score the task's reference answers through its verifier instead (no model loaded)")
+    p.add_argument("--records", action="store_true",
+                   help="with --json: also write each example's prompt, completion and verdict")
     _add_config_args(p)
 
     p = sub.add_parser("expert", help=COMMANDS["expert"], description=COMMANDS["expert"])
@@ -131,8 +133,8 @@ def cmd_train_local(args) -> int:
     from t2dist.engines.hf import HFEngine
     from t2dist.evaluation.accuracy import evaluate
     from t2dist.experts.expert import make_card, save_expert
-    from t2dist.rl.local import train_local
     from t2dist.policy.load import load_policy
+    from t2dist.rl.local import train_local
     from t2dist.tasks import get_task
 
     cfg = _config(args, {"model.path": args.model, "task.name": args.task, "rl.steps": args.steps})
@@ -207,11 +209,13 @@ def cmd_eval(args) -> int:
         check_compatible(expert, policy, source=f"expert {args.expert}")
         engine.set_z(expert.z, version=args.expert)
     try:
-        res = evaluate(engine, task, split=args.split, limit=args.limit, max_new_tokens=cfg.task.max_new_tokens)
+        res = evaluate(engine, task, split=args.split, limit=args.limit, max_new_tokens=cfg.task.max_new_tokens,
+                       records=args.records)
     finally:
         engine.close()
     out = {"task": task.name, "split": args.split, "model": cfg.model.path, "expert": args.expert,
-           "expert_version": expert.card.get("version") if expert else None, **_eval_json(res)}
+           "expert_version": expert.card.get("version") if expert else None,
+           **res.as_dict(with_records=args.records)}
     print(f"{task.name}/{args.split}: accuracy {res.accuracy:.3f} {_interval(res)} (n={res.n})")
     if args.json:
         _write_json(args.json, out)

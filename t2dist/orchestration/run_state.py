@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from t2dist.rl.rollout import RolloutBatch
+from t2dist.verifiers.audit import KINDS as AUDIT_KINDS
 
 
 @dataclass
@@ -102,6 +103,7 @@ def step_record(step: int, batch: RolloutBatch, learner: Mapping[str, Any], time
         "sync_bytes": sync_bytes,
         "tokens_per_s": batch.num_tokens / max(times.sync_s + times.rollout_s, 1e-9),
         "step_s": times.sync_s + times.rollout_s + times.learner_s,
+        **batch.integrity(),  # code tasks: passing programs that did more than define functions
         # the learner's "step" counts optimizer steps (rl.update_epochs per RL step): kept apart
         **{("optimizer_steps" if k == "step" else k): v for k, v in learner.items() if isinstance(v, (int, float))},
     }
@@ -112,6 +114,9 @@ TB_OPTIONAL_SCALARS = {
     "train/kl": "kl",  # absent on the steps rl.kl_every skips
     "behaviour/abs_dlogp": "behaviour_abs_dlogp", "behaviour/kl": "behaviour_kl",
     "behaviour/tis_weight": "tis_weight", "behaviour/tis_capped_frac": "tis_capped_frac",
+    # code tasks (t2dist.verifiers.audit): passing completions, and those whose program also did something else
+    "integrity/passed": "integrity_passed", "integrity/passed_flagged": "integrity_passed_flagged",
+    **{f"integrity/passed_{k}": f"integrity_passed_{k}" for k in AUDIT_KINDS},
 }
 
 
@@ -146,6 +151,17 @@ class FinalResult:
                 "final_accuracy": self.best["accuracy"], "final_ci": [self.best["ci_low"], self.best["ci_high"]],
                 "last_accuracy": self.last["accuracy"], "gain": self.best["accuracy"] - self.base["accuracy"],
                 "best_val_accuracy": state.best.accuracy, "best_step": state.best.step, "n_test": self.best["n"]}
+
+
+def integrity_totals(history: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"integrity": {kind: count over the run}}`` from the steps' ``integrity_*`` counts (code tasks), with
+    ``passed_flagged``: passing completions whose program did more than define functions; ``{}`` without them."""
+    totals: dict[str, int] = {}
+    for rec in history:
+        for key, value in rec.items():
+            if key.startswith("integrity_"):
+                totals[key.removeprefix("integrity_")] = totals.get(key.removeprefix("integrity_"), 0) + int(value)
+    return {"integrity": totals} if totals else {}
 
 
 def training_curve(state: RunState, steps: int) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from t2dist.orchestration.driver import (Driver, LearnerDied, PendingRollout, ch
                                          resources_needed)  # (resources_needed: bench/pipeline.py imports it here)
 from t2dist.orchestration.paths import resolve_outputs
 from t2dist.orchestration.run_state import (Best, BestTracker, FinalResult, RunState, StepTimes, format_step,
-                                            step_record, tb_scalars, training_curve)
+                                            integrity_totals, step_record, tb_scalars, training_curve)
 from t2dist.orchestration.tracking import Tracker
 from t2dist.policy.load import policy_parametrization
 from t2dist.registry import Registry, RegistryError, check_name
@@ -378,7 +378,7 @@ class Trainer:
         published = self.publish(card) if cfg.registry.url else None
         summary = {
             "name": cfg.name, "task": self.task.name, "model": cfg.model.path, "steps": cfg.rl.steps,
-            **result.summary(state), "wall_seconds": time.perf_counter() - wall0,
+            **result.summary(state), **integrity_totals(state.history), "wall_seconds": time.perf_counter() - wall0,
             "train_seconds": state.wall_seconds + (time.perf_counter() - self.t_run),
             "actor_restarts": self.driver.restarts, "expert": str(expert_dir), "run_dir": str(self.run_dir),
             "published": published,

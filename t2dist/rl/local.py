@@ -17,12 +17,12 @@ from tqdm import tqdm
 from t2dist.config import Config
 from t2dist.engines.base import RolloutEngine
 from t2dist.errors import Interrupted
+from t2dist.policy.base import Policy
+from t2dist.policy.zparams import ZParams
 from t2dist.rl.data import training_stream
 from t2dist.rl.rollout import engine_rollout
 from t2dist.rl.schedule import set_step_lr
 from t2dist.rl.step import behaviour_logprobs, kl_wanted, rl_loss
-from t2dist.policy.base import Policy
-from t2dist.policy.zparams import ZParams
 from t2dist.tasks.base import Task
 
 
@@ -98,5 +98,6 @@ def local_step(cfg: Config, engine: RolloutEngine, zp: ZParams, opt, task: Task,
         "response_length": float(batch.lengths.float().mean()),
         "rollout_s": t1 - t0,
         "learn_s": t2 - t1,
+        **batch.integrity(),
         **stats,
     }

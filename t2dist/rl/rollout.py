@@ -8,14 +8,15 @@ with its own (``rl.behaviour_correction``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from t2dist.engines.generation import Completion
 from t2dist.tasks.base import Example, Task
+from t2dist.verifiers.audit import count_flagged
 
 
 @dataclass
@@ -30,6 +31,13 @@ class RolloutBatch:
     seconds: dict[str, float] = field(default_factory=dict)
     # per sample, aligned with completion_ids: the sampler's log-prob of each token (None: not recorded)
     behaviour_logprobs: list[list[float]] | None = None
+    # code tasks: passing completions whose program does more than define functions, by kind
+    # (t2dist.verifiers.audit.count_flagged); empty where the verifier reads no programs
+    audit: dict[str, int] = field(default_factory=dict)
+
+    def integrity(self) -> dict[str, int]:
+        """The step record's ``integrity_*`` counts (:attr:`audit` renamed; empty for tasks without programs)."""
+        return {f"integrity_{k}": v for k, v in self.audit.items()}
 
     def behaviour_tensor(self, device=None) -> torch.Tensor | None:
         """``(B, T)`` right-padded behaviour log-probs (T = longest completion), or None."""
@@ -84,6 +92,7 @@ class RolloutBatch:
             [t for b in batches for t in b.texts],
             {k: max(b.seconds.get(k, 0.0) for b in batches) for k in keys},
             behaviour_logprobs=lps,
+            audit={k: sum(b.audit.get(k, 0) for b in batches) for k in dict.fromkeys(k for b in batches for k in b.audit)},
         )
 
 
@@ -111,6 +120,7 @@ def sampled_rollout(sample: Sampler, tokenizer, task: Task, examples: Sequence[E
         texts=[c.text for c in completions],
         seconds={"generate": t1 - t0, "score": t2 - t1},
         behaviour_logprobs=None if any(lp is None for lp in lps) else [list(lp) for lp in lps],
+        audit=count_flagged(verdicts) if any(v.flags is not None for v in verdicts) else {},
     )
 
 

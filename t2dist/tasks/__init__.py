@@ -8,6 +8,7 @@ from t2dist.tasks import arith  # noqa: F401,E402  (arith, arith_hard: multi-dig
 from t2dist.tasks import arc_text  # noqa: F401,E402  (arc_easy_text: ARC-Easy answered with the option text)
 from t2dist.tasks import words  # noqa: F401,E402  (alphabetical: which of two words comes first)
 from t2dist.tasks import sentiment  # noqa: F401,E402  (sentiment: the third kind of the real two-pass)
+from t2dist.tasks import pyfunc  # noqa: F401,E402  (pyfunc: short Python functions judged in the sandbox)
 from t2dist.tasks import adaptation_real  # noqa: F401,E402  (mixed_real, dispatch_real: the real-model two-pass)
 
 __all__ = ["SPLITS", "TASKS", "Example", "Task", "Verdict", "get_task", "register_task"]

@@ -42,11 +42,21 @@ REAL_TEMPLATE = "What kind of text is this: a math problem, a science question, 
 REAL_ANSWER_PREFIX = "It is a"
 
 
+# The fourth kind: short Python functions (``pyfunc``), asked and answered as its expert is trained
+# (configs/smollm2-pyfunc.yaml: 96 new tokens, the task's stops).  The three-kind tasks above stay as
+# they are: the classifier expert of configs/smollm2-dispatch.yaml was trained on dispatch_real's text.
+REAL4_SOURCES: dict[str, str] = {**REAL_SOURCES, "pyfunc": "code"}
+REAL4_TOKENS: dict[str, int] = {**REAL_TOKENS, "pyfunc": 96}
+REAL4_TEMPLATE = ("What kind of text is this: a math problem, a science question, a review, or a programming task?"
+                  "\n\nText:\n{prompt}")
+
+
 @register_task("mixed_real")
 class RealMixedTask(MixedTask):
     """arith, ARC-Easy and sentiment examples interleaved, each as its own task writes and checks it."""
 
     chat = "auto"
+    tokens: dict[str, int] = REAL_TOKENS  # new tokens per source task
     max_new_tokens = max(REAL_TOKENS.values())
     sources = tuple(REAL_SOURCES)
 
@@ -57,7 +67,7 @@ class RealMixedTask(MixedTask):
         return get_task(example.task).prompt_for(example, tokenizer)
 
     def generation_for(self, example: Example) -> tuple[int, tuple[str, ...]]:
-        return REAL_TOKENS[example.task], tuple(get_task(example.task).stop or ())
+        return self.tokens[example.task], tuple(get_task(example.task).stop or ())
 
 
 @register_task("dispatch_real")
@@ -75,3 +85,23 @@ class RealDispatchTask(DispatchTask):
 
     def corpus_examples(self, n: int, seed: int, trap_fraction: float | None = None) -> list[Example]:
         raise NotImplementedError("dispatch_real has no pretraining corpus (it is for real models)")
+
+
+@register_task("mixed_real4")
+class RealMixedTask4(RealMixedTask):
+    """``mixed_real`` and the fourth kind: arith, ARC-Easy, sentiment and pyfunc examples interleaved."""
+
+    tokens = REAL4_TOKENS
+    max_new_tokens = max(REAL4_TOKENS.values())
+    sources = tuple(REAL4_SOURCES)
+
+
+@register_task("dispatch_real4")
+class RealDispatchTask4(RealDispatchTask):
+    """Name the kind of a real-model prompt among four: math, science, a review or a programming task."""
+
+    sources = REAL4_SOURCES
+
+    @staticmethod
+    def default_template() -> str:
+        return REAL4_TEMPLATE

@@ -48,7 +48,7 @@ from t2dist.tasks.base import Example, Task, Verdict, check_split, register_task
 from t2dist.tasks.benchmark_data import Source, load_records
 from t2dist.verifiers.answers import extract_boxed, extract_code, extract_gsm8k_answer, parse_number
 from t2dist.verifiers.choice import check_choice
-from t2dist.verifiers.code import check_code_batch
+from t2dist.verifiers.code import code_verdicts
 from t2dist.verifiers.math import check_math
 
 TRAIN_FRACTIONS = {"test": 0.4, "validation": 0.1, "train": 0.5}
@@ -214,9 +214,7 @@ class CodeBenchmark(BenchmarkTask):
 
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
-        checks = check_code_batch(programs, [e.answer for e in examples],
-                                  setups=[self.trusted_setup(e) for e in examples])
-        return [Verdict(1.0 if c.passed else -1.0, c.passed, c.status, c.detail) for c in checks]
+        return code_verdicts(programs, [e.answer for e in examples], setups=[self.trusted_setup(e) for e in examples])
 
 
 @register_task("mbpp")

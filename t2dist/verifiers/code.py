@@ -37,7 +37,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from t2dist.task_types import Verdict
 from t2dist.verifiers import harness
+from t2dist.verifiers.audit import audit_program
 from t2dist.verifiers.plain import PlainDataError, decode, unhex
 from t2dist.verifiers.sandbox import SandboxPool, SandboxResult, default_pool
 from t2dist.verifiers.testplan import (
@@ -50,7 +52,7 @@ from t2dist.verifiers.testplan import (
     shadowed_builtins,
 )
 
-__all__ = ["CodeCheck", "check_code", "check_code_batch"]
+__all__ = ["CodeCheck", "check_code", "check_code_batch", "code_verdicts"]
 
 _SANDBOX_FAILURES = ("timeout", "memory", "output_limit", "killed")
 
@@ -206,3 +208,13 @@ def check_code_batch(
 def check_code(program: str, test: str, pool: SandboxPool | None = None, setup: str = "") -> CodeCheck:
     """:func:`check_code_batch` for one program."""
     return check_code_batch([program], [test], pool, [setup])[0]
+
+
+def code_verdicts(programs: Sequence[str], tests: Sequence[str], setups: Sequence[str] | None = None,
+                  pool: SandboxPool | None = None) -> list[Verdict]:
+    """:func:`check_code_batch` as task verdicts (reward +1/-1, ``parsed`` the status), each with the
+    program's :func:`~t2dist.verifiers.audit.audit_program` flags (what it does besides defining functions)."""
+    programs = list(programs)
+    checks = check_code_batch(programs, tests, pool, setups)
+    return [Verdict(1.0 if c.passed else -1.0, c.passed, c.status, c.detail, tuple(sorted(audit_program(p))))
+            for c, p in zip(checks, programs)]
