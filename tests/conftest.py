@@ -93,6 +93,14 @@ def gemma_converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_factor_cache(tmp_path_factory):
+    """One SVD factor cache for the real models (SmolLM2, Gemma-3) per test session, shared by every module:
+    entries are keyed by model fingerprint, target list and rank (t2dist/svf/factors.py), so a module
+    reuses another's factors where they match and never takes factors made for something else."""
+    return tmp_path_factory.mktemp("real-factors")
+
+
+@pytest.fixture(scope="session")
 def toy_experts(tmp_path_factory):
     """Toy experts math, code and the classifier dispatch, trained with `t2dist train-local` (a few steps each)
     and published to a registry: ``{"registry": dir, "factors": dir}`` (tests/serve_helpers.py)."""

@@ -27,6 +27,7 @@ def test_help_lists_every_command():
         assert name in out
 
 
+@pytest.mark.slow  # 80 steps of the demo + 3 evaluations of 400 problems each: minutes per task on 2 cores
 @pytest.mark.parametrize("task", ["math", "code"])
 def test_train_local_gains_15_points(task, tmp_path):
     """The acceptance bar: each expert gains >= 15 points on its own test split (default demo settings)."""

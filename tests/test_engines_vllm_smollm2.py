@@ -32,11 +32,11 @@ LAST_10_MLP = r"svf.targets=layers\.(2[0-9])\.mlp\.(gate_proj|up_proj|down_proj)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(smollm2_converted, real_factor_cache):
     from t2dist.engines import make_engine
 
     cfg = load_config(ROOT / "configs" / "smollm2-arc_easy.yaml", [
-        f"svf.cache_dir={tmp_path_factory.mktemp('factors')}", "rollout.engine=vllm", LAST_10_MLP,
+        f"model.cache_dir={smollm2_converted[1]}", f"svf.cache_dir={real_factor_cache}", "rollout.engine=vllm", LAST_10_MLP,
         "rollout.vllm.cpu_threads_bind=nobind", "rollout.vllm.max_num_batched_tokens=16384"])
     eng = make_engine(cfg)
     yield eng

