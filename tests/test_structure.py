@@ -178,7 +178,7 @@ def test_the_cycle_finder_finds_cycles(tmp_path):
 CLUSTER_PACKAGES = ("ray", "deepspeed")
 CLUSTER_IMPORTERS = (
     "t2dist.orchestration",  # the one place in t2dist that knows Ray, DeepSpeed, actors and learner
-    "t2dist.serve",  # the Ray Serve application (being built beside this rule)
+    "t2dist.serve",  # t2dist serve: the Ray Serve application (deployments, replicas)
     "actors",  # Ray actors
     "learner",  # the DeepSpeed learner
 )
