@@ -1,1 +1,1 @@
-"""Ray actors (rollout, evaluator, verifier pool) wrapping the t2dist core."""
+"""Ray actors wrapping the t2dist core: rollout workers and the evaluator (rollout.py, evaluator.py), the adaptation worker (adapt.py), and where they are placed (placement.py)."""
