@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import ray
 import torch
@@ -48,8 +48,11 @@ def ray_address(cfg: Config) -> str:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def connect_ray(cfg: Config) -> str:
-    """Join the cluster ``ray_address`` names (``ray job submit``, ``ray start``) or start a local one."""
+def connect_ray(cfg: Config, need: dict[str, float] | None = None,
+                error: Callable[[str], Exception] = TrainingError) -> str:
+    """Join the cluster ``ray_address`` names (``ray job submit``, ``ray start``) or start a local one sized for
+    ``need`` (default: the training run's :func:`resources_needed`); ``error`` builds what an unreachable
+    cluster raises (the server's is an HTTP-shaped error).  Returns ``existing``, ``cluster`` or ``local``."""
     if ray.is_initialized():
         return "existing"
     address = ray_address(cfg)
@@ -60,8 +63,8 @@ def connect_ray(cfg: Config) -> str:
         except ConnectionError:
             if address != "auto":
                 key = "ray.address" if cfg.ray.address else "$RAY_ADDRESS"
-                raise TrainingError(f"cannot reach the Ray cluster at {key}={address!r}") from None
-    need = resources_needed(cfg)
+                raise error(f"cannot reach the Ray cluster at {key}={address!r}") from None
+    need = need or resources_needed(cfg)
     num_cpus = cfg.ray.num_cpus or max(int(need["CPU"] + 0.999), os.cpu_count() or 1)
     ray.init(address="local", num_cpus=num_cpus, num_gpus=int(need["GPU"] + 0.999) if need["GPU"] else None,
              include_dashboard=False, log_to_driver=True)

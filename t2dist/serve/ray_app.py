@@ -36,7 +36,9 @@ from typing import AsyncIterator, Callable
 
 import ray
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
+from t2dist.orchestration.driver import connect_ray
 from t2dist.registry import Registry
 from t2dist.serve.app import build_app as build_asgi_app
 from t2dist.serve.errors import ServeError, queue_full, unavailable
@@ -50,8 +52,6 @@ APP_NAME = "t2dist"
 
 def ray_error(exc: BaseException, limit: int) -> ServeError:
     """A Ray / Ray Serve failure as the error the client gets."""
-    from ray.serve.exceptions import BackPressureError
-
     if isinstance(exc, ServeError):
         return exc
     if isinstance(exc, BackPressureError):
@@ -198,24 +198,12 @@ def _cls_model_id(plan: ServePlan) -> str:
 
 
 def connect(cfg) -> str:
-    """Start or join Ray (module docstring); returns how."""
-    if ray.is_initialized():
-        return "existing"
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    if address != "local":
-        try:
-            ray.init(address=address, log_to_driver=True)
-            return "cluster"
-        except ConnectionError:
-            if address != "auto":
-                raise ServeError(f"cannot reach the Ray cluster at ray.address={address!r}", status=500,
-                                 code="bad_config") from None
+    """Start or join Ray (module docstring; :func:`t2dist.orchestration.driver.connect_ray`), a local one sized
+    for the replicas; returns how."""
     s = cfg.serve
-    need = (s.replicas + s.dispatch_replicas) * s.cpus_per_replica
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(int(need + 0.999), os.cpu_count() or 1),
-             num_gpus=int((s.replicas + s.dispatch_replicas) * s.gpus_per_replica + 0.999) or None,
-             include_dashboard=False, log_to_driver=True)
-    return "local"
+    replicas = s.replicas + s.dispatch_replicas
+    return connect_ray(cfg, need={"CPU": replicas * s.cpus_per_replica, "GPU": replicas * s.gpus_per_replica},
+                       error=lambda message: ServeError(message, status=500, code="bad_config"))
 
 
 def run(plan: ServePlan, engine_name: str, api_key: str | None, say: Callable[[str], None] = print,
