@@ -169,6 +169,10 @@ class TrainConfig(Section):
     evaluator_cpus: float = Field(1.0, ge=0)
     evaluator_gpus: float = Field(0.0, ge=0)
     max_actor_restarts: int = Field(3, ge=0)
+    background_evals: bool = Field(
+        True, description="evaluate (the base on test, z on validation) on the evaluator while training goes on; "
+                          "false: wait for each evaluation before the next step (where the actors and learners "
+                          "already fill every core, overlapping slows both: 2 CPU cores)")
 
 
 class RayConfig(Section):

@@ -87,6 +87,37 @@ def test_one_rank_matches_train_local(cluster, tmp_path, epochs, kl_every, sched
     assert lrs == ([cfg.rl.lr] * 3 if schedule == "constant" else [cfg.rl.lr * (1 - s / 3) for s in range(3)])
 
 
+def test_evaluator_killed_mid_evaluation_is_restarted_and_the_evaluation_redone(cluster):
+    """Ray killing the evaluator (e.g. for memory pressure) while it evaluates no longer ends the run: the driver
+    waits for the restart and asks again (a plain ``ray.get`` raised ActorUnavailableError here)."""
+    from t2dist.orchestration.driver import Driver
+
+    class SlowEvaluator:  # defined here: Ray's workers pickle it by value (they cannot import this module)
+        """An evaluator stand-in whose ``evaluate`` takes a while, so it can be killed in the middle of one."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def ready(self):
+            return True
+
+        def evaluate(self, z, split, limit, tag):
+            self.calls += 1  # a restarted actor counts from 0 again
+            time.sleep(1.0)
+            return {"accuracy": 0.5, "split": split, "limit": limit, "tag": tag, "calls": self.calls}
+
+    driver = Driver.__new__(Driver)  # only the evaluator part: no model, no learners
+    driver.cfg, driver.restarts, driver.actors = load_config(DEMO, ["train.max_actor_restarts=2"]), 0, []
+    driver.evaluator = ray.remote(SlowEvaluator).options(max_restarts=2, max_task_retries=0).remote()
+    ray.get(driver.evaluator.ready.remote())
+    ref = driver.evaluator.evaluate.remote(None, "test", 40, None)
+    time.sleep(0.3)
+    ray.kill(driver.evaluator, no_restart=False)
+    res = driver.evaluated(ref, None, "test", 40, None)
+    assert res["split"] == "test" and res["limit"] == 40 and res["calls"] == 1  # redone on the restarted actor
+    assert driver.restarts == 1
+
+
 def test_run_outputs_tensorboard_and_actor_fault(cluster, tmp_path):
     """2 actors + 2 ranks; a rollout actor is killed mid-run, restarted, and its work redone."""
     from t2dist.orchestration.train import train

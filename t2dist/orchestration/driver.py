@@ -128,7 +128,8 @@ class Driver:
             **place("rollout", i),
         ).remote(cfg_dict, i) for i in range(cfg.rollout.actors)]
         self.evaluator = ray.remote(EvaluatorWorker).options(
-            num_cpus=cfg.train.evaluator_cpus, num_gpus=cfg.train.evaluator_gpus, max_restarts=1,
+            num_cpus=cfg.train.evaluator_cpus, num_gpus=cfg.train.evaluator_gpus,
+            max_restarts=cfg.train.max_actor_restarts, max_task_retries=0,
             **place("evaluator"),
         ).remote(cfg_dict, -1)
         learner_cls = ray.remote(LearnerWorker)
@@ -163,19 +164,27 @@ class Driver:
             self._get_or_redo(i, ref, lambda i=i: self.actors[i].set_expert.remote(z_ref, version), "during the sync")
         return time.perf_counter() - t0
 
-    def _get_or_redo(self, i: int, ref, redo, when: str):
-        """``ray.get(ref)``; when actor ``i`` died, wait for Ray's restart and ``redo()`` (a new ref) its work."""
+    def _get_or_redo(self, i: int | None, ref, redo, when: str):
+        """``ray.get(ref)``; when rollout actor ``i`` (``None``: the evaluator) died, wait for Ray's restart and
+        ``redo()`` (a new ref) its work."""
+        who = "the evaluator" if i is None else f"rollout actor {i}"
         for attempt in range(self.cfg.train.max_actor_restarts + 1):
             try:
                 return ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 if attempt == self.cfg.train.max_actor_restarts:
-                    raise TrainingError(f"rollout actor {i} died {attempt + 1} times: {exc}") from None
+                    raise TrainingError(f"{who} died {attempt + 1} times: {exc}") from None
                 self.restarts += 1
-                print(f"[t2dist] rollout actor {i} died {when} ({type(exc).__name__}); restarting it and redoing its work",
+                print(f"[t2dist] {who} died {when} ({type(exc).__name__}); restarting it and redoing its work",
                       flush=True)
                 self._wait_alive(i)
                 ref = redo()
+
+    def evaluated(self, ref, z, split: str, limit: int | None, tag) -> dict:
+        """The result of ``evaluator.evaluate(z, split, limit, tag)`` started as ``ref``; redone on a restarted
+        evaluator when it died (e.g. killed by Ray for memory pressure) instead of ending the run."""
+        return self._get_or_redo(None, ref, lambda: self.evaluator.evaluate.remote(z, split, limit, tag),
+                                 f"evaluating on {split}")
 
     def start_rollout(self, z_ref, version: int, examples, step: int) -> PendingRollout:
         """Split ``examples`` over the actors (z already synced) and start sampling; returns at once."""
@@ -198,15 +207,16 @@ class Driver:
     def rollout(self, z_ref, version: int, examples, step: int) -> RolloutBatch:
         return self.finish_rollout(self.start_rollout(z_ref, version, examples, step))
 
-    def _wait_alive(self, i: int, timeout: float = 300.0) -> None:
+    def _wait_alive(self, i: int | None, timeout: float = 300.0) -> None:
+        actor, who = (self.evaluator, "the evaluator") if i is None else (self.actors[i], f"rollout actor {i}")
         deadline = time.monotonic() + timeout
         while True:
             try:
-                ray.get(self.actors[i].ready.remote(), timeout=30)
+                ray.get(actor.ready.remote(), timeout=30)
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() > deadline:
-                    raise TrainingError(f"rollout actor {i} did not come back within {timeout:.0f}s") from None
+                    raise TrainingError(f"{who} did not come back within {timeout:.0f}s") from None
                 time.sleep(0.5)
 
     # learner -------------------------------------------------------------------------------------

@@ -208,15 +208,16 @@ class Checkpointer:
 class BackgroundEvals:
     """Validation evaluations of z on the evaluator actor, in flight while training goes on."""
 
-    def __init__(self, cfg: Config, evaluator, state: RunState, best: BestTracker, tracker: Tracker):
-        self.evaluator, self.state, self.best, self.tracker = evaluator, state, best, tracker
+    def __init__(self, cfg: Config, driver, state: RunState, best: BestTracker, tracker: Tracker):
+        self.driver, self.state, self.best, self.tracker = driver, state, best, tracker
         self.every, self.limit, self.steps = cfg.train.eval_every, cfg.train.eval_limit, cfg.rl.steps
+        self.background = cfg.train.background_evals
         self.pending: list[tuple[int, ray.ObjectRef, dict]] = []  # (step, result, z)
 
     def maybe_evaluate(self, step: int, z) -> None:
         if step % self.every == 0 or step == self.steps:
-            self.pending.append((step, self.evaluator.evaluate.remote(z, "validation", self.limit, step), z))
-        self.collect(block=False)
+            self.pending.append((step, self.driver.evaluator.evaluate.remote(z, "validation", self.limit, step), z))
+        self.collect(block=not self.background)
 
     def collect(self, block: bool) -> None:
         """Record the finished evaluations (all of them when ``block``), oldest finished first."""
@@ -225,7 +226,7 @@ class BackgroundEvals:
             if not ready:
                 return
             step, ref, z = self.pending.pop(next(i for i, p in enumerate(self.pending) if p[1] == ready[0]))
-            res = ray.get(ref)
+            res = self.driver.evaluated(ref, z, "validation", self.limit, step)
             self.state.evals.append({"step": step, "accuracy": res["accuracy"], "seconds": res["seconds"]})
             self.tracker.scalars(step, {"eval/val_accuracy": res["accuracy"], "time/eval_s": res["seconds"]})
             self.best.offer(step, res["accuracy"], z)
@@ -279,14 +280,16 @@ class Trainer:
         self.prefetched: Generation | None = None  # off-policy: the next step's batch, in flight
         self.lagged_z = rollout_z if self.lag else None  # off-policy resume: z of the batch that was in flight
         self.best = BestTracker(self.state, best_z)
-        self.evals = BackgroundEvals(self.cfg, self.driver.evaluator, self.state, self.best, self.tracker)
+        self.evals = BackgroundEvals(self.cfg, self.driver, self.state, self.best, self.tracker)
         self.stream = training_stream(self.task, self.cfg.task.option_order, self.cfg.rl.seed, self.state.position)
         self.base_ref = None
         if self.state.base is None:
             n = len(self.task.examples("test")[: self.cfg.eval.limit])
-            print(f"[t2dist] base model: test accuracy on {n} examples, measured by the evaluator in the background "
-                  "(its line follows when it is done)", flush=True)
+            when = ("in the background (its line follows when it is done)" if self.cfg.train.background_evals
+                    else "before the first step (train.background_evals false)")
+            print(f"[t2dist] base model: test accuracy on {n} examples, measured by the evaluator {when}", flush=True)
             self.base_ref = self.driver.evaluator.evaluate.remote(None, "test", self.cfg.eval.limit, None)
+            self.settle_base(block=not self.cfg.train.background_evals)
         self.tracker.scalars(self.state.step, {"time/startup_s": self.driver.startup_s})
         self.t_run = time.perf_counter()
 
@@ -356,7 +359,8 @@ class Trainer:
         """The base model's test result, once the evaluator has it (``block``: wait for it): printed, and in TensorBoard."""
         if self.base_ref is None or (not block and not ray.wait([self.base_ref], timeout=0)[0]):
             return
-        self.state.base, self.base_ref = ray.get(self.base_ref), None
+        self.state.base = self.driver.evaluated(self.base_ref, None, "test", self.cfg.eval.limit, None)
+        self.base_ref = None
         b = self.state.base
         print(f"[t2dist] base model test accuracy {b['accuracy']:.3f} (95% CI {b['ci_low']:.3f}-{b['ci_high']:.3f}, "
               f"n={b['n']}, {b['seconds']:.0f}s)", flush=True)
@@ -368,8 +372,12 @@ class Trainer:
         cfg, state, ev = self.cfg, self.state, self.driver.evaluator
         self.evals.collect(block=True)
         self.settle_base(block=True)
-        result = FinalResult(base=state.base, best=ray.get(ev.evaluate.remote(self.best.z, "test", cfg.eval.limit, "best")),
-                             last=ray.get(ev.evaluate.remote(self.z, "test", cfg.eval.limit, "last")))
+
+        def test(z, tag: str) -> dict:
+            return self.driver.evaluated(ev.evaluate.remote(z, "test", cfg.eval.limit, tag), z, "test", cfg.eval.limit, tag)
+
+        best = test(self.best.z, "best")  # the last z is the best one when the last evaluation won: same numbers
+        result = FinalResult(base=state.base, best=best, last=best if self.best.z is self.z else test(self.z, "last"))
         expert_dir = self.run_dir / "expert"
         card = ray.get(ev.card.remote(cfg.name, result.card_metrics(state, cfg.train.eval_limit), dump_config(cfg),
                                       {"training_curve": training_curve(state, cfg.rl.steps),
