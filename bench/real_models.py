@@ -77,7 +77,26 @@ def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: floa
         "best_step": summary.get("best_step"), "last_accuracy": summary.get("last_accuracy"),
         "config": config, "command": shlex.join(command), "run_dir": str(run_dir), "base_fingerprint": fingerprint,
         "train_seconds": summary.get("train_seconds"), "curve": t2dist_curve(run_dir),
+        "step_breakdown": step_breakdown(run_dir), "integrity": summary.get("integrity"),
+        "actor_restarts": summary.get("actor_restarts"),
     }
+
+
+BREAKDOWN = ("generate_s", "scoring_s", "learner_s", "sync_s", "step_s")
+
+
+def step_breakdown(run_dir: Path) -> dict:
+    """Mean seconds per step of generation, scoring (the verifier: the sandbox for code), learner and z sync,
+    and each part's share of the step, over the run's steps after the first (which warms caches up)."""
+    from t2dist.orchestration.checkpoint import latest_checkpoint
+
+    hist = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["history"][1:]
+    if not hist:
+        return {}
+    mean = {k: sum(h.get(k, 0.0) for h in hist) / len(hist) for k in BREAKDOWN}
+    return {**{k: round(v, 2) for k, v in mean.items()},
+            **{f"{k[:-2]}_share": round(v / mean["step_s"], 3) for k, v in mean.items() if k != "step_s"},
+            "steps_counted": len(hist)}
 
 
 def t2dist_curve(run_dir: Path) -> list[dict]:
