@@ -74,7 +74,10 @@ def test_ctrl_c_ends_train_local_with_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "t2dist", "train-local", "--config", "configs/demo.yaml",
                              "--out", str(tmp_path / "expert"), "--no-eval", "rl.steps=5000",
                              f"svf.cache_dir={tmp_path / 'factors'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal,
+    # whatever this process inherited (a background job's SIGINT is ignored, and Python then never raises
+    # KeyboardInterrupt: the test would fail for the launcher's reason)
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
     reader.start()

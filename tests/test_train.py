@@ -332,10 +332,18 @@ def test_more_resources_than_the_cluster_has(cluster, tmp_path):
         check_resources(cfg)
 
 
+def sigint_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT's default disposition, whatever this process inherited (a shell that
+    starts jobs in the background, or nohup-like launchers, leave SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: Ctrl-C tests would fail for the launcher's reason, not the code's)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
     return subprocess.Popen([sys.executable, "-m", "t2dist", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal, **kw)
 
 
 @pytest.mark.slow
