@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from child_processes import sigint_as_in_a_terminal
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,9 +77,7 @@ def test_ctrl_c_ends_train_local_with_one_line(tmp_path):
                              "--out", str(tmp_path / "expert"), "--no-eval", "rl.steps=5000",
                              f"svf.cache_dir={tmp_path / 'factors'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal,
-    # whatever this process inherited (a background job's SIGINT is ignored, and Python then never raises
-    # KeyboardInterrupt: the test would fail for the launcher's reason)
+                            preexec_fn=sigint_as_in_a_terminal)
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
     reader.start()

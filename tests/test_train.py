@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 
+from child_processes import sigint_as_in_a_terminal
 from t2dist.orchestration.checkpoint import latest_checkpoint, load_checkpoint
 from t2dist.config import ConfigError, load_config
 from t2dist.engines.hf import HFEngine
@@ -330,13 +331,6 @@ def test_more_resources_than_the_cluster_has(cluster, tmp_path):
     cfg = small_cfg(tmp_path, "rollout.cpus_per_actor=8")
     with pytest.raises(TrainingError, match="needs 19 CPUs"):
         check_resources(cfg)
-
-
-def sigint_as_in_a_terminal() -> None:
-    """In the child before exec: SIGINT's default disposition, whatever this process inherited (a shell that
-    starts jobs in the background, or nohup-like launchers, leave SIGINT ignored, and Python then installs no
-    KeyboardInterrupt handler: Ctrl-C tests would fail for the launcher's reason, not the code's)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _cli(args, **kw):

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from t2dist.progress import Progress
 from t2dist.tasks import get_task
 
 
@@ -80,10 +81,23 @@ def evaluate(
     else:
         settings = [task.generation_for(e) for e in examples]
 
+    # Chunks of the engine's batch size (in-process engines batch so anyway; vLLM, which schedules its
+    # own batches, gets 128 at a time) so that a long evaluation says how far it is.
+    chunk = getattr(engine, "batch_size", None) or 128
+    progress = Progress(f"eval {task.name} {split}", total=len(examples))
+    done = 0
+
     def gen(ps, max_new, stop):
-        return engine.generate(ps, temperature=0.0, max_new_tokens=max_new, stop=stop)
+        nonlocal done
+        out = []
+        for i in range(0, len(ps), chunk):
+            out += engine.generate(ps[i:i + chunk], temperature=0.0, max_new_tokens=max_new, stop=stop)
+            done += len(ps[i:i + chunk])
+            progress.update(done)
+        return out
 
     comps = generate_grouped(gen, prompts, settings)
+    progress.finish()
     verdicts = task.verify_batch([c.text for c in comps], examples)
     k = sum(1 for v in verdicts if v.correct)
     n = len(examples)
