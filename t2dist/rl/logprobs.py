@@ -81,7 +81,8 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     logp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
     if not with_entropy:
         return logp, mask
-    entropy = -(logsm.exp() * logsm).sum(-1) * mask
+    with torch.no_grad():  # a logged statistic, not a loss term: no graph keeps a (B, T, V) copy alive
+        entropy = -(logsm.exp() * logsm).sum(-1) * mask
     return logp, mask, entropy
 
 
