@@ -121,9 +121,9 @@ def test_completion_logprobs_match_unpadded_computation(honours_keep):
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     for i, (p, c) in enumerate(zip(prompts, comps)):
         ids = torch.tensor([p + c])
-        lsm = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        lsm = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1).detach()
         for t, tok in enumerate(c):
-            assert float(logp[i, t]) == pytest.approx(float(lsm[len(p) + t - 1, tok]), abs=1e-5)
+            assert float(logp[i, t].detach()) == pytest.approx(float(lsm[len(p) + t - 1, tok]), abs=1e-5)
             expected_ent = float(-(lsm[len(p) + t - 1].exp() * lsm[len(p) + t - 1]).sum())
             assert float(ent[i, t]) == pytest.approx(expected_ent, abs=1e-5)
     # the entropy is only logged: no autograd graph holds the (B, T, V) tensors behind it (a 262k-token
