@@ -6,7 +6,7 @@ from torch.func import functional_call
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from t2dist.config import RLConfig
-from t2dist.rl.logprobs import completion_logprobs
+from t2dist.rl.logprobs import completion_logprobs, output_head
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.rl.step import rl_loss
 from t2dist.svf import SVFModel
@@ -26,7 +26,7 @@ def gemma3(window: int = 3):
     return Gemma3ForCausalLM(cfg).eval()
 
 
-def logprobs_and_grads(model, prompts, comps, share: bool):
+def logprobs_and_grads(model, prompts, comps, share: bool, head=None):
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
     calls = []
 
@@ -34,7 +34,8 @@ def logprobs_and_grads(model, prompts, comps, share: bool):
         calls.append(kw["input_ids"].shape)
         return functional_call(model, params, args=(), kwargs=kw)
 
-    logp, mask, ent = completion_logprobs(forward, prompts, comps, pad_id=0, with_entropy=True, share_prefix=share)
+    logp, mask, ent = completion_logprobs(forward, prompts, comps, pad_id=0, with_entropy=True, share_prefix=share,
+                                          head=head)
     weights = torch.arange(1, len(prompts) + 1, dtype=torch.float32).unsqueeze(1)  # every row's own weight
     grads = torch.autograd.grad((logp * weights).sum() + ent.sum(), list(params.values()))
     return logp.detach(), mask, ent.detach(), grads, calls
@@ -66,6 +67,37 @@ def test_shared_prefix_with_one_token_completions():
     assert calls2 == [(3, 5), (7, 1)]
     for g, g2 in zip(grads, grads2, strict=True):
         assert (g - g2).norm() <= 1e-5 * max(g.norm(), 1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("comps", [COMPS, [[c[0]] for c in COMPS]], ids=["lengths-1-to-4", "one-token"])
+def test_head_only_at_completion_tokens_gives_the_same_values_and_gradients(arch, share, comps):
+    """With ``head`` the LM head runs on the rows that predict a completion token and nothing else (not the
+    padding of shorter completions, not prompt positions); log-probs, entropies and gradients unchanged."""
+    model = tiny_model("llama") if arch == "llama" else gemma3()
+    head = output_head(model)
+    rows = []
+    handle = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[:-1].numel()))
+    lp, mask, ent, grads, _ = logprobs_and_grads(model, PROMPTS, comps, share=False)
+    full_rows = sum(rows)
+    rows.clear()
+    lp2, mask2, ent2, grads2, _ = logprobs_and_grads(model, PROMPTS, comps, share=share, head=head)
+    handle.remove()
+    assert torch.equal(mask, mask2)
+    assert (lp - lp2).abs().max() < 1e-5 and (ent - ent2).abs().max() < 1e-5
+    assert lp[mask].abs().min() > 0 and torch.all(lp2[~mask] == 0)
+    for g, g2 in zip(grads, grads2, strict=True):
+        assert (g - g2).norm() <= 1e-5 * max(g.norm(), 1e-3)
+    n_tokens = sum(len(c) for c in comps)
+    # shared prefix: pass 1 keeps each distinct prompt's last position (3 prompts), pass 2 the rest
+    assert sum(rows) == (n_tokens + 3 - len(comps) if share else n_tokens) < full_rows
+
+
+def test_a_head_the_forward_never_calls_is_an_error():
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="did not call the output head"):
+        completion_logprobs(lambda **kw: model(**kw), PROMPTS, COMPS, pad_id=0, head=torch.nn.Linear(4, 4))
 
 
 def test_svf_bind_builds_the_adapted_weights_once(monkeypatch):

@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 
 from t2dist.config import RLConfig
-from t2dist.rl.logprobs import completion_logprobs
+from t2dist.rl.logprobs import completion_logprobs, output_head
 from t2dist.rl.losses import aggregate, compute_advantages, policy_loss
 from t2dist.rl.rollout import RolloutBatch
 from t2dist.policy.base import Policy
@@ -47,15 +47,16 @@ def rl_loss(
         advantages = compute_advantages(batch.rewards, cfg.advantage)
     adv = advantages.reshape(-1)
     device = next(policy.model.parameters()).device  # every policy kind keeps its tensors with the model
-    share = cfg.shared_prefix
+    share, head = cfg.shared_prefix, output_head(policy.model)  # the head only where a completion token is
     logp, mask, entropy = completion_logprobs(
-        policy.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True, share_prefix=share
+        policy.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device, with_entropy=True, share_prefix=share,
+        head=head,
     )
     ref_logp = None
     if with_kl or cfg.beta > 0:
         with torch.no_grad():
             ref_logp, _ = completion_logprobs(policy.bind(policy.neutral_z()), batch.prompt_ids, batch.completion_ids,
-                                              pad_id, device, share_prefix=share)
+                                              pad_id, device, share_prefix=share, head=head)
     loss, stats = policy_loss(
         logp, mask, adv.to(device), ref_logp=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
         agg=cfg.loss_agg, normalizer=normalizer, old_logp=old_logp,
@@ -73,5 +74,5 @@ def behaviour_logprobs(policy: Policy, z: Mapping[str, torch.Tensor], batch: Rol
     """Per-token log-probs of the batch under ``z`` before any update (PPO's ``old_logp``)."""
     device = next(policy.model.parameters()).device  # every policy kind keeps its tensors with the model
     logp, _ = completion_logprobs(policy.bind(z), batch.prompt_ids, batch.completion_ids, pad_id, device,
-                                  share_prefix=share_prefix)
+                                  share_prefix=share_prefix, head=output_head(policy.model))
     return logp
