@@ -1,5 +1,5 @@
 """The server's core without Ray and without HTTP: per-request generation, streaming, the early label stop,
-the batching scheduler, the resolver's cache, request parsing.
+the batching scheduler, the resolver's cache, request parsing; and the Ray app's teardown, Ray's calls recorded.
 
 References are independent computations: ``generate_shared`` called per request (what the engine does
 for one request alone), ``parse_label`` on the whole generation, a fake engine that records its calls.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -319,3 +320,36 @@ def test_serve_refuses_a_bad_setup_in_one_line_before_ray_starts(args, needle, t
                           timeout=600)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Started a local Ray" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("owns", [True, False])
+def test_stopping_the_server_ends_even_when_serve_hangs(owns, monkeypatch):
+    """Ctrl-C: Serve's teardown (waiting on a replica that is being replaced) may hang; the server stops Ray
+    when it owns it after the timeout, says so, and returns; a teardown that fails re-raises after Ray stopped."""
+    from t2dist.serve import ray_app
+
+    calls, said, release = [], [], threading.Event()
+    monkeypatch.setattr(ray_app.serve, "delete", lambda name: calls.append(f"delete {name}") or release.wait(30))
+    monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    ray_app.teardown(owns, said.append, timeout_s=1.0)
+    assert calls == ["delete t2dist"] + (["ray.shutdown"] if owns else [])
+    assert said == ["Ray Serve did not stop within 1s" + ("; stopping Ray" if owns else "; leaving it")]
+    release.set()  # the abandoned teardown now finishes (its serve.shutdown call lands in calls): wait for it
+    for t in threading.enumerate():
+        if t.name == "t2dist-serve-teardown":
+            t.join(30)
+
+    calls.clear(), said.clear()
+    ray_app.teardown(owns, said.append, timeout_s=30)  # delete returns at once now
+    assert calls == (["delete t2dist", "serve.shutdown", "ray.shutdown"] if owns else ["delete t2dist"])
+    assert said == []
+
+    def broken(name):
+        raise RuntimeError("controller gone")
+
+    calls.clear()
+    monkeypatch.setattr(ray_app.serve, "delete", broken)
+    with pytest.raises(RuntimeError, match="controller gone"):
+        ray_app.teardown(owns, said.append, timeout_s=30)
+    assert calls == (["ray.shutdown"] if owns else [])

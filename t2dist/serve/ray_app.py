@@ -48,6 +48,7 @@ from t2dist.serve.replica import EngineReplica
 from t2dist.serve.resolver import BASE_ID
 
 APP_NAME = "t2dist"
+STOP_TIMEOUT_S = 60.0  # Ctrl-C: the longest wait for Serve's own teardown (see teardown)
 
 
 def ray_error(exc: BaseException, limit: int) -> ServeError:
@@ -229,11 +230,34 @@ def run(plan: ServePlan, engine_name: str, api_key: str | None, say: Callable[[s
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        teardown(owns, say)
+    say("stopped")
+
+
+def teardown(owns: bool, say: Callable[[str], None] = print, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Delete the app (and Serve, when this process started Ray), then stop Ray when ours.
+
+    Serve's own teardown waits for every replica; one being replaced when Ctrl-C came (a killed engine) can
+    hold it for minutes. After ``timeout_s`` the wait ends: Ray, when this process owns it, stops anyway
+    (which ends every replica); on a cluster of someone else's, the app may still be deleting in the background.
+    """
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def stop_serve() -> None:
         try:
             serve.delete(APP_NAME)
             if owns:
                 serve.shutdown()
+        except BaseException as exc:  # re-raised below, after Ray stopped
+            failed.append(exc)
         finally:
-            if owns:
-                ray.shutdown()
-    say("stopped")
+            done.set()
+
+    threading.Thread(target=stop_serve, name="t2dist-serve-teardown", daemon=True).start()
+    if not done.wait(timeout_s):
+        say(f"Ray Serve did not stop within {timeout_s:.0f}s" + ("; stopping Ray" if owns else "; leaving it"))
+    if owns:
+        ray.shutdown()
+    if failed:
+        raise failed[0]
