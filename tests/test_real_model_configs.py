@@ -65,6 +65,11 @@ class Case:
     extra: tuple[str, ...] = ()  # overrides that keep the case cheap without skipping a stage
 
 
+# code: 24 new tokens instead of 96 (a few function bodies still fit): every stage (generation on the config's
+# vLLM engine, the sandbox, the audit, the learner) runs at a quarter of the decoding cost; one CPU per actor, as
+# this module's 3-CPU cluster has (the configs give their one rollout actor and the evaluator two)
+CODE_SMOKE = ("task.max_new_tokens=24", "rollout.cpus_per_actor=1", "train.evaluator_cpus=1")
+
 CASES = {
     "smollm2-arith": Case("smollm2", 90, 2),      # gate/up/down of all 30 layers
     "smollm2-arc_easy": Case("smollm2", 90, 2),    # every MLP matrix, as arith
@@ -73,16 +78,10 @@ CASES = {
     "smollm2-sentiment": Case("smollm2", 90, 2),     # ~50% of samples right at T 1
     "smollm2-alphabetical": Case("smollm2", 90, 2),  # ~40% right at T 1
     "smollm2-dispatch": Case("smollm2", 90, 2, signal=False),  # 2 prompts may both be arith (~100% right)
-    # code: 24 new tokens instead of 96 (a few function bodies still fit): every stage (generation on the
-    # config's vLLM engine, the sandbox, the audit, the learner) runs at a quarter of the decoding cost; one
-    # CPU per actor, as this module's 3-CPU cluster has (the config gives its one actor and evaluator two)
-    "smollm2-pyfunc": Case("smollm2", 90, 2, signal=False, extra=("task.max_new_tokens=24", "rollout.cpus_per_actor=1",
-                                                                  "train.evaluator_cpus=1")),
+    "smollm2-pyfunc": Case("smollm2", 90, 2, signal=False, extra=CODE_SMOKE),
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
     "gemma3-arc_easy": Case("gemma3", 54, 2),     # every MLP matrix, as arith
-    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=("task.max_new_tokens=24", "rollout.cpus_per_actor=1",
-                                                                 "train.evaluator_cpus=1", "learner.cpus_per_rank=1",
-                                                                 "learner.grad_accum=2")),  # 2 prompts: 2 micro-batches
+    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=(*CODE_SMOKE, "learner.cpus_per_rank=1")),
 }
 
 pytestmark = pytest.mark.slow
