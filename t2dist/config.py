@@ -133,11 +133,18 @@ class RolloutConfig(Section):
     actors: int = Field(2, ge=1, description="number of rollout actors")
     cpus_per_actor: float = Field(1.0, ge=0)
     gpus_per_actor: float = Field(0.0, ge=0)
-    threads_per_actor: int = Field(1, ge=1, description="torch threads inside each actor")
+    threads_per_actor: int | None = Field(None, ge=1, description="torch threads inside each actor; default: "
+                                                                  "cpus_per_actor (at least 1)")
     batch_size: int = Field(128, ge=1, description="sequences per generate call")
     engine: str = Field("hf", description="inference engine that samples: hf (in-process, shared-prefix) or vllm "
                                           "(z-only weight updates in vLLM's worker; SVF policies; t2dist/engines/)")
     # + one section per engine registered with settings (rollout.vllm), added by config_class()
+
+    @model_validator(mode="after")
+    def _threads(self) -> "RolloutConfig":
+        if self.threads_per_actor is None:
+            object.__setattr__(self, "threads_per_actor", threads_for(self.cpus_per_actor))
+        return self
 
     @field_validator("engine")
     @classmethod
@@ -149,7 +156,8 @@ class LearnerConfig(Section):
     ranks: int = Field(2, ge=1, description="data-parallel learner ranks (one torch.distributed group)")
     cpus_per_rank: float = Field(1.0, ge=0)
     gpus_per_rank: float = Field(0.0, ge=0)
-    threads_per_rank: int = Field(1, ge=1)
+    threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank; default: cpus_per_rank "
+                                                                "(at least 1)")
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per update")
@@ -159,6 +167,17 @@ class LearnerConfig(Section):
                            "models whose factors do not fit one device; costs activation exchanges per layer")
     factor_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype of the sharded factors; auto: bfloat16 on a GPU, float32 on CPU (z stays float32)")
+
+    @model_validator(mode="after")
+    def _threads(self) -> "LearnerConfig":
+        if self.threads_per_rank is None:
+            object.__setattr__(self, "threads_per_rank", threads_for(self.cpus_per_rank))
+        return self
+
+
+def threads_for(cpus: float) -> int:
+    """Torch threads of a process given ``cpus`` Ray CPUs: as many (at least 1), so none sits idle."""
+    return max(1, int(cpus))
 
 
 class TrainConfig(Section):

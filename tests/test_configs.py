@@ -160,3 +160,13 @@ def test_registered_settings_may_not_replace_a_section_of_the_config():
     finally:
         unregister_policy("model")
     assert "svf" in config_class().model_fields
+
+
+def test_torch_threads_default_to_the_cpus_a_process_holds():
+    """A rank or actor given two CPUs and no thread count uses both (the default of 1 left Gemma's one learner
+    rank on one of its two cores); an explicit count wins; a fraction of a CPU still gets one thread."""
+    cfg = load_config(None, ["learner.cpus_per_rank=2", "rollout.cpus_per_actor=3"])
+    assert (cfg.learner.threads_per_rank, cfg.rollout.threads_per_actor) == (2, 3)
+    cfg = load_config(None, ["learner.cpus_per_rank=2", "learner.threads_per_rank=1", "rollout.cpus_per_actor=0.5"])
+    assert (cfg.learner.threads_per_rank, cfg.rollout.threads_per_actor) == (1, 1)
+    assert load_config("configs/gemma3-pyfunc.yaml").learner.threads_per_rank == 2
