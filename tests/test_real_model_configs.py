@@ -81,7 +81,8 @@ CASES = {
     "smollm2-pyfunc": Case("smollm2", 90, 2, signal=False, extra=CODE_SMOKE),
     "gemma3-arith": Case("gemma3", 54, 4, signal=False),  # gate/up/down of all 18 layers
     "gemma3-arc_easy": Case("gemma3", 54, 2),     # every MLP matrix, as arith
-    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=(*CODE_SMOKE, "learner.cpus_per_rank=1")),
+    "gemma3-pyfunc": Case("gemma3", 54, 2, signal=False, extra=(*CODE_SMOKE, "learner.cpus_per_rank=1",
+                                                                 "learner.grad_accum=2")),  # 2 prompts: 2 micro-batches
 }
 
 pytestmark = pytest.mark.slow
