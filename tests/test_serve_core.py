@@ -332,7 +332,7 @@ def test_stopping_the_server_ends_even_when_serve_hangs(owns, monkeypatch):
     monkeypatch.setattr(ray_app.serve, "delete", lambda name: calls.append(f"delete {name}") or release.wait(30))
     monkeypatch.setattr(ray_app.serve, "shutdown", lambda: calls.append("serve.shutdown"))
     monkeypatch.setattr(ray_app.ray, "shutdown", lambda: calls.append("ray.shutdown"))
-    ray_app.teardown(owns, said.append, timeout_s=1.0)
+    assert ray_app.teardown(owns, said.append, timeout_s=1.0)  # Ray itself stopped: a clean end
     assert calls == ["delete t2dist"] + (["ray.shutdown"] if owns else [])
     assert said == ["Ray Serve did not stop within 1s" + ("; stopping Ray" if owns else "; leaving it")]
     release.set()  # the abandoned teardown now finishes (its serve.shutdown call lands in calls): wait for it
@@ -345,6 +345,15 @@ def test_stopping_the_server_ends_even_when_serve_hangs(owns, monkeypatch):
     assert calls == (["delete t2dist", "serve.shutdown", "ray.shutdown"] if owns else ["delete t2dist"])
     assert said == []
 
+    calls.clear()  # ray.shutdown() itself hangs: bounded too, and the caller learns the end was not clean
+    ray_release = threading.Event()
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: calls.append("ray.shutdown") or ray_release.wait(30))
+    assert ray_app.teardown(owns, said.append, timeout_s=30, ray_timeout_s=1.0) is (not owns)
+    assert said == (["Ray did not stop within 1s; its processes end with this one"] if owns else [])
+    ray_release.set()
+    said.clear()
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: calls.append("ray.shutdown"))
+
     def broken(name):
         raise RuntimeError("controller gone")
 
@@ -353,3 +362,41 @@ def test_stopping_the_server_ends_even_when_serve_hangs(owns, monkeypatch):
     with pytest.raises(RuntimeError, match="controller gone"):
         ray_app.teardown(owns, said.append, timeout_s=30)
     assert calls == (["ray.shutdown"] if owns else [])
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_serving_stops_the_server_through_its_teardown(signum, monkeypatch):
+    """Ctrl-C or SIGTERM while serving is taken by the server's own handler, which only sets the stop event;
+    the app is torn down and the handlers in place before are back. (This test's handlers, in place before,
+    set the event too, so a server without its own handler also stops, and says so differently.)"""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from t2dist.serve import ray_app
+
+    calls, said, stop, fell_through = [], [], threading.Event(), []
+    monkeypatch.setattr(ray_app, "connect", lambda cfg: "local")
+    monkeypatch.setattr(ray_app, "build_app", lambda *a: "app")
+    monkeypatch.setattr(ray_app.serve, "start", lambda **kw: calls.append("serve.start"))
+    monkeypatch.setattr(ray_app.serve, "run", lambda app, **kw: calls.append(f"serve.run {app}"))
+    monkeypatch.setattr(ray_app, "teardown", lambda owns, say: calls.append(f"teardown owns={owns}") or True)
+
+    def ours(signum, frame):
+        fell_through.append(signum)
+        stop.set()
+
+    plan = SimpleNamespace(cfg=SimpleNamespace(serve=SimpleNamespace(host="127.0.0.1", port=1)))
+    sender = threading.Timer(0.5, lambda: os.kill(os.getpid(), getattr(signal, signum)))
+    before = {sig: signal.signal(sig, ours) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sender.start()
+        assert ray_app.run(plan, "hf", None, said.append, stop=stop) is True
+        sender.join()
+        assert {sig: signal.getsignal(sig) for sig in before} == {sig: ours for sig in before}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert fell_through == [] and stop.is_set()
+    assert calls == ["serve.start", "serve.run app", "teardown owns=True"]
+    assert said[1:] == [f"stopping ({signum}): deleting the app, then Ray Serve and Ray", "stopped"], said

@@ -98,9 +98,13 @@ def cmd_serve(args) -> int:
     from t2dist.serve import ray_app
 
     try:
-        ray_app.run(plan, engine, api_key, say)
+        clean = ray_app.run(plan, engine, api_key, say)
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         print("[t2dist serve] stopped", file=sys.stderr)
+        return 0
+    if not clean:  # ray.shutdown() hung: exit without Python's exit hooks, whose own ray.shutdown() would hang too
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

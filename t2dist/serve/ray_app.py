@@ -49,6 +49,7 @@ from t2dist.serve.resolver import BASE_ID
 
 APP_NAME = "t2dist"
 STOP_TIMEOUT_S = 60.0  # Ctrl-C: the longest wait for Serve's own teardown (see teardown)
+RAY_STOP_TIMEOUT_S = 30.0  # then the longest wait for ray.shutdown() (together under ServerProcess.stop's 120 s)
 
 
 def ray_error(exc: BaseException, limit: int) -> ServeError:
@@ -208,15 +209,27 @@ def connect(cfg) -> str:
 
 
 def run(plan: ServePlan, engine_name: str, api_key: str | None, say: Callable[[str], None] = print,
-        stop: threading.Event | None = None) -> None:
-    """Deploy the app on Ray Serve and block until Ctrl-C / SIGTERM (or ``stop`` is set)."""
+        stop: threading.Event | None = None) -> bool:
+    """Deploy the app on Ray Serve and block until Ctrl-C / SIGTERM (or ``stop`` is set).
+
+    Both signals only set ``stop`` (Ray installs handlers of its own, and a KeyboardInterrupt raised wherever
+    the main thread happens to be is not a reliable way out); the handlers in place before are back before
+    the teardown, so a second Ctrl-C interrupts it. Returns :func:`teardown`'s answer: False when Ray did
+    not stop in time (the caller then exits without waiting for it again).
+    """
     cfg = plan.cfg
     s = cfg.serve
     how = connect(cfg)
     owns = how == "local"
     digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
     stop = stop or threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": s.host, "port": s.port})
         t0 = time.perf_counter()
@@ -226,38 +239,58 @@ def run(plan: ServePlan, engine_name: str, api_key: str | None, say: Callable[[s
             f"deploy{', API key required' if api_key else ''}); Ctrl-C stops")
         while not stop.is_set():
             stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        teardown(owns, say)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        why = signal.Signals(received[0]).name if received else "stop set" if stop.is_set() else "an error"
+        say(f"stopping ({why}): deleting the app" + (", then Ray Serve and Ray" if owns else ""))
+        clean = teardown(owns, say)
     say("stopped")
+    return clean
 
 
-def teardown(owns: bool, say: Callable[[str], None] = print, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Delete the app (and Serve, when this process started Ray), then stop Ray when ours.
+def teardown(owns: bool, say: Callable[[str], None] = print, timeout_s: float = STOP_TIMEOUT_S,
+             ray_timeout_s: float = RAY_STOP_TIMEOUT_S) -> bool:
+    """Delete the app (and Serve, when this process started Ray), then stop Ray when ours; every wait bounded.
 
     Serve's own teardown waits for every replica; one being replaced when Ctrl-C came (a killed engine) can
     hold it for minutes. After ``timeout_s`` the wait ends: Ray, when this process owns it, stops anyway
     (which ends every replica); on a cluster of someone else's, the app may still be deleting in the background.
+    ``ray.shutdown()`` gets ``ray_timeout_s``; returns False when it did not finish (Ray's processes share this
+    process's fate and end with it). A failed Serve teardown re-raises, after Ray stopped.
     """
+    def stop_serve() -> None:
+        serve.delete(APP_NAME)
+        if owns:
+            serve.shutdown()
+
+    done, failed = _within(stop_serve, timeout_s, "t2dist-serve-teardown")
+    if not done:
+        say(f"Ray Serve did not stop within {timeout_s:.0f}s" + ("; stopping Ray" if owns else "; leaving it"))
+    clean = True
+    if owns:
+        ray_done, ray_failed = _within(ray.shutdown, ray_timeout_s, "t2dist-ray-shutdown")
+        if not ray_done:
+            say(f"Ray did not stop within {ray_timeout_s:.0f}s; its processes end with this one")
+        clean = ray_done and ray_failed is None
+    if failed is not None:
+        raise failed
+    return clean
+
+
+def _within(fn: Callable[[], None], timeout_s: float, name: str) -> tuple[bool, BaseException | None]:
+    """Call ``fn`` in a daemon thread and wait at most ``timeout_s``: ``(finished, what it raised)``."""
     failed: list[BaseException] = []
     done = threading.Event()
 
-    def stop_serve() -> None:
+    def target() -> None:
         try:
-            serve.delete(APP_NAME)
-            if owns:
-                serve.shutdown()
-        except BaseException as exc:  # re-raised below, after Ray stopped
+            fn()
+        except BaseException as exc:  # handed to the caller
             failed.append(exc)
         finally:
             done.set()
 
-    threading.Thread(target=stop_serve, name="t2dist-serve-teardown", daemon=True).start()
-    if not done.wait(timeout_s):
-        say(f"Ray Serve did not stop within {timeout_s:.0f}s" + ("; stopping Ray" if owns else "; leaving it"))
-    if owns:
-        ray.shutdown()
-    if failed:
-        raise failed[0]
+    threading.Thread(target=target, name=name, daemon=True).start()
+    finished = done.wait(timeout_s)
+    return finished, (failed[0] if finished and failed else None)
