@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from t2dist.hardware import machine_line  # noqa: E402
+
 FIELDS = ("model", "task", "method", "seed", "base_accuracy", "base_ci_low", "base_ci_high", "final_accuracy",
           "final_ci_low", "final_ci_high", "n_test", "wall_seconds", "steps", "samples_per_step", "config",
           "command", "run_dir", "base_fingerprint")
@@ -66,7 +68,7 @@ def row_of(run_dir: Path, config: str, seed: int, command: list[str], wall: floa
     return {
         "model": cfg["model"]["path"], "task": cfg["task"]["name"],
         "method": f"t2dist train, {(cfg.get('policy') or {}).get('kind', 'svf')}" + lr_note(cfg["rl"].get("lr_schedule")),
-        "device": f"{os.cpu_count()} CPU cores" if cfg["model"]["device"] == "cpu" else cfg["model"]["device"],
+        "device": machine_line(str(cfg["model"]["device"]).split(":")[0]),  # the CPU by name, or the card
         "seed": seed,
         "base_accuracy": summary["base_accuracy"], "base_ci_low": summary["base_ci"][0],
         "base_ci_high": summary["base_ci"][1],
@@ -181,7 +183,7 @@ def trl_row(config: str, seed: int, overrides: list[str], command: list[str]) ->
     wall = time.perf_counter() - t0
     base, final = res["base_eval"][job["task"]], res["eval"][job["task"]]
     return {"model": job["model"], "task": job["task"], "method": f"TRL {res['trl']} GRPO, lora" + lr_note(job["lr_schedule"]),
-            "device": f"{os.cpu_count()} CPU cores", "seed": seed, "base_accuracy": base["accuracy"],
+            "device": machine_line(), "seed": seed, "base_accuracy": base["accuracy"],
             "base_ci_low": base["ci_low"], "base_ci_high": base["ci_high"], "final_accuracy": final["accuracy"],
             "final_ci_low": final["ci_low"], "final_ci_high": final["ci_high"], "n_test": final["n"], "wall_seconds": round(wall, 1), "steps": job["steps"],
             "samples_per_step": job["prompts"] * job["samples"], "train_seconds": round(res["train_seconds"], 1),
