@@ -212,9 +212,8 @@ def run(plan: ServePlan, engine_name: str, api_key: str | None, say: Callable[[s
         stop: threading.Event | None = None) -> bool:
     """Deploy the app on Ray Serve and block until Ctrl-C / SIGTERM (or ``stop`` is set).
 
-    Both signals only set ``stop`` (Ray installs handlers of its own, and a KeyboardInterrupt raised wherever
-    the main thread happens to be is not a reliable way out); the handlers in place before are back before
-    the teardown, so a second Ctrl-C interrupts it. Returns :func:`teardown`'s answer: False when Ray did
+    Both signals only set ``stop`` (rather than a KeyboardInterrupt raised wherever the main thread happens to
+    be); the handlers in place before are back before the teardown, so a second Ctrl-C interrupts its waits. Returns :func:`teardown`'s answer: False when Ray did
     not stop in time (the caller then exits without waiting for it again).
     """
     cfg = plan.cfg
@@ -272,6 +271,8 @@ def teardown(owns: bool, say: Callable[[str], None] = print, timeout_s: float = 
         ray_done, ray_failed = _within(ray.shutdown, ray_timeout_s, "t2dist-ray-shutdown")
         if not ray_done:
             say(f"Ray did not stop within {ray_timeout_s:.0f}s; its processes end with this one")
+        elif ray_failed is not None:
+            say(f"ray.shutdown() failed: {ray_failed!r}; Ray's processes end with this one")
         clean = ray_done and ray_failed is None
     if failed is not None:
         raise failed
